@@ -1,0 +1,122 @@
+"""Read-only access to a finished teacher-cache store: metadata, windows by index, chunk-order iteration.
+
+Opened with mode "r", so any number of training runs can read one store at the same time and none can
+change it. Reads are whole windows; batches are gathered chunk by chunk because zarr reads whole chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import zarr
+
+from ..errors import GooseError
+from .schema import EMBEDDING_ARRAY, GOOSE_ATTR, PROGRESS_ARRAY, StoreSpec, hidden_name, hidden_scale_name
+
+
+def open_store_group(url: str, storage_options: dict | None = None):
+    """The zarr group of a goose store, read-only, with its goose attributes; a clear error otherwise."""
+    try:
+        group = zarr.open_group(url, mode="r", zarr_format=3, storage_options=storage_options or None)
+        attrs = group.attrs.asdict()
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        raise GooseError(f"no store at {url}") from None
+    except Exception as exc:  # noqa: BLE001
+        raise GooseError(f"cannot open store {url}: {exc}") from None
+    if GOOSE_ATTR not in attrs:
+        raise GooseError(f"{url} is a zarr group but not a goose teacher cache")
+    return group, dict(attrs[GOOSE_ATTR])
+
+
+class CacheReader:
+    """A finished store, read-only. `allow_incomplete=True` is for `info` and `verify` only."""
+
+    def __init__(self, url: str, *, storage_options: dict | None = None, allow_incomplete: bool = False):
+        self.url = url
+        self.group, self.meta = open_store_group(url, storage_options)
+        if not self.meta.get("complete") and not allow_incomplete:
+            raise GooseError(f"store {url} is not complete (cache-teacher was interrupted); rerun it to finish")
+        self.spec = StoreSpec.from_attrs(self.meta["spec"])
+        self.provenance = dict(self.meta.get("provenance", {}))
+
+    # ---- metadata ----------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta.get("complete"))
+
+    @property
+    def n_windows(self) -> int:
+        return self.spec.n_windows
+
+    @property
+    def seq_len(self) -> int:
+        return self.spec.seq_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.spec.vocab_size
+
+    def fields(self) -> list[str]:
+        return list(self.spec.arrays())
+
+    def array(self, name: str):
+        return self.group[name]
+
+    def blocks_done(self) -> np.ndarray:
+        return self.group[PROGRESS_ARRAY][:]
+
+    def teacher_embedding(self) -> np.ndarray:
+        if EMBEDDING_ARRAY not in self.group:
+            raise GooseError(f"store {self.url} has no teacher embedding (not complete?)")
+        return self.group[EMBEDDING_ARRAY][:]
+
+    # ---- windows -----------------------------------------------------------------------------
+    def read(self, start: int, stop: int, fields: Sequence[str] | None = None, *, dequantize: bool = True):
+        """Windows [start, stop) as a dict of numpy arrays. int8 hidden states come back as float32."""
+        fields = list(fields) if fields is not None else self._default_fields()
+        out = {name: self.group[name][start:stop] for name in fields}
+        return self._dequantize(out, lambda name: self.group[name][start:stop]) if dequantize else out
+
+    def read_indices(self, indices: Sequence[int], fields: Sequence[str] | None = None, *, dequantize: bool = True):
+        """Windows at arbitrary indices, in the order given (one orthogonal read per array)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n_windows):
+            raise IndexError(f"window index out of range [0, {self.n_windows})")
+        order = np.argsort(idx, kind="stable")
+        sorted_idx = idx[order]
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+
+        def get(name):
+            return self.group[name].oindex[sorted_idx][inverse]
+
+        fields = list(fields) if fields is not None else self._default_fields()
+        out = {name: get(name) for name in fields}
+        return self._dequantize(out, get) if dequantize else out
+
+    def iter_chunks(
+        self, fields: Sequence[str] | None = None, *, shuffle: bool = False, seed: int = 0, dequantize: bool = True
+    ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Yield (first window, arrays) one storage chunk at a time, in seeded shuffled order if asked."""
+        cw = self.spec.chunk_windows
+        starts = np.arange(0, self.n_windows, cw)
+        if shuffle:
+            starts = np.random.default_rng(seed).permutation(starts)
+        for start in starts:
+            start = int(start)
+            yield start, self.read(start, min(start + cw, self.n_windows), fields, dequantize=dequantize)
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _default_fields(self) -> list[str]:
+        return [name for name in self.spec.arrays() if not name.startswith("hidden_scale/")]
+
+    def _dequantize(self, out: dict, get) -> dict:
+        if self.spec.hidden_dtype != "int8":
+            return out
+        for layer in self.spec.hidden_layers:
+            name = hidden_name(layer)
+            if name in out:
+                scale = get(hidden_scale_name(layer)).astype(np.float32)
+                out[name] = out[name].astype(np.float32) * scale[..., None]
+        return out

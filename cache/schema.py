@@ -1,0 +1,135 @@
+"""Store schema, version 1: the only place that says which arrays a teacher cache holds and how.
+
+A store holds N windows of L tokens. Every per-window array is chunked along windows only, so a chunk
+holds whole windows and a reader fetches a batch with a few large reads. Work is done (and resumed) in
+*blocks*: one chunk, or one shard when sharding is on, so a block is always written by one writer in
+one go.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+GOOSE_ATTR = "goose"  # root attribute holding everything goose knows about a store
+PROGRESS_ARRAY = "blocks_done"  # one uint8 per block, set only after the block's data is written
+EMBEDDING_ARRAY = "teacher_embedding"
+COMPRESSIONS = ("zstd", "blosc", "none")
+HIDDEN_DTYPES = ("float16", "int8")
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    shape: tuple[int, ...]
+    dtype: str
+    per_window: bool = True  # chunked along the first (window) axis
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """Everything that fixes a store's layout. Two runs with equal specs write identical stores."""
+
+    n_windows: int
+    seq_len: int
+    vocab_size: int
+    top_k: int
+    tail_temperatures: tuple[float, ...]
+    hidden_layers: tuple[int, ...] = ()
+    hidden_size: int = 0
+    hidden_dtype: str = "float16"
+    samples: int = 0  # RS-KD draws per token; 0 = no samples stored
+    chunk_windows: int = 16
+    shard_chunks: int = 1  # chunks per shard; 1 = no sharding
+    compression: str = "zstd"
+    compression_level: int = 3
+
+    def __post_init__(self) -> None:
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
+        if self.hidden_dtype not in HIDDEN_DTYPES:
+            raise ValueError(f"hidden dtype must be one of {HIDDEN_DTYPES}, got {self.hidden_dtype!r}")
+
+    # ---- derived layout ----------------------------------------------------------------------
+    @property
+    def token_dtype(self) -> str:
+        return "uint16" if self.vocab_size <= np.iinfo(np.uint16).max + 1 else "int32"
+
+    @property
+    def count_dtype(self) -> str:
+        return "uint8" if self.samples <= np.iinfo(np.uint8).max else "uint16"
+
+    @property
+    def block_windows(self) -> int:
+        return self.chunk_windows * self.shard_chunks
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.n_windows // self.block_windows)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_windows * self.seq_len
+
+    def block_range(self, block: int) -> tuple[int, int]:
+        start = block * self.block_windows
+        return start, min(start + self.block_windows, self.n_windows)
+
+    def arrays(self) -> dict[str, ArraySpec]:
+        """Per-window arrays (name -> spec). The embedding and the progress array are listed apart."""
+        n, L, k = self.n_windows, self.seq_len, self.top_k
+        arrays = {
+            "input_ids": ArraySpec((n, L), self.token_dtype),
+            "topk_ids": ArraySpec((n, L, k), self.token_dtype),
+            "topk_logits": ArraySpec((n, L, k), "float16"),
+            "tail_lse": ArraySpec((n, L, len(self.tail_temperatures)), "float32"),
+            "gold_nll": ArraySpec((n, L), "float32"),
+            "entropy": ArraySpec((n, L), "float16"),
+        }
+        if self.samples:
+            arrays["sample_ids"] = ArraySpec((n, L, self.samples), self.token_dtype)
+            arrays["sample_counts"] = ArraySpec((n, L, self.samples), self.count_dtype)
+        for layer in self.hidden_layers:
+            arrays[hidden_name(layer)] = ArraySpec((n, L, self.hidden_size), self.hidden_dtype)
+            if self.hidden_dtype == "int8":
+                arrays[hidden_scale_name(layer)] = ArraySpec((n, L), "float16")
+        return arrays
+
+    def embedding_spec(self) -> ArraySpec:
+        return ArraySpec((self.vocab_size, self.hidden_size), "float16", per_window=False)
+
+    def to_attrs(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["tail_temperatures"] = list(self.tail_temperatures)
+        d["hidden_layers"] = list(self.hidden_layers)
+        return d
+
+    @classmethod
+    def from_attrs(cls, d: dict) -> "StoreSpec":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {key: value for key, value in d.items() if key in fields}
+        kw["tail_temperatures"] = tuple(float(t) for t in kw["tail_temperatures"])
+        kw["hidden_layers"] = tuple(int(x) for x in kw.get("hidden_layers", ()))
+        return cls(**kw)
+
+
+def hidden_name(layer: int) -> str:
+    return f"hidden/{layer}"
+
+
+def hidden_scale_name(layer: int) -> str:
+    return f"hidden_scale/{layer}"
+
+
+def compressors(spec: StoreSpec):
+    """zarr v3 compressor list for a spec."""
+    import zarr
+
+    if spec.compression == "none":
+        return None
+    if spec.compression == "zstd":
+        return zarr.codecs.ZstdCodec(level=spec.compression_level)
+    # blosc with byte shuffle: groups the high bytes of ids and logits, which compresses them best
+    return zarr.codecs.BloscCodec(cname="zstd", clevel=spec.compression_level, shuffle="shuffle")

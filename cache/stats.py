@@ -1,0 +1,173 @@
+"""What is in a store (`info`) and whether every chunk of it is sound (`verify`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .reader import CacheReader
+from .schema import EMBEDDING_ARRAY
+
+# fp16 keeps 11 significant bits: a stored logit may sit this far (relative) above its fp32 value.
+_FP16_REL = 2.0**-10
+
+
+def store_nbytes(url: str, storage_options: dict | None = None, prefix: str = "") -> int:
+    """Bytes on disk (or in the bucket) under the store, optionally under one array's prefix."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    target = f"{path.rstrip('/')}/{prefix}" if prefix else path
+    return int(fs.du(target)) if fs.exists(target) else 0
+
+
+def _coverage(topk_logits: np.ndarray, lse1: np.ndarray) -> np.ndarray:
+    """Teacher mass inside the top-k at T=1, per token: sum_i exp(z_i - logsumexp(z))."""
+    with np.errstate(over="ignore"):  # a corrupt chunk may overflow; verify reports it as out of range
+        return np.exp(topk_logits.astype(np.float32) - lse1[..., None].astype(np.float32)).sum(-1)
+
+
+def store_info(url: str, *, storage_options: dict | None = None, max_windows: int | None = None) -> dict:
+    """Schema, provenance, sizes, bytes/token, mean top-k coverage and teacher perplexity from gold_nll."""
+    reader = CacheReader(url, storage_options=storage_options, allow_incomplete=True)
+    spec = reader.spec
+    blocks = reader.blocks_done()
+    sizes = {name: store_nbytes(url, storage_options, name) for name in [*spec.arrays(), EMBEDDING_ARRAY]}
+    total = store_nbytes(url, storage_options)
+    t1 = spec.tail_temperatures.index(1.0)
+    n_cov = n_nll = 0
+    sum_cov = sum_nll = 0.0
+    done_windows = 0
+    for block in np.flatnonzero(blocks):
+        start, stop = spec.block_range(int(block))
+        if max_windows is not None:
+            stop = min(stop, start + max_windows - done_windows)
+            if stop <= start:
+                break
+        part = reader.read(start, stop, ["topk_logits", "tail_lse", "gold_nll"])
+        cov = _coverage(part["topk_logits"], part["tail_lse"][..., t1])
+        sum_cov += float(cov.sum(dtype=np.float64))
+        n_cov += cov.size
+        nll = part["gold_nll"][np.isfinite(part["gold_nll"])]
+        sum_nll += float(nll.sum(dtype=np.float64))
+        n_nll += nll.size
+        done_windows += stop - start
+    mean_nll = sum_nll / n_nll if n_nll else float("nan")
+    return {
+        "url": url,
+        "schema_version": reader.meta.get("schema_version"),
+        "complete": reader.complete,
+        "blocks_done": int(blocks.sum()),
+        "blocks": int(spec.n_blocks),
+        "created_at": reader.meta.get("created_at"),
+        "completed_at": reader.meta.get("completed_at"),
+        "package_version": reader.meta.get("package_version"),
+        "spec": spec.to_attrs(),
+        "provenance": reader.provenance,
+        "windows": spec.n_windows,
+        "tokens": spec.n_tokens,
+        "bytes_on_disk": total,
+        "bytes_per_token": total / spec.n_tokens,
+        "array_bytes": sizes,
+        "array_bytes_per_token": {k: v / spec.n_tokens for k, v in sizes.items()},
+        "windows_measured": done_windows,
+        "mean_topk_coverage": sum_cov / n_cov if n_cov else float("nan"),
+        "teacher_mean_nll": mean_nll,
+        "teacher_ppl": math.exp(mean_nll) if n_nll else float("nan"),
+    }
+
+
+@dataclass
+class VerifyReport:
+    url: str
+    chunks_checked: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def _check_chunk(part: dict, spec, tol: float = 1e-3) -> list[str]:
+    """Every invariant of one chunk's arrays; returns failure descriptions (empty when sound)."""
+    bad = []
+    n, L, k = part["input_ids"].shape[0], spec.seq_len, spec.top_k
+    for name, array_spec in spec.arrays().items():
+        a = part[name]
+        want = (n,) + array_spec.shape[1:]
+        if a.shape != want or a.dtype != np.dtype(array_spec.dtype):
+            bad.append(f"{name} is {a.shape} {a.dtype}, schema says {want} {array_spec.dtype}")
+    if bad:
+        return bad
+    V = spec.vocab_size
+    for name in ("input_ids", "topk_ids", "sample_ids"):
+        if name in part and part[name].size and int(part[name].max()) >= V:
+            bad.append(f"{name} has ids >= vocabulary size {V}")
+    logits = part["topk_logits"].astype(np.float32)
+    if not np.isfinite(logits).all():
+        bad.append("topk_logits not finite")
+    elif k > 1 and (np.diff(logits, axis=-1) > 0).any():
+        bad.append("topk_logits not sorted descending")
+    if k > 1 and (np.diff(part["topk_ids"].astype(np.int64), axis=-1) == 0).any():
+        bad.append("topk_ids repeat an id")
+    lse = part["tail_lse"]
+    if not np.isfinite(lse).all():
+        bad.append("tail_lse not finite")
+    else:
+        top = logits[..., :1]
+        temps = np.asarray(spec.tail_temperatures, dtype=np.float32)
+        slack = np.abs(top) * _FP16_REL / temps + tol
+        if (lse < top / temps - slack).any():
+            bad.append("tail_lse below the top logit (logsumexp must be >= max)")
+        t1 = spec.tail_temperatures.index(1.0)
+        cov = _coverage(part["topk_logits"], lse[..., t1])
+        if not ((cov > 0) & (cov <= 1 + 1e-2)).all():
+            bad.append(f"top-k coverage outside (0, 1]: min {cov.min():.4g} max {cov.max():.4g}")
+    nll = part["gold_nll"]
+    if not np.isnan(nll[:, -1]).all() or not np.isfinite(nll[:, :-1]).all() or (nll[:, :-1] < -tol).any():
+        bad.append("gold_nll must be finite and >= 0 except NaN at each window's last position")
+    ent = part["entropy"].astype(np.float32)
+    if not np.isfinite(ent).all() or (ent < -1e-2).any():
+        bad.append("entropy negative or not finite")
+    if spec.samples:
+        if (part["sample_counts"].astype(np.int64).sum(-1) != spec.samples).any():
+            bad.append(f"sample_counts do not sum to {spec.samples}")
+    for name in part:
+        if name.startswith(("hidden/", "hidden_scale/")) and part[name].dtype.kind == "f":
+            if not np.isfinite(part[name].astype(np.float32)).all():
+                bad.append(f"{name} not finite")
+    return bad
+
+
+def verify_store(url: str, *, storage_options: dict | None = None) -> VerifyReport:
+    """Read every chunk and check shapes, dtypes and the numeric invariants; failures name the chunk."""
+    reader = CacheReader(url, storage_options=storage_options, allow_incomplete=True)
+    spec = reader.spec
+    report = VerifyReport(url)
+    if not reader.complete:
+        report.failures.append("store is not marked complete")
+    done = reader.blocks_done()
+    if (done == 0).any():
+        report.failures.append(f"{int((done == 0).sum())} of {len(done)} blocks never written")
+    names = list(spec.arrays())
+    cw = spec.chunk_windows
+    for chunk, start in enumerate(range(0, spec.n_windows, cw)):
+        stop = min(start + cw, spec.n_windows)
+        where = f"chunk {chunk} (windows {start}-{stop - 1})"
+        try:
+            part = reader.read(start, stop, names, dequantize=False)
+        except Exception as exc:  # noqa: BLE001 - a corrupt chunk can fail in any codec
+            report.failures.append(f"{where}: unreadable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            continue
+        report.failures.extend(f"{where}: {msg}" for msg in _check_chunk(part, spec))
+        report.chunks_checked += 1
+    if reader.complete:
+        try:
+            emb = reader.teacher_embedding()
+            if emb.shape != spec.embedding_spec().shape or not np.isfinite(emb.astype(np.float32)).all():
+                report.failures.append(f"{EMBEDDING_ARRAY} has shape {emb.shape} or non-finite values")
+        except Exception as exc:  # noqa: BLE001
+            report.failures.append(f"{EMBEDDING_ARRAY}: unreadable: {exc}")
+    return report

@@ -1,0 +1,200 @@
+"""Create or resume a teacher-cache store and write it block by block.
+
+Crash safety: a block's data arrays are written first, then its byte in `blocks_done`. A kill between the
+two leaves the byte unset and the block is simply recomputed on resume, so a finished store is identical
+to an uninterrupted run's. `complete` is set in the root attributes only after the last block, the
+teacher embedding and the consolidated metadata are written.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import warnings
+
+import numpy as np
+import zarr
+
+from ..errors import GooseError
+from .schema import (
+    EMBEDDING_ARRAY,
+    GOOSE_ATTR,
+    PROGRESS_ARRAY,
+    SCHEMA_VERSION,
+    ArraySpec,
+    StoreSpec,
+    compressors,
+)
+
+# Attributes that may differ between the run that created a store and the run that resumes it.
+_VOLATILE = ("created_at", "completed_at", "complete", "package_version", "resumed")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _open_group(url: str, mode: str, storage_options: dict | None):
+    try:
+        return zarr.open_group(url, mode=mode, zarr_format=3, storage_options=storage_options or None)
+    except (PermissionError, NotADirectoryError, OSError) as exc:
+        raise GooseError(f"cannot write the store at {url}: {exc.strerror or exc}") from None
+
+
+class CacheWriter:
+    """Writes one store. Use `CacheWriter.open(url, spec, provenance)`, then `write_block`, `finalize`."""
+
+    def __init__(self, group, spec: StoreSpec, url: str):
+        self.group = group
+        self.spec = spec
+        self.url = url
+        self._arrays = {name: group[name] for name in spec.arrays()}
+        self._done = group[PROGRESS_ARRAY]
+
+    # ---- opening -----------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        spec: StoreSpec,
+        provenance: dict,
+        *,
+        package_version: str,
+        storage_options: dict | None = None,
+    ) -> "CacheWriter":
+        """Create a new store, or reopen an unfinished one made with exactly the same parameters."""
+        meta = {"schema_version": SCHEMA_VERSION, "spec": spec.to_attrs(), "provenance": provenance}
+        existing = _existing_goose_attrs(url, storage_options)
+        if existing is None:
+            group = _open_group(url, "w-", storage_options)
+            group.attrs.put(
+                {GOOSE_ATTR: {**meta, "package_version": package_version, "created_at": _now(), "complete": False}}
+            )
+        else:
+            _check_same(url, existing, meta)
+            group = _open_group(url, "r+", storage_options)
+            if not existing.get("complete"):
+                attrs = dict(existing)
+                attrs["resumed"] = int(attrs.get("resumed", 0)) + 1
+                group.attrs.put({GOOSE_ATTR: attrs})
+        # Arrays are (re)ensured on every open: a kill during creation leaves some missing.
+        for name, array_spec in spec.arrays().items():
+            _ensure_array(group, name, array_spec, spec)
+        _ensure_array(group, PROGRESS_ARRAY, ArraySpec((spec.n_blocks,), "uint8", per_window=False), None)
+        return cls(group, spec, url)
+
+    # ---- progress ----------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return bool(self.group.attrs[GOOSE_ATTR].get("complete"))
+
+    def blocks_todo(self) -> list[int]:
+        done = self._done[:]
+        return [int(b) for b in np.flatnonzero(done == 0)]
+
+    # ---- writing -----------------------------------------------------------------------------
+    def write_block(self, block: int, data: dict[str, np.ndarray]) -> None:
+        """Write every per-window array of one block, then mark the block done."""
+        start, stop = self.spec.block_range(block)
+        if set(data) != set(self._arrays):
+            raise ValueError(f"block data has arrays {sorted(data)}, schema wants {sorted(self._arrays)}")
+        for name, array in self._arrays.items():
+            values = data[name]
+            if values.shape != (stop - start,) + array.shape[1:]:
+                raise ValueError(f"{name}: block shape {values.shape} != {(stop - start,) + array.shape[1:]}")
+            array[start:stop] = values.astype(array.dtype, copy=False)
+        self._done[block] = 1
+
+    def finalize(self, teacher_embedding: np.ndarray) -> None:
+        """Write the once-per-store arrays and mark the store complete (the very last write)."""
+        todo = self.blocks_todo()
+        if todo:
+            raise RuntimeError(f"cannot finalize: {len(todo)} blocks not written")
+        emb_spec = self.spec.embedding_spec()
+        emb = _ensure_array(self.group, EMBEDDING_ARRAY, emb_spec, self.spec)
+        emb[:] = teacher_embedding.astype(emb_spec.dtype)
+        _consolidate(self.group.store)
+        group = zarr.open_group(self.group.store, mode="r+", zarr_format=3)
+        attrs = dict(group.attrs[GOOSE_ATTR])
+        attrs.update(complete=True, completed_at=_now())
+        group.attrs.put({GOOSE_ATTR: attrs})
+        _consolidate(self.group.store)  # so the consolidated attributes say complete too
+
+
+def _consolidate(store) -> None:
+    # Consolidated metadata lets readers open a store with one request; zarr warns that it is not yet in
+    # the v3 spec, which is known and harmless here (zarr-python reads it; plain v3 readers ignore it).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        zarr.consolidate_metadata(store)
+
+
+def _existing_goose_attrs(url: str, storage_options: dict | None) -> dict | None:
+    """The goose attributes of an existing store at url; None if nothing is there."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if not fs.exists(path):
+        return None
+    if fs.isfile(path):
+        raise GooseError(f"output {url} is a file, not a store")
+    if not fs.ls(path):
+        return None
+    try:
+        group = zarr.open_group(url, mode="r", zarr_format=3, storage_options=storage_options or None)
+        attrs = group.attrs.asdict()
+    except Exception:  # noqa: BLE001 - anything unreadable is "not a goose store"
+        attrs = {}
+    if GOOSE_ATTR not in attrs:
+        raise GooseError(f"output {url} exists and is not a goose store; choose another path")
+    return dict(attrs[GOOSE_ATTR])
+
+
+def _check_same(url: str, existing: dict, meta: dict) -> None:
+    if existing.get("schema_version") != SCHEMA_VERSION:
+        raise GooseError(
+            f"store {url} has schema version {existing.get('schema_version')}, this goose writes {SCHEMA_VERSION}"
+        )
+    old = _flatten({"spec": existing.get("spec", {}), "provenance": existing.get("provenance", {})})
+    new = _flatten({"spec": meta["spec"], "provenance": meta["provenance"]})
+    diffs = [
+        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(set(old) | set(new))
+        if key.split(".")[-1] not in _VOLATILE and old.get(key) != new.get(key)
+    ]
+    if diffs:
+        raise GooseError(
+            f"store {url} was made with other parameters ({'; '.join(diffs[:4])}"
+            f"{'; ...' if len(diffs) > 4 else ''}); use a new --output or delete the store"
+        )
+
+
+def _ensure_array(group, name: str, array_spec: ArraySpec, spec: StoreSpec | None):
+    dtype = np.dtype(array_spec.dtype)
+    if name in group:
+        array = group[name]
+        if tuple(array.shape) != array_spec.shape or array.dtype != dtype:
+            raise GooseError(f"store array {name} has shape {array.shape} {array.dtype}, expected {array_spec.shape}")
+        return array
+    if spec is None:  # the progress array: tiny, one element a chunk so each mark is its own write
+        chunks, shards, comp = (1,), None, None
+    elif array_spec.per_window:
+        chunks = (spec.chunk_windows,) + array_spec.shape[1:]
+        shards = (spec.block_windows,) + array_spec.shape[1:] if spec.shard_chunks > 1 else None
+        comp = compressors(spec)
+    else:
+        chunks, shards, comp = array_spec.shape, None, compressors(spec)
+    fill = np.nan if dtype.kind == "f" else 0
+    return group.create_array(
+        name, shape=array_spec.shape, chunks=chunks, shards=shards, dtype=dtype, compressors=comp, fill_value=fill
+    )

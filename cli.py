@@ -1,0 +1,161 @@
+"""`goose` command line: parses arguments and calls into pipeline/ and cache/. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import __version__
+from .errors import GooseError
+
+
+class _Group(click.Group):
+    """Turns a GooseError anywhere below into one 'error: ...' line on stderr and exit status 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except GooseError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="goose")
+def main():
+    """goose: distil a transformer teacher into a ternary-spiking RWKV-7-style student."""
+
+
+@main.command("cache-teacher")
+@click.option("--output", "-o", required=True, help="Store path or fsspec URL (e.g. runs/wt2.zarr, s3://b/x.zarr).")
+@click.option("--teacher", default="gpt2", show_default=True, help="Hub name or local model folder.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Teacher dtype; auto = fp32 on CPU, bf16 on CUDA.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Windows per teacher forward.")
+@click.option("--dataset", default=None, help="Hub dataset name (e.g. wikitext).")
+@click.option("--dataset-config", default=None, help="Hub dataset config (e.g. wikitext-103-raw-v1).")
+@click.option("--split", default=None, help="Dataset split (default train).")
+@click.option("--data-files", multiple=True, help="Local txt/json/jsonl/parquet/csv files (repeat the option).")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--seq-len", type=int, default=1024, show_default=True, help="Window length in tokens.")
+@click.option("--max-tokens", type=int, default=None, help="Cap on tokens cached.")
+@click.option("--top-k", type=int, default=64, show_default=True)
+@click.option("--tail-temperatures", default="1,1.5,2,3,4", show_default=True,
+              help="Temperatures at which the full-vocabulary logsumexp is stored.")
+@click.option("--samples", type=int, default=0, show_default=True, help="RS-KD draws per token (0 = none).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the RS-KD draws.")
+@click.option("--hidden-layers", default=None, help="Teacher layers to store: '0,6,12', '-1', 'all' (0 = embeddings).")
+@click.option("--hidden-dtype", type=click.Choice(["float16", "int8"]), default="float16", show_default=True)
+@click.option("--chunk-windows", type=int, default=16, show_default=True, help="Windows per storage chunk.")
+@click.option("--shard-chunks", type=int, default=1, show_default=True,
+              help="Chunks per shard (1 = no sharding; use for very large stores).")
+@click.option("--compression", type=click.Choice(["zstd", "blosc", "none"]), default="zstd", show_default=True)
+@click.option("--compression-level", type=int, default=3, show_default=True)
+@click.option("--storage-options", default=None, help="JSON dict passed to fsspec for remote URLs.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def cache_teacher(**kw):
+    """Run the teacher once over a corpus and write its targets into a Zarr v3 store (resumable)."""
+    from .pipeline.cache_teacher import CacheTeacherConfig, run_cache_teacher
+    from .pipeline.data import DataSpec
+
+    data = DataSpec(dataset=kw.pop("dataset"), dataset_config=kw.pop("dataset_config"), split=kw.pop("split"),
+                    data_files=tuple(kw.pop("data_files")), text_column=kw.pop("text_column"))
+    storage = kw.pop("storage_options")
+    try:
+        storage = json.loads(storage) if storage else None
+    except json.JSONDecodeError as exc:
+        raise GooseError(f"--storage-options is not valid JSON: {exc}") from None
+    cfg = CacheTeacherConfig(
+        data=data, tail_temperatures=_floats(kw.pop("tail_temperatures")), storage_options=storage,
+        progress=not kw.pop("no_progress"), **kw,
+    )
+    s = run_cache_teacher(cfg)
+    if s["already_complete"]:
+        click.echo(f"store {s['output']} is already complete; nothing to do")
+    click.echo(
+        f"cached {s['tokens']:,} tokens ({s['windows']} windows) -> {s['output']}\n"
+        f"  computed now: {s['tokens_computed']:,} tokens in {s['seconds']:.1f} s "
+        f"({s['tokens_per_s']:,.0f} tokens/s); resumed after {s['blocks_resumed_from']} finished blocks\n"
+        f"  on disk: {_human_bytes(s['bytes_on_disk'])}, {s['bytes_per_token']:.1f} bytes/token"
+    )
+
+
+@main.group("cache")
+def cache_group():
+    """Inspect and check teacher-cache stores."""
+
+
+@cache_group.command("info")
+@click.argument("store")
+@click.option("--max-windows", type=int, default=None, help="Measure coverage and PPL on the first N windows only.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def cache_info(store, max_windows, as_json):
+    """Schema, provenance, sizes, bytes/token, top-k coverage and teacher perplexity of STORE."""
+    from .cache.stats import store_info
+
+    info = store_info(store, max_windows=max_windows)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    spec, prov = info["spec"], info["provenance"]
+    lines = [
+        f"store        {info['url']}",
+        f"schema       v{info['schema_version']}  complete: {info['complete']}  "
+        f"blocks {info['blocks_done']}/{info['blocks']}  goose {info['package_version']}",
+        f"created      {info['created_at']}  completed {info['completed_at']}",
+        f"teacher      {prov.get('teacher')} @ {prov.get('revision')}  config {prov.get('config_hash')}  "
+        f"tokenizer {prov.get('tokenizer_hash')}  dtype {prov.get('dtype')}",
+        f"data         {json.dumps(prov.get('dataset'))}  fingerprint {prov.get('data_fingerprint')}",
+        f"layout       {info['windows']} windows x {spec['seq_len']} tokens = {info['tokens']:,} tokens; "
+        f"vocab {spec['vocab_size']}; top-k {spec['top_k']}; T {spec['tail_temperatures']}",
+        f"             hidden layers {spec['hidden_layers']} ({spec['hidden_dtype']}); samples {spec['samples']}; "
+        f"chunk {spec['chunk_windows']} windows; shard {spec['shard_chunks']} chunks; "
+        f"{spec['compression']}-{spec['compression_level']}",
+        f"size         {_human_bytes(info['bytes_on_disk'])}, {info['bytes_per_token']:.1f} bytes/token",
+    ]
+    for name, per_token in info["array_bytes_per_token"].items():
+        lines.append(f"  {name:<22} {per_token:10.2f} B/token")
+    lines += [
+        f"coverage     mean top-{spec['top_k']} teacher mass at T=1: {info['mean_topk_coverage']:.4f}"
+        f"  (over {info['windows_measured']} windows)",
+        f"teacher PPL  {info['teacher_ppl']:.3f}  (mean gold NLL {info['teacher_mean_nll']:.4f})",
+    ]
+    click.echo("\n".join(lines))
+
+
+@cache_group.command("verify")
+@click.argument("store")
+def cache_verify(store):
+    """Read every chunk of STORE and check schema and numeric invariants; exit 1 on any failure."""
+    from .cache.stats import verify_store
+
+    report = verify_store(store)
+    for failure in report.failures:
+        click.echo(f"FAIL {failure}", err=True)
+    if not report.ok:
+        click.echo(f"verify: {len(report.failures)} failure(s) in {store}", err=True)
+        sys.exit(1)
+    click.echo(f"verify: OK, {report.chunks_checked} chunks checked in {store}")
+
+
+if __name__ == "__main__":
+    main()

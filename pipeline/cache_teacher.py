@@ -1,0 +1,172 @@
+"""Stage one: run the teacher once over a corpus and write its targets into a Zarr v3 store.
+
+Recipe: load teacher -> check arguments against it -> load, tokenise and pack the data -> open (create or
+resume) the store -> for each unfinished block: teacher forward in batches, targets, write -> finalize.
+Batches never cross a block boundary, so a resumed run computes exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..cache.schema import StoreSpec, hidden_name, hidden_scale_name
+from ..cache.stats import store_nbytes
+from ..cache.writer import CacheWriter
+from ..errors import GooseError
+from .data import DataSpec, load_texts, tokenize_and_pack, windows_fingerprint
+from .teacher import Teacher, load_teacher, quantize_int8, resolve_hidden_layers, teacher_targets
+
+
+@dataclass
+class CacheTeacherConfig:
+    output: str
+    teacher: str = "gpt2"
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    batch_size: int = 8
+    data: DataSpec = field(default_factory=DataSpec)
+    seq_len: int = 1024
+    max_tokens: int | None = None
+    top_k: int = 64
+    tail_temperatures: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0)
+    samples: int = 0
+    seed: int = 0
+    hidden_layers: str | None = None
+    hidden_dtype: str = "float16"
+    chunk_windows: int = 16
+    shard_chunks: int = 1
+    compression: str = "zstd"
+    compression_level: int = 3
+    storage_options: dict | None = None
+    progress: bool = True
+
+
+def _check_args(cfg: CacheTeacherConfig) -> None:
+    if cfg.seq_len < 2:
+        raise GooseError("--seq-len must be at least 2")
+    if cfg.top_k < 1:
+        raise GooseError("--top-k must be at least 1")
+    if cfg.batch_size < 1 or cfg.chunk_windows < 1 or cfg.shard_chunks < 1:
+        raise GooseError("--batch-size, --chunk-windows and --shard-chunks must be at least 1")
+    if not cfg.tail_temperatures or any(t <= 0 for t in cfg.tail_temperatures):
+        raise GooseError("--tail-temperatures must be positive numbers")
+    if 1.0 not in cfg.tail_temperatures:
+        raise GooseError("--tail-temperatures must include 1 (coverage, entropy and RS-KD are defined at T=1)")
+    if not 0 <= cfg.samples <= 65535:
+        raise GooseError("--samples must be between 0 and 65535")
+    if cfg.max_tokens is not None and cfg.max_tokens < 1:
+        raise GooseError("--max-tokens must be positive")
+    if cfg.hidden_dtype not in ("float16", "int8"):
+        raise GooseError("--hidden-dtype must be float16 or int8")
+    if cfg.compression not in ("zstd", "blosc", "none"):
+        raise GooseError("--compression must be zstd, blosc or none")
+
+
+def _check_against_teacher(cfg: CacheTeacherConfig, teacher: Teacher) -> tuple[int, ...]:
+    ctx = teacher.max_positions
+    if ctx is not None and cfg.seq_len > ctx:
+        raise GooseError(f"--seq-len {cfg.seq_len} is above the teacher's context of {ctx} tokens")
+    if cfg.top_k > teacher.vocab_size:
+        raise GooseError(f"--top-k {cfg.top_k} is above the teacher's vocabulary of {teacher.vocab_size}")
+    return resolve_hidden_layers(cfg.hidden_layers, teacher.n_layers)
+
+
+def compute_block(
+    teacher: Teacher, windows: np.ndarray, first_window: int, spec: StoreSpec, cfg: CacheTeacherConfig
+) -> dict[str, np.ndarray]:
+    """Teacher targets for consecutive windows, in batches of cfg.batch_size, as the schema's arrays."""
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in spec.arrays()}
+    for b0 in range(0, len(windows), cfg.batch_size):
+        ids = torch.from_numpy(windows[b0 : b0 + cfg.batch_size]).to(teacher.device)
+        with torch.inference_mode():
+            out = teacher.model(input_ids=ids, output_hidden_states=bool(spec.hidden_layers), use_cache=False)
+            seeds = [cfg.seed * 1_000_003 + first_window + b0 + i for i in range(len(ids))]
+            targets = teacher_targets(
+                out.logits, ids, top_k=spec.top_k, tail_temperatures=spec.tail_temperatures,
+                samples=spec.samples, sample_seeds=seeds,
+            )
+            if targets["topk_logits"].abs().max() > torch.finfo(torch.float16).max:
+                raise GooseError("teacher logits exceed the float16 range the store keeps them in")
+            targets["input_ids"] = ids
+            for layer in spec.hidden_layers:
+                h = out.hidden_states[layer]
+                if spec.hidden_dtype == "int8":
+                    targets[hidden_name(layer)], targets[hidden_scale_name(layer)] = quantize_int8(h)
+                else:
+                    targets[hidden_name(layer)] = h.to(torch.float16)
+        for name in parts:
+            parts[name].append(targets[name].cpu().numpy())
+    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+
+def run_cache_teacher(cfg: CacheTeacherConfig) -> dict:
+    """Build (or finish) the store described by cfg; returns a summary dict."""
+    _check_args(cfg)
+    teacher = load_teacher(cfg.teacher, revision=cfg.revision, dtype=cfg.dtype, device=cfg.device)
+    layers = _check_against_teacher(cfg, teacher)
+    ds = load_texts(cfg.data)
+    windows = tokenize_and_pack(
+        ds, teacher.tokenizer, text_column=cfg.data.text_column, seq_len=cfg.seq_len, max_tokens=cfg.max_tokens
+    )
+    spec = StoreSpec(
+        n_windows=len(windows), seq_len=cfg.seq_len, vocab_size=teacher.vocab_size, top_k=cfg.top_k,
+        tail_temperatures=tuple(float(t) for t in cfg.tail_temperatures), hidden_layers=layers,
+        hidden_size=teacher.hidden_size, hidden_dtype=cfg.hidden_dtype, samples=cfg.samples,
+        chunk_windows=cfg.chunk_windows, shard_chunks=cfg.shard_chunks, compression=cfg.compression,
+        compression_level=cfg.compression_level,
+    )
+    provenance = {
+        **teacher.provenance(),
+        "n_layers": teacher.n_layers,
+        "dataset": cfg.data.describe(),
+        "max_tokens": cfg.max_tokens,
+        "data_fingerprint": windows_fingerprint(windows),
+        "seed": cfg.seed,
+    }
+    writer = CacheWriter.open(
+        cfg.output, spec, provenance, package_version=__version__, storage_options=cfg.storage_options
+    )
+    todo = writer.blocks_todo()
+    already_complete = writer.complete
+    tokens_todo = sum(np.subtract(*spec.block_range(b)[::-1]) for b in todo) * spec.seq_len
+    t0 = time.perf_counter()
+    bar = tqdm(total=int(tokens_todo), unit="tok", unit_scale=True, disable=not cfg.progress or not todo,
+               desc="cache-teacher", dynamic_ncols=True)
+    # One block is written in the background while the next is computed; at most one write in flight.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for block in todo:
+            start, stop = spec.block_range(block)
+            data = compute_block(teacher, windows[start:stop], start, spec, cfg)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(writer.write_block, block, data)
+            bar.update((stop - start) * spec.seq_len)
+        if pending is not None:
+            pending.result()
+    bar.close()
+    if not already_complete:
+        writer.finalize(teacher.embedding_matrix())
+    elapsed = time.perf_counter() - t0
+    nbytes = store_nbytes(cfg.output, cfg.storage_options)
+    return {
+        "output": cfg.output,
+        "windows": spec.n_windows,
+        "tokens": spec.n_tokens,
+        "tokens_computed": int(tokens_todo),
+        "blocks_resumed_from": spec.n_blocks - len(todo),
+        "already_complete": already_complete,
+        "bytes_on_disk": nbytes,
+        "bytes_per_token": nbytes / spec.n_tokens,
+        "seconds": elapsed,
+        "tokens_per_s": tokens_todo / elapsed if elapsed > 0 else float("nan"),
+        "spec": asdict(spec),
+    }

@@ -1,0 +1,259 @@
+"""The teacher: loading (hub name or local folder) and the per-token targets computed from its logits.
+
+`teacher_targets` is the one function that turns full-vocabulary logits into what the store keeps. All
+reductions run in fp32 whatever the teacher's dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import GooseError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise GooseError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GooseError(f"device {device!r} asked for but CUDA is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise GooseError(f"unknown dtype {dtype!r} (use auto, {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name and not _hub_id_shape(name)
+
+
+def _hub_id_shape(name: str) -> bool:
+    # "org/model" is a hub id; a path with more parts or an existing folder is not.
+    return name.count("/") == 1 and not os.path.exists(name)
+
+
+@dataclass
+class Teacher:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    revision: str | None
+    device: torch.device
+    dtype: torch.dtype
+    weights_hash: str = ""
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def max_positions(self) -> int | None:
+        for key in ("n_positions", "max_position_embeddings"):
+            value = getattr(self.config, key, None)
+            if value:
+                return int(value)
+        return None
+
+    def provenance(self) -> dict:
+        return {
+            "teacher": self.name,
+            "revision": self.revision or "main",
+            "config_hash": config_hash(self.config),
+            "weights_hash": self.weights_hash,
+            "tokenizer_hash": tokenizer_hash(self.tokenizer),
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+    def embedding_matrix(self):
+        return self.model.get_input_embeddings().weight.detach().float().cpu().numpy()
+
+
+def load_teacher(name: str, *, revision: str | None = None, dtype: str = "auto", device: str = "auto") -> Teacher:
+    """AutoModelForCausalLM + AutoTokenizer from a hub name or a local folder, in eval mode."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    expanded = os.path.expanduser(name)
+    local = os.path.isdir(expanded)
+    if not local and _looks_like_path(name):
+        raise GooseError(f"teacher folder not found: {name}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(expanded if local else name, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(expanded if local else name, revision=revision, dtype=torch_dtype)
+    except (OSError, ValueError) as exc:
+        if local:
+            raise GooseError(f"{name} is not a loadable model folder: {str(exc).splitlines()[0]}") from None
+        raise GooseError(
+            f"cannot load teacher {name!r} from the Hugging Face Hub (offline, or no such model): "
+            f"download it where you have network and pass the local folder with --teacher"
+        ) from None
+    weights = weights_hash(model)  # on the host, before the move: identifies the exact checkpoint
+    model.to(dev).eval()
+    # A local folder is recorded by absolute path so a resume from another working directory matches.
+    return Teacher(model, tokenizer, os.path.abspath(expanded) if local else name, revision, dev, torch_dtype, weights)
+
+
+def config_hash(config) -> str:
+    d = config.to_dict()
+    for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "use_cache"):
+        d.pop(volatile, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes) in name order."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def tokenizer_hash(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def resolve_hidden_layers(spec: str | None, n_layers: int) -> tuple[int, ...]:
+    """'0,6,12', '-1', 'all' or ''/None -> sorted unique layer indices in [0, n_layers] (0 = embeddings)."""
+    if not spec or spec.strip().lower() == "none":
+        return ()
+    if spec.strip().lower() == "all":
+        return tuple(range(n_layers + 1))
+    layers = []
+    for part in spec.split(","):
+        try:
+            index = int(part)
+        except ValueError:
+            raise GooseError(f"hidden layer {part.strip()!r} is not an integer") from None
+        resolved = index + n_layers + 1 if index < 0 else index
+        if not 0 <= resolved <= n_layers:
+            raise GooseError(f"hidden layer {index} out of range: the teacher has layers 0..{n_layers} (0 = embeddings)")
+        layers.append(resolved)
+    return tuple(sorted(set(layers)))
+
+
+@torch.inference_mode()
+def teacher_targets(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    *,
+    top_k: int,
+    tail_temperatures: tuple[float, ...],
+    samples: int = 0,
+    sample_seeds: list[int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-token targets from full logits (B, L, V) and the window's ids (B, L).
+
+    topk_logits/topk_ids: the k largest raw logits, sorted descending.
+    tail_lse[..., j]: logsumexp(z / T_j) over the whole vocabulary (fp32), so any consumer can re-temper
+        the top-k exactly and get the tail bucket as a difference of logsumexps, never as log(1 - sum).
+    gold_nll: -log p(next token) at T=1; the last position has no next token in the window: NaN.
+    entropy: H(p) at T=1.
+    sample_ids/sample_counts: unique ids and counts of `samples` draws from p (RS-KD), ascending ids,
+        zero-padded; each window's draws are seeded by its own seed, so resume and batching can't change them.
+
+    Rows are processed in slices of a few million logits so the fp32 temporaries stay in cache and are
+    reused, rather than one (B, L, V) temporary per reduction (measured 3-4x faster on CPU).
+    """
+    B, L, V = logits.shape
+    flat = logits.reshape(B * L, V)
+    gold = torch.zeros(B, L, dtype=torch.long, device=logits.device)
+    gold[:, :-1] = input_ids[:, 1:]
+    gold = gold.reshape(-1, 1)
+    temps = [float(t) for t in tail_temperatures]
+    topk_logits = torch.empty(B * L, top_k, dtype=torch.float32, device=logits.device)
+    topk_ids = torch.empty(B * L, top_k, dtype=torch.long, device=logits.device)
+    tail_lse = torch.empty(B * L, len(temps), dtype=torch.float32, device=logits.device)
+    gold_nll = torch.empty(B * L, dtype=torch.float32, device=logits.device)
+    entropy = torch.empty(B * L, dtype=torch.float32, device=logits.device)
+    budget = (1 << 22) if logits.device.type == "cpu" else (1 << 26)
+    rows = max(1, budget // V)
+    for r0 in range(0, B * L, rows):
+        z = flat[r0 : r0 + rows].float()
+        vals, idx = torch.topk(z, top_k, dim=-1, sorted=True)
+        topk_logits[r0 : r0 + rows], topk_ids[r0 : r0 + rows] = vals, idx
+        m = vals[:, :1]
+        shifted = z - m  # <= 0: every exp below is in (0, 1], no overflow at any T
+        scratch = torch.empty_like(shifted)
+        for j, t in enumerate(temps):
+            torch.mul(shifted, 1.0 / t, out=scratch)
+            tail_lse[r0 : r0 + rows, j] = m[:, 0] / t + scratch.exp_().sum(-1).log()
+            if t == 1.0:
+                # H = log S - sum(e * shifted) / S with e = exp(shifted), S = sum(e)
+                mass = scratch.sum(-1)
+                entropy[r0 : r0 + rows] = mass.log() - (scratch * shifted).sum(-1) / mass
+                gold_nll[r0 : r0 + rows] = mass.log() - shifted.gather(-1, gold[r0 : r0 + rows]).squeeze(-1)
+    gold_nll = gold_nll.view(B, L)
+    gold_nll[:, -1] = float("nan")
+    out = {
+        "topk_ids": topk_ids.view(B, L, top_k),
+        "topk_logits": topk_logits.view(B, L, top_k),
+        "tail_lse": tail_lse.view(B, L, len(temps)),
+        "gold_nll": gold_nll,
+        "entropy": entropy.view(B, L),
+    }
+    if samples:
+        out["sample_ids"], out["sample_counts"] = draw_samples(logits, samples, sample_seeds)
+    return out
+
+
+def draw_samples(logits: torch.Tensor, n: int, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """n draws with replacement per token from softmax(logits) (B, L, V) -> unique ids and counts (B, L, n).
+
+    One seeded generator per window (seeds[b]) and one multinomial call per window, so a window's draws
+    do not depend on which batch it was computed in.
+    """
+    B, L, _ = logits.shape
+    draws = torch.empty(B, L, n, dtype=torch.long, device=logits.device)
+    for b in range(B):
+        gen = torch.Generator(device=logits.device).manual_seed(int(seeds[b]))
+        probs = torch.softmax(logits[b].float(), dim=-1)
+        draws[b] = torch.multinomial(probs, n, replacement=True, generator=gen)
+    ordered, _ = draws.sort(dim=-1)
+    is_new = torch.ones_like(ordered, dtype=torch.bool)
+    is_new[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+    slot = is_new.long().cumsum(-1) - 1  # index of each draw's unique id
+    ids = torch.zeros_like(ordered).scatter_(-1, slot, ordered)
+    counts = torch.zeros_like(ordered).scatter_add_(-1, slot, torch.ones_like(ordered))
+    return ids, counts
+
+
+def quantize_int8(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-token int8: h ~= q * scale with scale = max|h| / 127 (scale kept in fp16)."""
+    scale = (hidden.float().abs().amax(-1) / 127.0).to(torch.float16)
+    safe = scale.float().clamp_min(torch.finfo(torch.float16).tiny).unsqueeze(-1)
+    q = torch.round(hidden.float() / safe).clamp_(-127, 127).to(torch.int8)
+    return q, scale

@@ -1,0 +1,259 @@
+"""Stage one against brute force: every stored value equals a direct full-logit computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import zarr
+
+from conftest import ENWIKI_TEACHER, GPT2_TOKENIZER, WIKITEXT_VALID, need, save_tiny_teacher
+from goose.cache.reader import CacheReader
+from goose.cache.stats import store_info, verify_store
+from goose.cache.writer import CacheWriter
+from goose.errors import GooseError
+from goose.pipeline.cache_teacher import CacheTeacherConfig, run_cache_teacher
+from goose.pipeline.data import DataSpec
+from goose.pipeline.teacher import draw_samples
+
+
+def make_cfg(output, teacher, corpus, **kw) -> CacheTeacherConfig:
+    defaults = dict(teacher=str(teacher), data=DataSpec(data_files=(str(corpus),)), seq_len=32, max_tokens=320,
+                    top_k=8, chunk_windows=2, batch_size=2, progress=False, dtype="fp32", device="cpu")
+    defaults.update(kw)
+    return CacheTeacherConfig(output=str(output), **defaults)
+
+
+def store_arrays(url) -> dict[str, np.ndarray]:
+    group = zarr.open_group(str(url), mode="r")
+    out = {}
+
+    def visit(g, prefix=""):
+        for name, node in g.members():
+            if isinstance(node, zarr.Group):
+                visit(node, f"{prefix}{name}/")
+            else:
+                out[f"{prefix}{name}"] = node[:]
+
+    visit(group)
+    return out
+
+
+def assert_same_store(a, b):
+    arrays_a, arrays_b = store_arrays(a), store_arrays(b)
+    assert sorted(arrays_a) == sorted(arrays_b)
+    for name in arrays_a:
+        np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
+    meta_a = zarr.open_group(str(a), mode="r").attrs["goose"]
+    meta_b = zarr.open_group(str(b), mode="r").attrs["goose"]
+    assert meta_a["spec"] == meta_b["spec"] and meta_a["complete"] and meta_b["complete"]
+    prov_a, prov_b = dict(meta_a["provenance"]), dict(meta_b["provenance"])
+    assert prov_a == prov_b
+
+
+def test_gpt2_tokenizer_loads_from_folder():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(need(GPT2_TOKENIZER)))
+    assert tok("Hello world")["input_ids"] == [15496, 995]
+
+
+def test_stored_values_equal_full_logit_computation(tmp_path, tiny_teacher, corpus_file):
+    cfg = make_cfg(tmp_path / "s.zarr", tiny_teacher, corpus_file, samples=20, hidden_layers="0,-1",
+                   tail_temperatures=(1.0, 2.0, 3.5))
+    summary = run_cache_teacher(cfg)
+    assert summary["windows"] == 10 and summary["tokens"] == 320
+    reader = CacheReader(cfg.output)
+    data = reader.read(0, reader.n_windows)
+    assert reader.spec.hidden_layers == (0, 2) and reader.spec.token_dtype == "uint16"
+    assert data["input_ids"].dtype == np.uint16 and data["topk_logits"].dtype == np.float16
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_teacher)).eval()
+    ids = torch.from_numpy(data["input_ids"].astype(np.int64))
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+    z = out.logits.double()
+
+    # top-k: the stored values are torch.topk's, and the stored ids point at those logits
+    ref_vals, _ = z.topk(8, dim=-1)
+    torch.testing.assert_close(torch.from_numpy(data["topk_logits"]).double(), ref_vals, atol=2e-3, rtol=1e-3)
+    at_ids = z.gather(-1, torch.from_numpy(data["topk_ids"].astype(np.int64)))
+    torch.testing.assert_close(at_ids, ref_vals, atol=1e-5, rtol=1e-5)
+    # tail logsumexp at every stored temperature
+    for j, t in enumerate((1.0, 2.0, 3.5)):
+        torch.testing.assert_close(torch.from_numpy(data["tail_lse"][..., j]).double(),
+                                   torch.logsumexp(z / t, -1), atol=1e-4, rtol=1e-5)
+    # gold NLL = cross-entropy on the next token; last position NaN
+    nll = F.cross_entropy(z[:, :-1].reshape(-1, z.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    torch.testing.assert_close(torch.from_numpy(data["gold_nll"][:, :-1]).double().reshape(-1), nll,
+                               atol=1e-4, rtol=1e-5)
+    assert np.isnan(data["gold_nll"][:, -1]).all()
+    p = z.softmax(-1)
+    entropy = -(p * p.clamp_min(1e-300).log()).sum(-1)
+    torch.testing.assert_close(torch.from_numpy(data["entropy"].astype(np.float64)), entropy, atol=5e-3, rtol=2e-3)
+    # hidden states (fp16) and the embedding matrix
+    for layer in (0, 2):
+        torch.testing.assert_close(torch.from_numpy(data[f"hidden/{layer}"]).float(), out.hidden_states[layer],
+                                   atol=2e-3, rtol=2e-3)
+    emb = reader.teacher_embedding()
+    torch.testing.assert_close(torch.from_numpy(emb).float(), model.transformer.wte.weight, atol=2e-3, rtol=2e-3)
+    # RS-KD samples: exactly what 20 seeded draws per token give, counted by np.unique
+    counts, sample_ids = data["sample_counts"], data["sample_ids"]
+    assert (counts.sum(-1) == 20).all()
+    for w in (0, 7):
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + w)
+        draws = torch.multinomial(torch.softmax(out.logits[w].float(), -1), 20, replacement=True, generator=gen)
+        for pos in (0, 5, 31):
+            uniq, cnt = np.unique(draws[pos].numpy(), return_counts=True)
+            n = len(uniq)
+            np.testing.assert_array_equal(sample_ids[w, pos, :n], uniq)
+            np.testing.assert_array_equal(counts[w, pos, :n], cnt)
+            assert (counts[w, pos, n:] == 0).all()
+    # the store's summary statistics agree with the direct computation
+    info = store_info(cfg.output)
+    mass = p.gather(-1, torch.from_numpy(data["topk_ids"].astype(np.int64))).sum(-1).mean().item()
+    assert info["mean_topk_coverage"] == pytest.approx(mass, abs=1e-3)
+    assert info["teacher_ppl"] == pytest.approx(float(nll.mean().exp()), rel=1e-4)
+    assert verify_store(cfg.output).ok
+
+
+def test_draw_samples_counts_match_unique():
+    logits = torch.randn(2, 3, 50) * 2
+    ids, counts = draw_samples(logits, 30, [5, 6])
+    for b, seed in enumerate((5, 6)):
+        gen = torch.Generator().manual_seed(seed)
+        draws = torch.multinomial(torch.softmax(logits[b], -1), 30, replacement=True, generator=gen)
+        for pos in range(3):
+            uniq, cnt = np.unique(draws[pos].numpy(), return_counts=True)
+            assert ids[b, pos, : len(uniq)].tolist() == uniq.tolist()
+            assert counts[b, pos, : len(uniq)].tolist() == cnt.tolist()
+
+
+def test_int8_hidden_states_dequantize_within_half_a_step(tmp_path, tiny_teacher, corpus_file):
+    cfg = make_cfg(tmp_path / "q.zarr", tiny_teacher, corpus_file, hidden_layers="1", hidden_dtype="int8")
+    run_cache_teacher(cfg)
+    reader = CacheReader(cfg.output)
+    raw = reader.read(0, 4, ["hidden/1", "hidden_scale/1", "input_ids"], dequantize=False)
+    assert raw["hidden/1"].dtype == np.int8 and raw["hidden_scale/1"].dtype == np.float16
+    deq = reader.read(0, 4, ["hidden/1"])["hidden/1"]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_teacher)).eval()
+    with torch.no_grad():
+        h = model(torch.from_numpy(raw["input_ids"].astype(np.int64)), output_hidden_states=True).hidden_states[1]
+    step = raw["hidden_scale/1"].astype(np.float32)[..., None]
+    assert (np.abs(deq - h.numpy()) <= 0.5 * step + 1e-3 * np.abs(h.numpy()) + 1e-6).all()
+
+
+def test_large_vocabulary_uses_int32_ids(tmp_path, corpus_file):
+    teacher = save_tiny_teacher(tmp_path / "big_vocab", vocab_size=70000, n_layer=1)
+    cfg = make_cfg(tmp_path / "v.zarr", teacher, corpus_file, max_tokens=96)
+    run_cache_teacher(cfg)
+    data = CacheReader(cfg.output).read(0, 3, ["input_ids", "topk_ids"])
+    assert data["topk_ids"].dtype == np.int32 and data["input_ids"].dtype == np.int32
+    assert verify_store(cfg.output).ok
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_teacher, corpus_file, monkeypatch):
+    kw = dict(samples=8, hidden_layers="1")
+    full = make_cfg(tmp_path / "full.zarr", tiny_teacher, corpus_file, **kw)
+    run_cache_teacher(full)
+
+    part = make_cfg(tmp_path / "part.zarr", tiny_teacher, corpus_file, **kw)
+    real_write = CacheWriter.write_block
+    calls = {"n": 0}
+
+    class DiesOnWrite:  # an array whose write crashes, after the arrays before it were written
+        def __init__(self, array):
+            self.array = array
+
+        def __getattr__(self, name):
+            return getattr(self.array, name)
+
+        def __setitem__(self, key, value):
+            raise RuntimeError("simulated crash")
+
+    def crashing_write(self, block, data):
+        calls["n"] += 1
+        if calls["n"] == 3:  # block 3 dies half-written: ids and top-k on disk, gold_nll and after not
+            self._arrays = {**self._arrays, "gold_nll": DiesOnWrite(self._arrays["gold_nll"])}
+        return real_write(self, block, data)
+
+    monkeypatch.setattr(CacheWriter, "write_block", crashing_write)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_cache_teacher(part)
+    monkeypatch.setattr(CacheWriter, "write_block", real_write)
+    half = CacheReader(str(part.output), allow_incomplete=True)
+    assert not half.complete and half.blocks_done().sum() == 2
+    with pytest.raises(GooseError, match="not complete"):
+        CacheReader(str(part.output))
+
+    summary = run_cache_teacher(part)
+    assert summary["blocks_resumed_from"] == 2 and summary["tokens_computed"] == 3 * 2 * 32
+    assert_same_store(full.output, part.output)
+    again = run_cache_teacher(part)  # a finished store: nothing to do, nothing changed
+    assert again["already_complete"] and again["tokens_computed"] == 0
+    assert_same_store(full.output, part.output)
+
+
+def test_existing_store_with_other_parameters_is_refused(tmp_path, tiny_teacher, corpus_file):
+    cfg = make_cfg(tmp_path / "s.zarr", tiny_teacher, corpus_file)
+    run_cache_teacher(cfg)
+    before = store_arrays(cfg.output)
+    with pytest.raises(GooseError, match=r"other parameters \(spec.top_k: 8 -> 4"):
+        run_cache_teacher(make_cfg(tmp_path / "s.zarr", tiny_teacher, corpus_file, top_k=4))
+    with pytest.raises(GooseError, match="data_fingerprint"):
+        run_cache_teacher(make_cfg(tmp_path / "s.zarr", tiny_teacher, corpus_file, max_tokens=352))
+    after = store_arrays(cfg.output)
+    assert all(np.array_equal(before[k], after[k], equal_nan=True) for k in before)
+
+
+def test_other_weights_in_the_same_folder_are_refused(tmp_path, corpus_file):
+    folder = save_tiny_teacher(tmp_path / "teacher", n_layer=1, seed=0)
+    cfg = make_cfg(tmp_path / "s.zarr", folder, corpus_file, max_tokens=64)
+    run_cache_teacher(cfg)
+    save_tiny_teacher(folder, n_layer=1, seed=1)  # same config and path, new checkpoint
+    with pytest.raises(GooseError, match="weights_hash"):
+        run_cache_teacher(cfg)
+
+
+def test_sharded_blosc_store_round_trips(tmp_path, tiny_teacher, corpus_file):
+    plain = make_cfg(tmp_path / "plain.zarr", tiny_teacher, corpus_file)
+    sharded = make_cfg(tmp_path / "sharded.zarr", tiny_teacher, corpus_file, shard_chunks=2, compression="blosc")
+    run_cache_teacher(plain)
+    run_cache_teacher(sharded)
+    assert CacheReader(str(sharded.output)).spec.block_windows == 4
+    a, b = store_arrays(plain.output), store_arrays(sharded.output)
+    for name in a:
+        if name != "blocks_done":
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert verify_store(sharded.output).ok
+
+
+def test_fsspec_memory_url(tiny_teacher, corpus_file):
+    cfg = make_cfg("memory://goose-test/s.zarr", tiny_teacher, corpus_file, max_tokens=128)
+    summary = run_cache_teacher(cfg)
+    assert summary["bytes_on_disk"] > 0
+    reader = CacheReader("memory://goose-test/s.zarr")
+    assert reader.complete and reader.read(0, 4)["topk_ids"].shape == (4, 32, 8)
+
+
+def test_enwiki_teacher_on_wikitext_passes_verify_and_matches_hf_loss(tmp_path):
+    teacher = need(ENWIKI_TEACHER)
+    cfg = make_cfg(tmp_path / "wt2.zarr", teacher, need(WIKITEXT_VALID), seq_len=128, max_tokens=2048,
+                   top_k=64, chunk_windows=4, batch_size=4, hidden_layers="2")
+    run_cache_teacher(cfg)
+    assert verify_store(cfg.output).ok
+    reader = CacheReader(cfg.output)
+    ids = torch.from_numpy(reader.read(0, reader.n_windows, ["input_ids"])["input_ids"].astype(np.int64))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(teacher)).eval()
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss.item()  # HF's own mean next-token NLL over the same windows
+    info = store_info(cfg.output)
+    assert info["teacher_mean_nll"] == pytest.approx(loss, abs=1e-4)
+    assert 0.3 < info["mean_topk_coverage"] < 1.0
