@@ -1,0 +1,258 @@
+"""Ternary spikes {-a_neg, 0, +a_pos} with surrogate gradients, optional LIF dynamics, and their statistics.
+
+A spike is built from two Heaviside steps, each with a surrogate gradient:
+
+    s = a_pos * H(x - theta) - a_neg * H(-x - theta)
+
+so autograd gives every parameter its gradient: the input and the threshold through the surrogate, the
+amplitudes exactly (a_pos only on tokens that fire +, a_neg only on tokens that fire -, so the two are
+never redundant with each other). Placed at the input of a linear layer, W s = W_pos s+ - W_neg s- is
+additions and subtractions of columns of W only (skips where s = 0): the efficiency claim. The common
+scale of (a_pos, a_neg) plays the same role as a norm gain before a linear layer.
+
+LIF (optional): a membrane potential per channel carried across tokens (and across windows through the
+model state), V_t = beta * V_{t-1} + I_t - s_{t-1} (reset by subtracting what was emitted, so the spike
+train tracks its input: sigma-delta coding), s_t = spike(V_t). With `micro_steps` = T > 1 each token runs
+T LIF steps on the same input and emits the mean spike (rate coding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SURROGATES = ("ste", "sigmoid", "triangular", "superspike")
+
+
+def surrogate_grad(z: torch.Tensor, kind: str, scale: float) -> torch.Tensor:
+    """dH/dz as the surrogate defines it (H = Heaviside), at z = input - threshold.
+
+    ste:        (scale / 2) * 1{|z| <= 1 / scale}      boxcar straight-through, integrates to 1
+    sigmoid:    scale * sig(scale z) * (1 - sig(scale z))   integrates to 1
+    triangular: scale * max(0, 1 - scale |z|)           integrates to 1
+    superspike: 1 / (1 + scale |z|)^2                   Zenke & Ganguli 2018
+    """
+    if kind == "ste":
+        return (z.abs() <= 1.0 / scale).to(z.dtype) * (scale / 2)
+    if kind == "sigmoid":
+        sig = torch.sigmoid(scale * z)
+        return scale * sig * (1 - sig)
+    if kind == "triangular":
+        return scale * (1 - scale * z.abs()).clamp_min(0)
+    if kind == "superspike":
+        return 1.0 / (1 + scale * z.abs()) ** 2
+    raise ValueError(f"unknown surrogate {kind!r}; choose from {SURROGATES}")
+
+
+class _Heaviside(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, kind: str, scale: float):
+        ctx.save_for_backward(z)
+        ctx.kind, ctx.scale = kind, scale
+        return (z > 0).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (z,) = ctx.saved_tensors
+        return grad_out * surrogate_grad(z, ctx.kind, ctx.scale), None, None
+
+
+def heaviside(z: torch.Tensor, kind: str = "sigmoid", scale: float = 4.0) -> torch.Tensor:
+    """H(z) = 1{z > 0} forward, the chosen surrogate backward."""
+    return _Heaviside.apply(z, kind, scale)
+
+
+@dataclass
+class SpikeConfig:
+    threshold: str = "learned"  # "learned" (channel-wise parameter) or "stats" (alpha * mean|x| per token)
+    threshold_init: float = 0.5
+    stats_alpha: float = 0.7  # TWN's 0.7 * mean|x|
+    surrogate: str = "sigmoid"
+    surrogate_scale: float = 4.0
+    lif: bool = False
+    lif_leak: float = 0.5  # beta at init
+    learn_leak: bool = True
+    detach_reset: bool = True  # no gradient through the reset path (SpikingJelly's default; stabler)
+    micro_steps: int = 1  # rate coding: LIF steps per token
+
+    def __post_init__(self):
+        if self.threshold not in ("learned", "stats"):
+            raise ValueError(f"spike threshold must be 'learned' or 'stats', got {self.threshold!r}")
+        if self.surrogate not in SURROGATES:
+            raise ValueError(f"unknown surrogate {self.surrogate!r}; choose from {SURROGATES}")
+        if self.micro_steps < 1:
+            raise ValueError("micro_steps must be >= 1")
+        if self.micro_steps > 1 and not self.lif:
+            raise ValueError("micro_steps > 1 (rate coding) needs lif=True: without a membrane every step is equal")
+        if not 0 < self.lif_leak < 1:
+            raise ValueError("lif_leak must be in (0, 1)")
+
+
+def _inv_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+class TernarySpike(nn.Module):
+    """Channel-wise ternary spiking on the last dimension.
+
+    signed=False drops the negative branch (for non-negative inputs such as relu^2, where it could never
+    fire and its amplitude would never learn). Learned thresholds and amplitudes are initialised from the
+    first training batch (LSQ-style): theta = stats_alpha * mean|x| per channel, amplitudes = the mean
+    magnitude of what fires, so every site starts firing at a sensible rate whatever its input scale.
+    `mix` < 1 blends in the continuous input (spike annealing: 0 -> 1 over training, 1 = fully ternary).
+    """
+
+    def __init__(self, channels: int, cfg: SpikeConfig, signed: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.channels = channels
+        self.signed = signed
+        if cfg.threshold == "learned":
+            self.threshold_raw = nn.Parameter(torch.full((channels,), _inv_softplus(cfg.threshold_init)))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.amp_pos = nn.Parameter(torch.ones(channels))
+        if signed:
+            self.amp_neg = nn.Parameter(torch.ones(channels))
+        if cfg.lif:
+            leak = torch.full((channels,), math.log(cfg.lif_leak / (1 - cfg.lif_leak)))
+            if cfg.learn_leak:
+                self.leak_raw = nn.Parameter(leak)
+            else:
+                self.register_buffer("leak_raw", leak)
+        self.mix = 1.0  # spike annealing: set by the trainer; 1.0 = fully ternary
+
+    # ---- pieces ------------------------------------------------------------------------------
+    def threshold(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.threshold == "learned":
+            return F.softplus(self.threshold_raw)
+        return self.cfg.stats_alpha * x.abs().mean(dim=-1, keepdim=True)  # gradient flows to x
+
+    def leak(self) -> torch.Tensor:
+        return torch.sigmoid(self.leak_raw)
+
+    def fire(self, x: torch.Tensor):
+        """(value, positive indicator, negative indicator) of one spiking step; indicators carry grads."""
+        theta = self.threshold(x)
+        kind, scale = self.cfg.surrogate, self.cfg.surrogate_scale
+        pos = heaviside(x - theta, kind, scale)
+        if not self.signed:
+            return self.amp_pos.abs() * pos, pos, torch.zeros_like(pos)
+        neg = heaviside(-x - theta, kind, scale)
+        return self.amp_pos.abs() * pos - self.amp_neg.abs() * neg, pos, neg
+
+    @torch.no_grad()
+    def init_from(self, x: torch.Tensor) -> None:
+        """Data-dependent init of threshold and amplitudes from a batch of inputs (B, T, C)."""
+        flat = x.detach().float().reshape(-1, x.shape[-1])
+        if self.cfg.threshold == "learned":
+            theta = (self.cfg.stats_alpha * flat.abs().mean(0)).clamp_min(1e-4)
+            self.threshold_raw.copy_(theta + torch.log(-torch.expm1(-theta)))  # inverse softplus
+        else:
+            theta = self.threshold(flat).clamp_min(1e-4)  # per token, (N, 1)
+        fallback = 2 * (theta if theta.dim() == 1 else theta.mean())  # a channel that never crossed
+        above = flat > theta
+        self.amp_pos.copy_(torch.where(above.any(0), (flat * above).sum(0) / above.sum(0).clamp_min(1), fallback))
+        if self.signed:
+            below = flat < -theta
+            self.amp_neg.copy_(torch.where(below.any(0), (-flat * below).sum(0) / below.sum(0).clamp_min(1), fallback))
+        self.initialized.fill_(True)
+
+    def init_state(self, batch: int, device, dtype=torch.float32) -> dict:
+        if not self.cfg.lif:
+            return {}
+        zeros = torch.zeros(batch, self.channels, device=device, dtype=dtype)
+        return {"v": zeros, "s": zeros.clone()}
+
+    # ---- forward -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, state: dict | None = None, stats: "SpikeStats | None" = None):
+        """x: (B, T, C). Returns (spikes (B, T, C), new LIF state, mean firing indicator (differentiable))."""
+        if self.training and not bool(self.initialized):
+            self.init_from(x)
+        if not self.cfg.lif:
+            s, pos, neg = self.fire(x)
+        else:
+            s, state, pos, neg = self._lif(x, state)
+        if stats is not None:
+            stats.add(pos.detach(), neg.detach())
+        if self.mix < 1.0:
+            s = self.mix * s + (1 - self.mix) * x
+        return s, state, (pos + neg).mean()
+
+    def _lif(self, x: torch.Tensor, state: dict | None):
+        B, T, C = x.shape
+        if not state:
+            state = self.init_state(B, x.device, x.dtype)
+        v, s_prev = state["v"], state["s"]
+        beta = self.leak()
+        m = self.cfg.micro_steps
+        outs, poss, negs = [], [], []
+        for t in range(T):
+            acc = acc_pos = acc_neg = 0
+            for _ in range(m):
+                reset = s_prev.detach() if self.cfg.detach_reset else s_prev
+                v = beta * v + x[:, t] - reset
+                s_prev, pos, neg = self.fire(v)
+                acc, acc_pos, acc_neg = acc + s_prev, acc_pos + pos, acc_neg + neg
+            outs.append(acc / m)
+            poss.append(acc_pos / m)
+            negs.append(acc_neg / m)
+        return torch.stack(outs, 1), {"v": v, "s": s_prev}, torch.stack(poss, 1), torch.stack(negs, 1)
+
+
+class SpikeStats:
+    """Counts per channel for one spike site: firing, sign balance, dead and saturated channels."""
+
+    def __init__(self):
+        self.tokens = 0
+        self.pos = None
+        self.neg = None
+
+    def add(self, pos: torch.Tensor, neg: torch.Tensor) -> None:
+        p = pos.reshape(-1, pos.shape[-1]).sum(0).double()
+        n = neg.reshape(-1, neg.shape[-1]).sum(0).double()
+        self.pos = p if self.pos is None else self.pos + p
+        self.neg = n if self.neg is None else self.neg + n
+        self.tokens += pos.reshape(-1, pos.shape[-1]).shape[0]
+
+    def summary(self) -> dict:
+        """firing_rate (fraction non-zero), zero_fraction, pos/neg fractions, balance (pos - neg) / fired,
+        dead (channels that never fired) and saturated (fired on every token) fractions."""
+        if not self.tokens:
+            return {}
+        fired = (self.pos + self.neg) / self.tokens
+        total_pos, total_neg = float(self.pos.sum()), float(self.neg.sum())
+        n = self.tokens * len(self.pos)
+        return {
+            "firing_rate": (total_pos + total_neg) / n,
+            "zero_fraction": 1 - (total_pos + total_neg) / n,
+            "pos_fraction": total_pos / n,
+            "neg_fraction": total_neg / n,
+            "balance": (total_pos - total_neg) / max(total_pos + total_neg, 1.0),
+            "dead_fraction": float((fired == 0).double().mean()),
+            "saturated_fraction": float((fired >= 1).double().mean()),
+            "tokens": self.tokens,
+        }
+
+
+def firing_rate_loss(rates: list[torch.Tensor], target: float) -> torch.Tensor:
+    """Mean over sites of (firing rate - target)^2; differentiable through the surrogates.
+
+    rates: the per-site mean firing indicators a forward returns (`StudentOutput.spike_rates`).
+    """
+    if not rates:
+        raise ValueError("no spike sites to regularise")
+    return torch.stack([(rate - target) ** 2 for rate in rates]).mean()
+
+
+class TernaryLinear(nn.Linear):
+    """BitNet b1.58 weights: W_q = gamma * round(clip(W / gamma, -1, 1)), gamma = mean|W|, straight-through."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        gamma = w.abs().mean().clamp_min(1e-8)
+        w_q = (w / gamma).round().clamp(-1, 1) * gamma
+        return F.linear(x, w + (w_q - w).detach(), self.bias)

@@ -1,0 +1,314 @@
+"""The spiking student against references: step-by-step recurrence, whole-vs-halves, formulas, hand counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from goose.student.model import (
+    PRESETS,
+    Student,
+    StudentConfig,
+    config_for_store,
+    detach_state,
+    preset,
+    project_embedding,
+)
+from goose.student.spikes import (
+    SpikeConfig,
+    SpikeStats,
+    TernaryLinear,
+    TernarySpike,
+    firing_rate_loss,
+    heaviside,
+    surrogate_grad,
+)
+from goose.student.wkv import wkv_chunked, wkv_recurrent
+
+
+def wkv_inputs(B, T, H, N, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    w = -F.softplus(-rn(B, T, H, N) * 2) - 0.5
+    kk = F.normalize(rn(B, T, H, N), dim=-1)
+    rate = torch.sigmoid(rn(B, T, H, N))
+    return rn(B, T, H, N), -w.exp(), rn(B, T, H, N) * 0.5, rn(B, T, H, N), -kk, kk * rate
+
+
+def random_student(seed=0, **overrides) -> Student:
+    """A tiny student whose zero-initialised weights (RWKV init) are made random, so every path is live."""
+    torch.manual_seed(seed)
+    model = Student(preset("tiny", **overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().max() == 0:
+                p.normal_(0, 0.1)
+    model.train()
+    model(torch.randint(0, model.cfg.vocab_size, (2, 16)))  # data-dependent spike init
+    return model.eval()
+
+
+@pytest.mark.parametrize("T", [1, 7, 64, 300])
+@pytest.mark.parametrize("chunk", [16, 5])
+def test_wkv_chunked_equals_recurrence(T, chunk):
+    args = wkv_inputs(2, T, 3, 8, seed=T)
+    s0 = torch.randn(2, 3, 8, 8)
+    o_ref, s_ref = wkv_recurrent(*args, s0)
+    o, s = wkv_chunked(*args, s0, chunk_size=chunk)
+    assert (o - o_ref).abs().max() <= 1e-4 and (s - s_ref).abs().max() <= 1e-4
+
+
+def test_wkv_state_survives_strong_decay_for_long_sequences():
+    # the original project's cumsum(kv / decay^t) * decay^t form made the state exactly 0 after ~18 tokens
+    r, log_w, k, v, a, b = wkv_inputs(1, 200, 1, 4)
+    log_w = torch.full_like(log_w, -0.6)  # decay 0.55, the strongest RWKV-7 allows
+    o, _ = wkv_chunked(r, log_w, k, v, a, b, torch.zeros(1, 1, 4, 4))
+    o_ref, _ = wkv_recurrent(r, log_w, k, v, a, b, torch.zeros(1, 1, 4, 4))
+    assert torch.isfinite(o).all() and o[:, -20:].abs().min() > 0
+    assert (o - o_ref).abs().max() <= 1e-5
+
+
+def test_shapes_and_state():
+    model = Student(preset("tiny"))
+    ids = torch.randint(0, 512, (3, 10))
+    out = model(ids, output_hidden_states=True, collect_stats=True)
+    assert out.logits.shape == (3, 10, 512)
+    assert len(out.hidden_states) == model.cfg.n_layer + 1 and out.hidden_states[-1].shape == (3, 10, 64)
+    assert out.state[0]["att"]["wkv"].shape == (3, 4, 16, 16)
+    assert len(out.spike_rates) == model.cfg.n_layer * 6
+    assert set(out.spike_stats) == {f"{i}.{s}" for i in range(2) for s in ("tm_r", "tm_k", "tm_v", "tm_out", "cm_k", "cm_v")}
+
+
+@pytest.mark.parametrize("lif, sites", [(False, "default"), (True, "default"), (False, "dense")])
+@pytest.mark.parametrize("T", [1, 7, 64, 300])
+def test_chunked_equals_token_by_token_recurrent(lif, sites, T):
+    kw = {"spike": SpikeConfig(lif=lif)} if sites == "default" else {"spike_sites": ()}
+    model = random_student(seed=T, **kw)
+    ids = torch.randint(0, 512, (2, T), generator=torch.Generator().manual_seed(T))
+    with torch.no_grad():
+        whole = model(ids, mode="chunked").logits
+        state, steps = None, []
+        for t in range(T):
+            out = model(ids[:, t : t + 1], state, mode="recurrent")
+            state, steps = out.state, steps + [out.logits]
+    assert (whole - torch.cat(steps, 1)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("lif", [False, True])
+def test_two_halves_with_carried_state_equal_the_whole(lif):
+    model = random_student(spike=SpikeConfig(lif=lif))
+    ids = torch.randint(0, 512, (2, 150))
+    with torch.no_grad():
+        whole = model(ids)
+        first = model(ids[:, :67])
+        second = model(ids[:, 67:], first.state)
+    assert (torch.cat([first.logits, second.logits], 1) - whole.logits).abs().max() <= 1e-4
+    for a, b in zip(second.state[:-1], whole.state[:-1]):
+        assert (a["att"]["wkv"] - b["att"]["wkv"]).abs().max() <= 1e-4
+    # the caller's state is not mutated by a forward
+    before = first.state[0]["att"]["shift"].clone()
+    model(ids[:, :5], first.state)
+    assert torch.equal(first.state[0]["att"]["shift"], before)
+
+
+@pytest.mark.parametrize(
+    "spike",
+    [SpikeConfig(), SpikeConfig(lif=True), SpikeConfig(lif=True, micro_steps=2, surrogate="superspike"),
+     SpikeConfig(threshold="stats", surrogate="triangular")],
+    ids=["learned", "lif", "rate-coded", "stats"],
+)
+def test_gradient_reaches_every_parameter(spike):
+    sites = ("block_in", "tm_r", "tm_k", "tm_v", "tm_out", "cm_k", "cm_v", "head")
+    model = random_student(spike=spike, spike_sites=sites, ternary_weights=True, tie_embeddings=False)
+    model.train()
+    ids = torch.randint(0, 512, (2, 24))
+    out = model(ids)
+    loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, 512), ids[:, 1:].reshape(-1))
+    loss = loss + firing_rate_loss(out.spike_rates, 0.2)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing, f"no gradient: {missing}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    assert any("threshold_raw" in n for n in names) == (spike.threshold == "learned")
+    assert any("leak_raw" in n for n in names) == spike.lif
+
+
+def test_positive_and_negative_amplitudes_learn_separately():
+    spike = TernarySpike(4, SpikeConfig())
+    spike.eval()
+    x = torch.tensor([[[2.0, 2.0, -2.0, 0.0]]])
+    s, _, _ = spike(x)
+    assert s.tolist() == [[[1.0, 1.0, -1.0, 0.0]]]
+    s.sum().backward()
+    # amp_pos moves only on channels that fired +, amp_neg only on channels that fired -
+    assert spike.amp_pos.grad.tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert spike.amp_neg.grad.tolist() == [0.0, 0.0, -1.0, 0.0]
+    assert (spike.threshold_raw.grad != 0).any()
+
+
+@pytest.mark.parametrize("kind", ["ste", "sigmoid", "triangular", "superspike"])
+def test_surrogate_gradient_matches_its_formula(kind):
+    z = torch.linspace(-2, 2, 81, dtype=torch.float64, requires_grad=True)
+    scale = 3.0
+    heaviside(z, kind, scale).sum().backward()
+    zd = z.detach()
+    expected = {
+        "ste": (zd.abs() <= 1 / scale).double() * scale / 2,
+        "sigmoid": torch.func.grad(lambda u: torch.sigmoid(scale * u).sum())(zd),
+        "triangular": torch.clamp(scale * (1 - scale * zd.abs()), min=0),
+        "superspike": (1 + scale * zd.abs()) ** -2,
+    }[kind]
+    torch.testing.assert_close(z.grad, expected)
+    assert torch.equal(heaviside(zd, kind, scale), (zd > 0).double())
+    torch.testing.assert_close(surrogate_grad(zd, kind, scale), expected)
+
+
+def test_spike_statistics_on_hand_built_input():
+    spike = TernarySpike(4, SpikeConfig())
+    spike.eval()
+    with torch.no_grad():
+        spike.threshold_raw.fill_(torch.log(torch.expm1(torch.tensor(0.5))).item())  # theta = 0.5
+    # channel 0 never fires, 1 always fires +, 2 alternates + / -, 3 fires - on one token of four
+    x = torch.tensor([[[0.1, 1.0, 1.0, 0.0], [0.2, 0.9, -1.0, 0.0], [0.0, 0.8, 1.0, -0.7], [-0.3, 0.7, -1.0, 0.2]]])
+    stats = SpikeStats()
+    spike(x, stats=stats)
+    s = stats.summary()
+    assert s["tokens"] == 4
+    assert s["firing_rate"] == pytest.approx(9 / 16) and s["zero_fraction"] == pytest.approx(7 / 16)
+    assert s["pos_fraction"] == pytest.approx(6 / 16) and s["neg_fraction"] == pytest.approx(3 / 16)
+    assert s["balance"] == pytest.approx((6 - 3) / 9)
+    assert s["dead_fraction"] == pytest.approx(1 / 4) and s["saturated_fraction"] == pytest.approx(2 / 4)
+
+
+def test_lif_membrane_by_hand():
+    cfg = SpikeConfig(lif=True, lif_leak=0.5, learn_leak=False)
+    spike = TernarySpike(1, cfg)
+    spike.eval()
+    with torch.no_grad():
+        spike.threshold_raw.fill_(torch.log(torch.expm1(torch.tensor(1.0))).item())  # theta = 1
+    x = torch.tensor([[[0.6], [0.6], [0.6], [-2.0]]])
+    s, state, _ = spike(x)
+    # v: 0.6 -> 0.9 -> 1.05 (fires +1) -> 0.525 - 2 - 1 = -2.475 (fires -1)
+    assert s.flatten().tolist() == [0.0, 0.0, 1.0, -1.0]
+    assert state["v"].item() == pytest.approx(-2.475)
+    # continuing from the carried membrane equals running the whole sequence
+    s1, st1, _ = spike(x[:, :2])
+    s2, st2, _ = spike(x[:, 2:], st1)
+    assert torch.cat([s1, s2], 1).flatten().tolist() == s.flatten().tolist()
+    with pytest.raises(ValueError, match="needs lif=True"):
+        SpikeConfig(micro_steps=3)
+
+
+def test_rate_coding_and_annealing():
+    spike = TernarySpike(2, SpikeConfig(lif=True, micro_steps=4, lif_leak=0.9))
+    spike.eval()
+    x = torch.full((1, 5, 2), 0.4)
+    s, _, _ = spike(x)
+    assert torch.allclose(s * 4, (s * 4).round())  # mean of 4 ternary steps
+    spike.mix = 0.0
+    assert torch.equal(spike(x)[0], x)  # fully continuous
+    spike.mix = 0.5
+    plain = TernarySpike(2, SpikeConfig(lif=True, micro_steps=4, lif_leak=0.9))
+    plain.load_state_dict(spike.state_dict())
+    plain.eval()
+    torch.testing.assert_close(spike(x)[0], 0.5 * x + 0.5 * plain(x)[0])
+
+
+def test_ternary_weights_take_three_values():
+    layer = TernaryLinear(8, 4, bias=False)
+    x = torch.eye(8)
+    w_eff = layer(x).t()  # columns of the effective weight
+    gamma = layer.weight.abs().mean()
+    assert set((w_eff / gamma).round().unique().tolist()) <= {-1.0, 0.0, 1.0}
+    torch.testing.assert_close(w_eff, (layer.weight / gamma).round().clamp(-1, 1) * gamma)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = random_student(spike=SpikeConfig(lif=True))
+    model.save_pretrained(tmp_path / "m")
+    loaded = Student.from_pretrained(tmp_path / "m").eval()
+    assert loaded.cfg == model.cfg
+    ids = torch.randint(0, 512, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    assert all(bool(m.initialized) for m in loaded.spike_modules().values())
+
+
+def test_a_few_steps_lower_the_loss_on_a_repeated_batch():
+    torch.manual_seed(0)
+    model = Student(preset("tiny"))
+    model.train()
+    ids = torch.randint(0, 512, (4, 32))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        logits = model(ids).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, 512), ids[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0, losses
+
+
+def test_embedding_from_teacher_by_pca():
+    torch.manual_seed(0)
+    teacher = torch.randn(512, 6) @ torch.randn(6, 96) + 0.01 * torch.randn(512, 96)  # rank ~6 in 96 dims
+    proj = project_embedding(teacher, 8)
+    centred = teacher - teacher.mean(0)
+    # PCA keeps the Gram matrix of the centred embedding (rank 6 <= 8 components)
+    torch.testing.assert_close(proj @ proj.t(), centred @ centred.t(), atol=0.05, rtol=0.01)
+    wide = project_embedding(teacher[:, :4], 10)
+    assert wide.shape == (512, 10) and torch.equal(wide[:, :4], teacher[:, :4])
+    model = Student(preset("tiny", d_model=64))
+    model.init_embedding_from(teacher)
+    e = model.emb.weight.detach()
+    assert e.std().item() == pytest.approx(0.02, rel=1e-3)
+    cos = F.cosine_similarity(e[:50, None], e[None, :50], dim=-1)
+    cos_ref = F.cosine_similarity(centred[:50, None], centred[None, :50], dim=-1)
+    assert (cos - cos_ref).abs().max() < 0.05
+
+
+def test_presets_and_sizing():
+    counts = {name: Student(preset(name)).parameter_report() for name in PRESETS}
+    assert counts["tiny"]["total"] < 1_000_000
+    assert 8e6 < counts["small"]["total"] < 12e6
+    assert 45e6 < counts["base"]["total"] < 55e6
+    for report in counts.values():
+        assert report["total"] == sum(v for k, v in report.items() if k != "total")
+        assert report["spikes"] > 0 and report["head"] == 0
+    cfg = config_for_store("tiny", 8192)
+    assert cfg.vocab_size == 8192 and isinstance(cfg, StudentConfig)
+    with pytest.raises(ValueError, match="unknown spike sites"):
+        preset("tiny", spike_sites=("tm_q",))
+
+
+def test_energy_estimate():
+    dense = random_student(spike_sites=())
+    model = random_student()
+    ids = torch.randint(0, 512, (2, 32))
+    with torch.no_grad():
+        out = model(ids, collect_stats=True)
+        dense_out = dense(ids, collect_stats=True)
+    assert dense.energy_report(dense_out.spike_stats)["energy_ratio_vs_dense"] == pytest.approx(1.0)
+    e = model.energy_report(out.spike_stats)
+    cfg = model.cfg
+    C, Fd = cfg.d_model, cfg.d_ffn
+    acs = 0.0
+    for i in range(cfg.n_layer):
+        for site, ops in (("tm_r", C * C), ("tm_k", C * C), ("tm_v", C * C), ("tm_out", C * C),
+                          ("cm_k", C * Fd), ("cm_v", Fd * C)):
+            acs += out.spike_stats[f"{i}.{site}"].summary()["firing_rate"] * ops
+    assert e["acs_per_token"] == pytest.approx(acs)
+    assert e["energy_pj_per_token"] == pytest.approx(e["macs_per_token"] * 4.6 + acs * 0.9)
+    assert e["energy_ratio_vs_dense"] < 1.0
+
+
+def test_detach_state_cuts_the_graph():
+    model = random_student()
+    model.train()
+    out = model(torch.randint(0, 512, (1, 8)))
+    cut = detach_state(out.state)
+    assert out.state[0]["att"]["wkv"].requires_grad and not cut[0]["att"]["wkv"].requires_grad
