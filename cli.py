@@ -99,6 +99,51 @@ def cache_teacher(**kw):
     )
 
 
+@main.command("train-from-cache")
+@click.option("--cache", "cache", default=None, help="Teacher-cache store to train from (read-only).")
+@click.option("--out", "-o", default=None, help="Run folder (checkpoints, metrics, best model).")
+@click.option("--config", "config_file", default=None, help="YAML or JSON run config (see configs/).")
+@click.option("--set", "overrides", multiple=True, help="Override a config key: --set optim.lr=1e-3 (repeat).")
+@click.option("--val-cache", default=None, help="A second store for validation (default: hold out the end).")
+@click.option("--steps", type=int, default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")
+@click.option("--amp", type=click.Choice(["none", "bf16", "fp16"]), default=None)
+@click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the student.")
+@click.option("--profile", "profile_steps", type=int, default=None, help="Write a torch.profiler trace of N steps.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--no-progress", is_flag=True)
+def train_from_cache(cache, out, config_file, overrides, val_cache, steps, batch_size, seed, device, amp, compile_,
+                     profile_steps, resume, no_progress):
+    """Train the spiking student by streaming a teacher cache (the teacher is never loaded)."""
+    from .pipeline.config import load_config
+    from .pipeline.train import run_train
+
+    cfg = load_config(config_file, overrides, cache=cache, out=out, val_cache=val_cache, steps=steps,
+                      batch_size=batch_size, seed=seed, device=device, amp=amp, compile=compile_,
+                      profile_steps=profile_steps)
+    if not cfg.cache:
+        raise GooseError("no store given: pass --cache STORE (or set cache: in the config)")
+    s = run_train(cfg, resume=resume, progress=not no_progress)
+    val = s["last_val"] or {}
+    lines = [
+        f"{'interrupted' if s['interrupted'] else 'trained'}: {s['steps']} steps, {s['tokens']:,} tokens in "
+        f"{s['seconds']:.0f} s -> {s['run']}",
+        f"  parameters {s['parameters']['total']:,}; skipped steps {s['skipped_steps']}; rollbacks {s['rollbacks']}",
+    ]
+    if val:
+        lines.append(f"  validation: PPL {val['val_ppl']:.2f} (best {s['best_val_ppl']:.2f}; teacher {val['teacher_ppl']:.2f} "
+                     f"on the same windows), KL {val['val_kl']:.4f}, top-1 agreement {val['val_top1_agree']:.3f}, "
+                     f"spike rate {val['spike_rate'] or 0:.3f}, energy vs dense {val['energy_ratio_vs_dense']:.3f}")
+    if s["events"]:
+        lines.append("  health events: " + ", ".join(f"{k} x{v}" for k, v in sorted(s["events"].items())))
+    lines.append(f"  best model: {s['run']}/best   metrics: {s['run']}/metrics.jsonl   events: {s['run']}/events.jsonl")
+    click.echo("\n".join(lines))
+    if s["interrupted"]:
+        sys.exit(128 + int(s["signal"] or 2))
+
+
 @main.group("cache")
 def cache_group():
     """Inspect and check teacher-cache stores."""

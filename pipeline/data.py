@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import GooseError
 
-_BUILDERS = {".txt": "text", ".text": "text", ".raw": "text", ".json": "json", ".jsonl": "json",
+_BUILDERS = {"": "text", ".txt": "text", ".text": "text", ".raw": "text", ".json": "json", ".jsonl": "json",
              ".parquet": "parquet", ".csv": "csv"}
 _DOC_OPEN = re.compile(r"^<doc\b[^>]*>\s*$", re.MULTILINE)
 _DOC_CLOSE = re.compile(r"^</doc>\s*$", re.MULTILINE)
@@ -40,7 +40,7 @@ def _builder_for(files: tuple[str, ...]) -> str:
     for path in files:
         ext = os.path.splitext(path)[1].lower()
         if ext not in _BUILDERS:
-            raise GooseError(f"unsupported data file type {ext or '(none)'!r} for {path} (txt, json, jsonl, parquet, csv)")
+            raise GooseError(f"unsupported data file type {ext!r} for {path} (txt or no extension, json, jsonl, parquet, csv)")
         kinds.add(_BUILDERS[ext])
     if len(kinds) > 1:
         raise GooseError(f"data files mix formats ({', '.join(sorted(kinds))}); pass one kind at a time")

@@ -1,0 +1,187 @@
+"""Run configuration for train-from-cache: dataclasses, loaded from YAML/JSON with `key.sub=value` overrides.
+
+Configs are data: every field has a default, unknown keys are errors, and the resolved config is saved in
+the run folder next to the store's fingerprint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..errors import GooseError
+from ..student.spikes import SpikeConfig
+from .curriculum import CurriculumConfig
+from .temperature import TemperatureConfig
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "small"
+    overrides: dict = field(default_factory=dict)  # StudentConfig fields, e.g. {n_layer: 4, spike: {lif: true}}
+    init_embedding_from_teacher: bool = True
+
+
+@dataclass
+class AlignConfig:
+    loss: str = "mse"  # mse (through a learned bias-free projector) | cosine | cka
+    layer_map: str = "uniform"  # uniform | explicit | last_k
+    pairs: list = field(default_factory=list)  # explicit: [[student_layer, teacher_layer], ...]
+    last_k: int = 1
+    warmup_steps: int = 100  # alignment weight is 0 until here ...
+    ramp_steps: int = 200  # ... then rises linearly to align_weight
+    feature_deltas: bool = False  # align layer deltas h[l] - h[l-1] (FDD) instead of states
+
+
+@dataclass
+class LossConfig:
+    kd_weight: float = 0.5
+    ce_weight: float = 0.5
+    align_weight: float = 0.0
+    kd: str = "topk"  # topk (top-k + tail bucket) | rskd (stored samples) | none
+    reverse_kl: bool = False
+    align: AlignConfig = field(default_factory=AlignConfig)
+    firing_rate_target: float = 0.3
+    firing_rate_weight: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    accumulation: int = 1
+    rewarm_steps_at_stage: int = 0  # > 0: short linear LR re-warm-up after each curriculum stage change
+
+
+@dataclass
+class MonitorConfig:
+    loss_check_steps: int = 50  # the loss must have dropped by this step
+    grad_explode_factor: float = 10.0  # grad norm above this x the running median
+    grad_vanish: float = 1e-7
+    temperature_bound_steps: int = 100
+    kl_max: float = 20.0
+    clip_window: int = 50
+    clip_fraction: float = 0.9
+    scaler_min: float = 1.0
+    dead_max: float = 0.25
+    saturated_max: float = 0.25
+    align_window: int = 50
+    cooldown_steps: int = 100  # one event of a kind per this many steps
+
+
+@dataclass
+class TrainConfig:
+    cache: str = ""
+    out: str = "runs/student"
+    val_cache: str | None = None
+    val_fraction: float = 0.05  # held out from the end of the store when no val_cache
+    val_windows: int = 64  # fixed validation subset (speed)
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 8
+    device: str = "auto"
+    amp: str = "none"  # none | bf16 | fp16
+    compile: bool = False
+    num_workers: int = 0
+    buffer_chunks: int = 4
+    log_every: int = 10
+    val_every: int = 100
+    ckpt_every: int = 200
+    keep_checkpoints: int = 2
+    nan_patience: int = 3  # consecutive non-finite steps before rolling back
+    rollback_lr_factor: float = 0.5
+    spike_anneal_steps: int = 0  # > 0: spikes blend in from continuous over these steps
+    profile_steps: int = 0
+    tensorboard: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_NESTED = {TrainConfig: None}
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass `cls` from a nested dict; unknown keys are a GooseError naming the key."""
+    if not isinstance(data, dict):
+        raise GooseError(f"config {where or 'root'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise GooseError(f"unknown config key {where + key!r}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = from_dict(hint, value, f"{where}{key}.")
+        elif hint in (float, int) and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            try:  # YAML reads 3e-3 (no dot) as a string; accept it as the number it means
+                value = hint(float(value)) if hint is int else float(value)
+            except ValueError:
+                raise GooseError(f"config key {where + key!r} must be a number, got {value!r}") from None
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise GooseError(f"bad config {where.rstrip('.') or 'value'}: {exc}") from None
+
+
+def _set(d: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise GooseError(f"override {dotted}: {k} is not a section")
+    d[keys[-1]] = value
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple = (), **top) -> TrainConfig:
+    """A TrainConfig from an optional YAML/JSON file, then `key.sub=value` overrides (YAML values),
+    then keyword arguments for top-level fields (CLI flags)."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise GooseError(f"config file not found: {path}")
+        text = p.read_text()
+        try:
+            data = json.loads(text) if p.suffix == ".json" else (yaml.safe_load(text) or {})
+        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            raise GooseError(f"cannot parse config {path}: {str(exc).splitlines()[0]}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise GooseError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        _set(data, key.strip(), yaml.safe_load(raw))
+    for key, value in top.items():
+        if value is not None:
+            _set(data, key, value)
+    return from_dict(TrainConfig, data)
+
+
+def dump_config(cfg: TrainConfig, path: Path, extra: dict | None = None) -> None:
+    d = cfg.to_dict()
+    if extra:
+        d["_resolved"] = extra
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+
+
+__all__ = ["TrainConfig", "ModelConfig", "LossConfig", "AlignConfig", "OptimConfig", "MonitorConfig",
+           "SpikeConfig", "load_config", "dump_config", "from_dict"]

@@ -1,0 +1,128 @@
+"""Batches of cached windows for training: seeded chunk-order shuffling, shuffling within a buffer of
+chunks, worker processes, pinned memory, and a recorded position so a resumed run gets the exact next
+batch.
+
+An epoch's plan (which windows form batch i) is a pure function of (seed, epoch, pool), so the loader's
+whole state is three numbers: the plan is rebuilt on resume and iteration restarts at `position`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..cache.reader import CacheReader
+
+
+def epoch_plan(pool: np.ndarray, chunk_windows: int, batch_size: int, seed: int, epoch: int,
+               buffer_chunks: int = 4) -> list[np.ndarray]:
+    """Batches (arrays of window indices) for one pass over `pool`.
+
+    Chunks are visited in a seeded random order; windows of `buffer_chunks` consecutive chunks are
+    shuffled together and cut into batches (leftovers carry over); the last partial batch is dropped so
+    every step sees the same shapes. A batch thus touches at most ~buffer_chunks storage chunks.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    pool = np.asarray(pool, dtype=np.int64)
+    chunk_of = pool // chunk_windows
+    chunks = np.unique(chunk_of)
+    rng.shuffle(chunks)
+    members = {c: pool[chunk_of == c] for c in chunks}
+    batches, carry = [], np.empty(0, dtype=np.int64)
+    for i in range(0, len(chunks), buffer_chunks):
+        buf = np.concatenate([carry] + [members[c] for c in chunks[i : i + buffer_chunks]])
+        rng.shuffle(buf)
+        n_full = len(buf) // batch_size
+        batches += [buf[j * batch_size : (j + 1) * batch_size] for j in range(n_full)]
+        carry = buf[n_full * batch_size :]
+    return batches
+
+
+def to_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, a in arrays.items():
+        if a.dtype in (np.uint16, np.uint32, np.int32):
+            a = a.astype(np.int64)  # ids: torch has no uint16 arithmetic worth using
+        elif a.dtype == np.uint8:
+            a = a.astype(np.int16)
+        out[name] = torch.from_numpy(np.ascontiguousarray(a))
+    return out
+
+
+class _PlanDataset(Dataset):
+    """Item i = batch i of a plan, read with one orthogonal read per array. Opens its reader lazily so
+    each worker process has its own."""
+
+    def __init__(self, url: str, plan: list[np.ndarray], fields: list[str]):
+        self.url, self.plan, self.fields = url, plan, fields
+        self.reader = None
+
+    def __len__(self):
+        return len(self.plan)
+
+    def __getitem__(self, i):
+        if self.reader is None:
+            self.reader = CacheReader(self.url)
+        return to_tensors(self.reader.read_indices(self.plan[i], self.fields))
+
+
+class CacheLoader:
+    """Endless iterator of training batches over a pool of windows, resumable to the exact batch."""
+
+    def __init__(self, url: str, fields: list[str], *, batch_size: int, chunk_windows: int, seed: int = 0,
+                 buffer_chunks: int = 4, num_workers: int = 0, pin_memory: bool = False, prefetch: int = 2):
+        self.url, self.fields = url, list(fields)
+        self.batch_size, self.chunk_windows, self.seed = batch_size, chunk_windows, seed
+        self.buffer_chunks, self.num_workers, self.pin_memory, self.prefetch = (
+            buffer_chunks, num_workers, pin_memory, prefetch)
+        self.pool = None
+        self.pool_id = 0  # bumps when the pool changes (curriculum stage), so plans differ per stage
+        self.epoch = 0
+        self.position = 0  # batches of this epoch already handed out
+        self._iter = None
+
+    def set_pool(self, pool: np.ndarray, pool_id: int | None = None) -> None:
+        self.pool = np.asarray(pool, dtype=np.int64)
+        if pool_id is not None and pool_id != self.pool_id:
+            self.pool_id, self.epoch, self.position = pool_id, 0, 0
+        if len(self.pool) < self.batch_size:
+            raise ValueError(f"only {len(self.pool)} windows for a batch of {self.batch_size}")
+        self._iter = None
+
+    def _plan(self) -> list[np.ndarray]:
+        return epoch_plan(self.pool, self.chunk_windows, self.batch_size, self.seed * 1000 + self.pool_id,
+                          self.epoch, self.buffer_chunks)
+
+    def _start(self):
+        plan = self._plan()[self.position :]
+        kw = dict(batch_size=None, shuffle=False, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        if self.num_workers > 0:
+            kw.update(prefetch_factor=self.prefetch, persistent_workers=False)
+        self._iter = iter(DataLoader(_PlanDataset(self.url, plan, self.fields), **kw))
+
+    def next(self) -> dict[str, torch.Tensor]:
+        if self._iter is None:
+            self._start()
+        try:
+            batch = next(self._iter)
+        except StopIteration:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._start()
+            batch = next(self._iter)
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "pool_id": self.pool_id}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.epoch, self.position, self.pool_id = int(d["epoch"]), int(d["position"]), int(d["pool_id"])
+        self._iter = None
+
+
+def read_windows(url: str, indices: np.ndarray, fields: list[str], batch_size: int):
+    """Fixed batches of the given windows in order (validation)."""
+    reader = CacheReader(url)
+    for i in range(0, len(indices), batch_size):
+        yield to_tensors(reader.read_indices(indices[i : i + batch_size], fields))

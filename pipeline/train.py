@@ -1,0 +1,672 @@
+"""Stage two: train the spiking student by streaming a teacher cache. The teacher is never loaded.
+
+Recipe: open the store read-only -> check it against the run config -> build student, distillation
+heads (temperature, projectors), optimiser and schedules -> resume if asked -> loop: batches from the
+loader, losses (KD + CE + alignment + rate), guarded optimiser step, logging, health checks, validation,
+curriculum stages, atomic checkpoints -> final checkpoint, summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..cache.reader import CacheReader
+from ..errors import GooseError
+from ..student.model import Student, config_for_store, detach_state  # noqa: F401 (detach_state: API)
+from ..student.spikes import firing_rate_loss
+from .config import TrainConfig, dump_config
+from .curriculum import Curriculum, difficulty_order
+from .loader import CacheLoader, read_windows
+from .losses import (
+    cka_align,
+    ce_loss,
+    cosine_align,
+    kd_loss,
+    layer_map,
+    mse_align,
+    rskd_loss,
+    student_bucket_logprobs,
+    teacher_bucket_logprobs,
+)
+from .monitor import EventLog, HealthMonitor
+from .teacher import resolve_device
+from .temperature import Temperature
+
+CKPT_FILE = "state.pt"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+
+
+class Distiller(nn.Module):
+    """The trainable parts of distillation that are not the student: temperature and projectors."""
+
+    def __init__(self, cfg: TrainConfig, pairs: list[tuple[int, int]], d_student: int, d_teacher: int):
+        super().__init__()
+        self.temperature = Temperature(cfg.temperature)
+        self.pairs = pairs
+        needs_projector = cfg.loss.align.loss == "mse" or (cfg.loss.align.loss == "cosine" and d_student != d_teacher)
+        self.projectors = nn.ModuleDict(
+            {f"{s}_{t}": nn.Linear(d_student, d_teacher, bias=False) for s, t in pairs} if needs_projector else {}
+        )
+
+
+def align_loss(cfg: TrainConfig, distiller: Distiller, hidden: list, batch: dict) -> torch.Tensor:
+    losses = []
+    for s, t in distiller.pairs:
+        hs, ht = hidden[s], batch[f"hidden/{t}"]
+        if cfg.loss.align.feature_deltas and s > 0 and t > 0:
+            hs, ht = hs - hidden[s - 1], ht - batch[f"hidden/{t - 1}"]
+        proj = distiller.projectors[f"{s}_{t}"] if f"{s}_{t}" in distiller.projectors else None
+        kind = cfg.loss.align.loss
+        if kind == "mse":
+            losses.append(mse_align(hs, ht, proj))
+        elif kind == "cosine":
+            losses.append(cosine_align(hs, ht, proj))
+        else:
+            losses.append(cka_align(hs, ht))
+    return torch.stack(losses).mean()
+
+
+def align_weight_at(cfg: TrainConfig, step: int) -> float:
+    a = cfg.loss.align
+    if cfg.loss.align_weight <= 0 or step < a.warmup_steps:
+        return 0.0
+    return cfg.loss.align_weight * min(1.0, (step - a.warmup_steps + 1) / max(a.ramp_steps, 1))
+
+
+def lr_factor(cfg: TrainConfig, step: int, rewarm_from: int | None) -> float:
+    """Linear warm-up, cosine decay to min_lr_ratio; optional short re-warm-up after a stage change."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        f = (step + 1) / o.warmup_steps
+    else:
+        progress = (step - o.warmup_steps) / max(cfg.steps - o.warmup_steps, 1)
+        f = o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    if rewarm_from is not None and o.rewarm_steps_at_stage > 0 and step - rewarm_from < o.rewarm_steps_at_stage:
+        f *= (step - rewarm_from + 1) / o.rewarm_steps_at_stage
+    return f
+
+
+def param_groups(cfg: TrainConfig, model: Student, distiller: Distiller) -> list[dict]:
+    """Weight decay on large matrices only; none on norms, biases, mixes, spike parameters; the CTKD
+    temperature in a group of its own with its own learning rate."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        big = p.ndim == 2 and ".spikes." not in name and not name.endswith("r_k")
+        (decay if big else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    if len(distiller.projectors):
+        groups.append({"params": list(distiller.projectors.parameters()), "weight_decay": cfg.optim.weight_decay,
+                       "name": "projectors"})
+    if distiller.temperature.learnable:
+        groups.append({"params": [distiller.temperature.theta], "weight_decay": 0.0, "name": "temperature",
+                       "lr": cfg.temperature.lr})
+    for g in groups:
+        g["base_lr"] = g.get("lr", cfg.optim.lr)
+    return groups
+
+
+def check_store(cfg: TrainConfig, reader: CacheReader, val_reader: CacheReader | None) -> None:
+    """Mismatches between the store and the run config fail here, before any training."""
+    spec = reader.spec
+    if cfg.loss.kd == "rskd" and not spec.samples:
+        raise GooseError(f"loss.kd=rskd needs RS-KD samples but store {reader.url} has none (cache with --samples)")
+    if cfg.loss.kd not in ("topk", "rskd", "none"):
+        raise GooseError(f"loss.kd must be topk, rskd or none, got {cfg.loss.kd!r}")
+    if cfg.loss.kd == "topk":
+        lo, hi = cfg.temperature.range()
+        if cfg.curriculum.enabled and cfg.temperature.mode == "stage":
+            lo, hi = min(cfg.curriculum.temperatures), max(cfg.curriculum.temperatures)
+        t_lo, t_hi = min(spec.tail_temperatures), max(spec.tail_temperatures)
+        if lo < t_lo - 1e-6 or hi > t_hi + 1e-6:
+            raise GooseError(f"temperatures {lo:g}..{hi:g} leave the store's tail temperatures {t_lo:g}..{t_hi:g}; "
+                             f"recache with wider --tail-temperatures or narrow the temperature range")
+    if cfg.temperature.mode == "stage" and not cfg.curriculum.enabled:
+        raise GooseError("temperature.mode=stage needs curriculum.enabled=true")
+    if cfg.loss.align_weight > 0 and not spec.hidden_layers:
+        raise GooseError(f"alignment needs teacher hidden states but store {reader.url} has none (--hidden-layers)")
+    if val_reader is not None:
+        if val_reader.vocab_size != spec.vocab_size or \
+                val_reader.provenance.get("tokenizer_hash") != reader.provenance.get("tokenizer_hash"):
+            raise GooseError("--val-cache was made with another tokenizer or vocabulary than the training store")
+    if cfg.batch_size < 1 or cfg.steps < 1 or cfg.optim.accumulation < 1:
+        raise GooseError("steps, batch_size and optim.accumulation must be >= 1")
+    if cfg.amp not in ("none", "bf16", "fp16"):
+        raise GooseError(f"amp must be none, bf16 or fp16, got {cfg.amp!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run: Path, step: int, payload: dict, keep: int) -> Path:
+    """Write checkpoints/step_N atomically: a temp folder, fsync, then rename. Keeps the newest `keep`."""
+    ckdir = run / "checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    final = ckdir / f"step_{step:07d}"
+    tmp = ckdir / f".tmp-step_{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    with open(tmp / CKPT_FILE, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(ckdir.glob("step_*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    found = sorted((run / "checkpoints").glob("step_*"))
+    found = [p for p in found if (p / CKPT_FILE).exists()]
+    return found[-1] if found else None
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Drop lines logged after `step` (they belong to the part of a crashed run that is being redone)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True, echo=print):
+        self.cfg, self.progress, self.echo = cfg, progress, echo
+        self.reader = CacheReader(cfg.cache)
+        self.val_reader = CacheReader(cfg.val_cache) if cfg.val_cache else None
+        check_store(cfg, self.reader, self.val_reader)
+        self.run = Path(cfg.out)
+        if not resume and latest_checkpoint(self.run) is not None:
+            raise GooseError(f"run folder {self.run} already has checkpoints; pass --resume or choose a new --out")
+        if resume and latest_checkpoint(self.run) is None:
+            raise GooseError(f"--resume: no checkpoint in {self.run}")
+        try:
+            self.run.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise GooseError(f"cannot create run folder {self.run}: {exc.strerror}") from None
+        self.device = resolve_device(cfg.device)
+        self._seed(cfg.seed)
+        spec = self.reader.spec
+
+        # windows: training pool and validation subset
+        if self.val_reader is not None:
+            self.train_windows = np.arange(spec.n_windows)
+            self.val_url, self.val_spec = self.val_reader.url, self.val_reader.spec
+            self.val_windows = np.arange(min(cfg.val_windows, self.val_spec.n_windows))
+        else:
+            n_val = max(1, int(round(cfg.val_fraction * spec.n_windows)))
+            if n_val >= spec.n_windows:
+                raise GooseError(f"store has {spec.n_windows} windows: too few to hold out {n_val} for validation")
+            self.train_windows = np.arange(spec.n_windows - n_val)
+            self.val_url, self.val_spec = self.reader.url, spec
+            self.val_windows = np.arange(spec.n_windows - n_val, spec.n_windows)[: cfg.val_windows]
+        if len(self.train_windows) < cfg.batch_size:
+            raise GooseError(f"only {len(self.train_windows)} training windows for a batch of {cfg.batch_size}")
+
+        # model and distillation heads
+        try:
+            scfg = config_for_store(cfg.model.preset, spec.vocab_size, **cfg.model.overrides)
+        except (TypeError, ValueError) as exc:
+            raise GooseError(f"bad model config: {exc}") from None
+        self.model = Student(scfg).to(self.device)
+        if cfg.model.init_embedding_from_teacher:
+            self.model.init_embedding_from(torch.from_numpy(self.reader.teacher_embedding().astype(np.float32)))
+            self.model.to(self.device)
+        self.pairs = []
+        if cfg.loss.align_weight > 0:
+            a = cfg.loss.align
+            try:
+                self.pairs = layer_map(a.layer_map, scfg.n_layer, int(self.reader.provenance.get("n_layers", 0)),
+                                       spec.hidden_layers, a.pairs, a.last_k)
+            except ValueError as exc:
+                raise GooseError(str(exc)) from None
+            missing = sorted({t for _, t in self.pairs} - set(spec.hidden_layers)) + (
+                sorted({t - 1 for _, t in self.pairs if t > 0} - set(spec.hidden_layers)) if a.feature_deltas else [])
+            if missing or not self.pairs:
+                raise GooseError(f"alignment needs teacher layers {missing or '(none mapped)'} but the store has "
+                                 f"{list(spec.hidden_layers)}")
+            if any(not 0 <= s <= scfg.n_layer for s, _ in self.pairs):
+                raise GooseError(f"alignment pairs {self.pairs} name student layers outside 0..{scfg.n_layer}")
+        self.distiller = Distiller(cfg, self.pairs, scfg.d_model, spec.hidden_size).to(self.device)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        fused = self.device.type == "cuda"
+        self.opt = torch.optim.AdamW(param_groups(cfg, self.model, self.distiller), lr=cfg.optim.lr,
+                                     betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+                                     **({"fused": True} if fused else {"foreach": True}))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+
+        # data
+        self.fields = ["input_ids"]
+        if cfg.loss.kd == "topk":
+            self.fields += ["topk_ids", "topk_logits", "tail_lse"]
+        elif cfg.loss.kd == "rskd":
+            self.fields += ["sample_ids", "sample_counts"]
+        layers_needed = sorted({t for _, t in self.pairs} | ({t - 1 for _, t in self.pairs if t > 0}
+                                                             if cfg.loss.align.feature_deltas else set()))
+        self.fields += [f"hidden/{t}" for t in layers_needed]
+        self.curriculum = None
+        if cfg.curriculum.enabled:
+            stats = self.reader.read(0, spec.n_windows, ["gold_nll", "entropy"])
+            nll = np.nanmean(stats["gold_nll"][self.train_windows], axis=1)
+            ent = stats["entropy"][self.train_windows].astype(np.float32).mean(axis=1)
+            self.curriculum = Curriculum(cfg.curriculum, self.train_windows[difficulty_order(nll, ent)])
+        self.loader = CacheLoader(cfg.cache, self.fields, batch_size=cfg.batch_size, chunk_windows=spec.chunk_windows,
+                                  seed=cfg.seed, buffer_chunks=cfg.buffer_chunks, num_workers=cfg.num_workers,
+                                  pin_memory=self.device.type == "cuda")
+        self.loader.set_pool(self.curriculum.pool() if self.curriculum else self.train_windows, 0)
+
+        # bookkeeping
+        self.step = 0
+        self.lr_scale = 1.0
+        self.rewarm_from = None
+        self.bad_steps = 0
+        self.skipped_steps = 0
+        self.rollbacks = 0
+        self.best_val = float("inf")
+        self.events = EventLog(self.run / "events.jsonl", echo=self._warn)
+        self.monitor = HealthMonitor(cfg.monitor, self.events, grad_clip=cfg.optim.grad_clip,
+                                     t_bounds=(cfg.temperature.t_min, cfg.temperature.t_max)
+                                     if cfg.temperature.mode == "ctkd" else None)
+        self.stop_signal = None
+        if resume:
+            self._load(latest_checkpoint(self.run))
+        dump_config(cfg, self.run / "config.yaml", {
+            "store_fingerprint": self.reader.provenance.get("data_fingerprint"),
+            "store_teacher": self.reader.provenance.get("teacher"),
+            "store_config_hash": self.reader.provenance.get("config_hash"),
+            "student": scfg.to_dict(), "align_pairs": [list(p) for p in self.pairs],
+            "train_windows": int(len(self.train_windows)), "val_windows": int(len(self.val_windows)),
+            "goose_version": __version__,
+        })
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _warn(self, line: str) -> None:
+        (tqdm.write if self.progress else self.echo)(line)
+
+    @staticmethod
+    def _seed(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _stage_values(self) -> dict:
+        c = self.cfg
+        if self.curriculum is None:
+            return {"temperature": None, "kd_weight": c.loss.kd_weight, "ce_weight": c.loss.ce_weight, "stage": 0}
+        return self.curriculum.values(self.step)
+
+    # ---- one step ------------------------------------------------------------------------------
+    def compute_losses(self, batch: dict, stage: dict, progress: float) -> dict:
+        """Every loss part for one micro-batch; `total` is what is minimised."""
+        c = self.cfg
+        ids = batch["input_ids"]
+        with self._autocast():
+            out = self.forward(ids, output_hidden_states=bool(self.pairs))
+        logits = out.logits
+        T = self.distiller.temperature(progress, stage["temperature"]).to(self.device)
+        parts = {"temperature": T}
+        total = torch.zeros((), device=self.device)
+        if c.loss.kd == "topk":
+            kd = kd_loss(logits, batch["topk_ids"], batch["topk_logits"], batch["tail_lse"],
+                         self.reader.spec.tail_temperatures, T, reverse=c.loss.reverse_kl)
+            parts["kd"] = kd
+            total = total + stage["kd_weight"] * kd
+        elif c.loss.kd == "rskd":
+            kd = rskd_loss(logits, batch["sample_ids"], batch["sample_counts"])
+            parts["kd"] = kd
+            total = total + stage["kd_weight"] * kd
+        ce = ce_loss(logits, ids)
+        parts["ce"] = ce
+        if stage["ce_weight"] > 0:
+            total = total + stage["ce_weight"] * ce
+        w_align = align_weight_at(c, self.step)
+        if self.pairs:
+            al = align_loss(c, self.distiller, out.hidden_states, batch)
+            parts["align"] = al
+            total = total + w_align * al
+        parts["align_weight"] = w_align
+        if c.loss.firing_rate_weight > 0 and out.spike_rates:
+            rate = firing_rate_loss(out.spike_rates, c.loss.firing_rate_target)
+            parts["rate"] = rate
+            total = total + c.loss.firing_rate_weight * rate
+        anchor = self.distiller.temperature.anchor_loss(stage["temperature"])
+        if anchor is not None:
+            parts["t_anchor"] = anchor
+            total = total + anchor
+        parts["total"] = total
+        return parts
+
+    def _set_lr(self) -> float:
+        f = lr_factor(self.cfg, self.step, self.rewarm_from) * self.lr_scale
+        for g in self.opt.param_groups:
+            g["lr"] = g["base_lr"] * f
+        return self.cfg.optim.lr * f
+
+    def train_step(self) -> dict:
+        """One optimiser step over `accumulation` micro-batches; a non-finite loss or gradient skips it."""
+        c = self.cfg
+        progress = self.step / c.steps
+        stage = self._stage_values()
+        if c.spike_anneal_steps > 0:
+            self.model.set_spike_mix(min(1.0, self.step / c.spike_anneal_steps))
+        lr = self._set_lr()
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        finite = True
+        for _ in range(c.optim.accumulation):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in self.loader.next().items()}
+            parts = self.compute_losses(batch, stage, progress)
+            if not torch.isfinite(parts["total"]):
+                finite = False
+                break
+            self.scaler.scale(parts["total"] / c.optim.accumulation).backward()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(torch.as_tensor(v).detach()) / c.optim.accumulation
+        grad_norm = float("nan")
+        if finite:
+            self.scaler.unscale_(self.opt)
+            params = [p for g in self.opt.param_groups for p in g["params"]]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.optim.grad_clip if c.optim.grad_clip > 0
+                                                             else float("inf")))
+            finite = math.isfinite(grad_norm)
+        if finite:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.bad_steps = 0
+        else:
+            self.opt.zero_grad(set_to_none=True)
+            if self.scaler.is_enabled():
+                self.scaler.update()  # lets an fp16 scaler back off after an overflow
+            self.bad_steps += 1
+            self.skipped_steps += 1
+            self.events.emit(self.step, "nonfinite_step", f"non-finite loss or gradient: step skipped "
+                             f"({self.bad_steps} in a row)")
+        self.step += 1
+        m = {"step": self.step, "lr": lr, "grad_norm": grad_norm, "stage": stage["stage"],
+             "kd_weight": stage["kd_weight"], "ce_weight": stage["ce_weight"], "skipped": not finite}
+        if sums:
+            m.update({("loss" if k == "total" else k): v for k, v in sums.items()})
+            if "kd" in sums:
+                T = sums["temperature"]
+                m["kl"] = sums["kd"] / (T * T) if c.loss.kd == "topk" else sums["kd"]
+        if self.distiller.temperature.learnable:
+            m["temperature"] = float(self.distiller.temperature.raw().detach())
+            m["grl_lambda"] = self.distiller.temperature.grl_lambda(progress)
+        if self.scaler.is_enabled():
+            m["grad_scale"] = float(self.scaler.get_scale())
+        return m
+
+    # ---- validation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Perplexity, KL to the teacher at T=1 and top-1 agreement on the fixed validation windows."""
+        self.model.eval()
+        fields = ["input_ids", "topk_ids", "topk_logits", "tail_lse", "gold_nll"]
+        nll_sum = kl_sum = agree = teacher_nll = 0.0
+        n_tok = n_kd = 0
+        stats_all: dict = {}
+        temps = self.val_spec.tail_temperatures
+        for batch in read_windows(self.val_url, self.val_windows, fields, self.cfg.batch_size):
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self._autocast():
+                out = self.model(batch["input_ids"], collect_stats=True)
+            logits = out.logits.float()
+            ids = batch["input_ids"]
+            n = ids[:, 1:].numel()
+            nll_sum += float(ce_loss(logits, ids)) * n
+            teacher_nll += float(batch["gold_nll"][:, :-1].double().sum())
+            n_tok += n
+            log_p = teacher_bucket_logprobs(batch["topk_logits"], batch["tail_lse"], temps, 1.0)
+            log_q = student_bucket_logprobs(logits, batch["topk_ids"], 1.0)
+            kl_sum += float((log_p.exp() * (log_p - log_q)).sum(-1).sum())
+            agree += float((logits.argmax(-1) == batch["topk_ids"][..., 0]).sum())
+            n_kd += ids.numel()
+            for key, st in out.spike_stats.items():
+                if key in stats_all:
+                    stats_all[key].pos += st.pos
+                    stats_all[key].neg += st.neg
+                    stats_all[key].tokens += st.tokens
+                else:
+                    stats_all[key] = st
+        summaries = {k: s.summary() for k, s in stats_all.items()}
+        energy = self.model.energy_report(stats_all)
+        rates = [s["firing_rate"] for s in summaries.values() if s]
+        val = {
+            "step": self.step, "val_loss": nll_sum / n_tok, "val_ppl": math.exp(nll_sum / n_tok),
+            "teacher_ppl": math.exp(teacher_nll / n_tok), "val_kl": kl_sum / n_kd, "val_top1_agree": agree / n_kd,
+            "spike_rate": float(np.mean(rates)) if rates else None,
+            "zero_fraction": 1 - float(np.mean(rates)) if rates else None,
+            "dead_fraction_max": max((s["dead_fraction"] for s in summaries.values() if s), default=None),
+            "saturated_fraction_max": max((s["saturated_fraction"] for s in summaries.values() if s), default=None),
+            "energy_ratio_vs_dense": energy["energy_ratio_vs_dense"],
+            "spike_sites": {k: {"rate": s["firing_rate"], "dead": s["dead_fraction"], "sat": s["saturated_fraction"]}
+                            for k, s in summaries.items() if s},
+        }
+        self.monitor.on_spikes(self.step, summaries)
+        return val
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def _payload(self) -> dict:
+        return {
+            "step": self.step, "model": self.model.state_dict(), "distiller": self.distiller.state_dict(),
+            "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "rng": _rng_state(),
+            "loader": self.loader.state_dict(),
+            "curriculum": self.curriculum.state_dict() if self.curriculum else None,
+            "lr_scale": self.lr_scale, "rewarm_from": self.rewarm_from, "best_val": self.best_val,
+            "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
+            "monitor_counts": dict(self.events.counts), "goose_version": __version__,
+        }
+
+    def checkpoint(self) -> Path:
+        return save_checkpoint(self.run, self.step, self._payload(), self.cfg.keep_checkpoints)
+
+    def _load(self, path: Path, *, keep_lr_scale: bool = False) -> None:
+        d = torch.load(path / CKPT_FILE, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(d["model"])
+        self.distiller.load_state_dict(d["distiller"])
+        self.opt.load_state_dict(d["optimizer"])
+        self.scaler.load_state_dict(d["scaler"])
+        _set_rng_state(d["rng"])
+        self.step = int(d["step"])
+        if self.curriculum is not None and d["curriculum"] is not None:
+            self.curriculum.load_state_dict(d["curriculum"])
+            self.loader.set_pool(self.curriculum.pool())
+        self.loader.load_state_dict(d["loader"])
+        if not keep_lr_scale:
+            self.lr_scale = float(d["lr_scale"])
+        self.rewarm_from, self.best_val = d["rewarm_from"], float(d["best_val"])
+        self.skipped_steps, self.rollbacks = int(d["skipped_steps"]), int(d["rollbacks"])
+        self.events.counts.update({k: v for k, v in d.get("monitor_counts", {}).items() if k not in self.events.counts})
+
+    def rollback(self) -> bool:
+        """Back to the last good checkpoint with a lower learning rate. False if there is none."""
+        path = latest_checkpoint(self.run)
+        if path is None:
+            return False
+        lowered = self.lr_scale * self.cfg.rollback_lr_factor
+        skipped, rollbacks = self.skipped_steps, self.rollbacks + 1
+        self._load(path, keep_lr_scale=True)
+        self.lr_scale, self.skipped_steps, self.rollbacks, self.bad_steps = lowered, skipped, rollbacks, 0
+        self.events.emit(self.step, "rollback", f"{self.cfg.nan_patience} non-finite steps in a row: rolled back to "
+                         f"{path.name}, learning-rate scale now {lowered:g}", lr_scale=lowered)
+        return True
+
+    def save_best(self, val: dict) -> None:
+        tmp = self.run / ".best-tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        (tmp / "metrics.json").write_text(json.dumps(val, indent=2, default=float))
+        best = self.run / "best"
+        old = self.run / ".best-old"
+        if best.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(best, old)
+        os.replace(tmp, best)
+        shutil.rmtree(old, ignore_errors=True)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame):  # noqa: ARG002
+        self.stop_signal = signum
+
+    def fit(self) -> dict:
+        c = self.cfg
+        metrics_path = self.run / "metrics.jsonl"
+        _truncate_jsonl(metrics_path, self.step)
+        _truncate_jsonl(self.run / "events.jsonl", self.step)
+        tb = None
+        if c.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                tb = SummaryWriter(str(self.run / "tb"), purge_step=self.step or None)
+            except ImportError:
+                tb = None
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        profiler = None
+        if c.profile_steps > 0:
+            from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            profiler = profile(activities=acts, schedule=schedule(wait=1, warmup=1, active=c.profile_steps, repeat=1),
+                               on_trace_ready=tensorboard_trace_handler(str(self.run / "profile")))
+            profiler.start()
+        bar = tqdm(total=c.steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
+                   dynamic_ncols=True)
+        t_last, tok_last, start_time = time.perf_counter(), 0, time.perf_counter()
+        tokens_per_step = c.batch_size * c.optim.accumulation * self.reader.seq_len
+        last_val = None
+        interrupted = False
+        if latest_checkpoint(self.run) is None:
+            self.checkpoint()  # step 0: a rollback target even if the first steps go non-finite
+        try:
+            while self.step < c.steps:
+                m = self.train_step()
+                if profiler is not None:
+                    profiler.step()
+                if self.bad_steps >= c.nan_patience:
+                    if not self.rollback():
+                        raise GooseError(f"{self.bad_steps} non-finite steps in a row and no checkpoint to roll back to")
+                    continue
+                tok_last += tokens_per_step
+                self.monitor.on_step(self.step, m)
+                if self.step % c.log_every == 0 or self.step == c.steps:
+                    now = time.perf_counter()
+                    m["tokens_per_s"] = tok_last / max(now - t_last, 1e-9)
+                    m["tokens"] = self.step * tokens_per_step
+                    t_last, tok_last = now, 0
+                    self._log(metrics_path, tb, m)
+                    bar.set_postfix(loss=f"{m.get('loss', float('nan')):.3f}", T=f"{m.get('temperature', 0):.2f}"
+                                    if "temperature" in m else None, refresh=False)
+                if self.step % c.val_every == 0 or self.step == c.steps:
+                    last_val = self._validate_and_log(metrics_path, tb)
+                    if self.curriculum is not None and self.curriculum.maybe_advance(self.step, c.steps, last_val["val_loss"]):
+                        self._stage_changed()
+                elif self.curriculum is not None and self.curriculum.maybe_advance(self.step, c.steps):
+                    self._stage_changed()
+                if self.step % c.ckpt_every == 0 or self.step == c.steps:
+                    self.checkpoint()
+                bar.update(1)
+                if self.stop_signal is not None:
+                    self.checkpoint()
+                    self.events.emit(self.step, "interrupted", f"signal {self.stop_signal}: checkpoint written, "
+                                     "resume with --resume", warn=True)
+                    interrupted = True
+                    break
+        finally:
+            bar.close()
+            if profiler is not None:
+                profiler.stop()
+            for s, h in previous.items():
+                signal.signal(s, h)
+            if tb is not None:
+                tb.close()
+        return {
+            "run": str(self.run), "steps": self.step, "interrupted": interrupted,
+            "signal": self.stop_signal, "seconds": time.perf_counter() - start_time,
+            "tokens": self.step * tokens_per_step, "best_val_ppl": math.exp(self.best_val) if self.best_val < 1e9 else None,
+            "last_val": last_val, "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
+            "events": self.monitor.summary(), "parameters": self.model.parameter_report(),
+        }
+
+    def _stage_changed(self) -> None:
+        self.loader.set_pool(self.curriculum.pool(), self.curriculum.stage)
+        if self.cfg.optim.rewarm_steps_at_stage > 0:
+            self.rewarm_from = self.step
+        v = self.curriculum.values(self.step + self.cfg.curriculum.transition_steps)
+        self.events.emit(self.step, "stage", f"curriculum stage {self.curriculum.stage + 1}/{self.cfg.curriculum.buckets}: "
+                         f"{len(self.curriculum.pool())} windows, T -> {v['temperature']:g}, KD weight -> "
+                         f"{v['kd_weight']:g}", warn=False, stage=self.curriculum.stage,
+                         windows=int(len(self.curriculum.pool())))
+
+    def _validate_and_log(self, metrics_path: Path, tb) -> dict:
+        val = self.validate()
+        if val["val_loss"] < self.best_val:
+            self.best_val = val["val_loss"]
+            self.save_best(val)
+        val["best_val_ppl"] = math.exp(self.best_val)
+        self._log(metrics_path, tb, {k: v for k, v in val.items() if k != "spike_sites"} | {"kind": "val"})
+        if tb is not None:
+            for key, s in val["spike_sites"].items():
+                tb.add_scalar(f"spikes/rate/{key}", s["rate"], self.step)
+        return val
+
+    def _log(self, path: Path, tb, m: dict) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps(m, default=float) + "\n")
+        if tb is not None:
+            prefix = "val/" if m.get("kind") == "val" else "train/"
+            for k, v in m.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and v is not None:
+                    tb.add_scalar(prefix + k, v, self.step)
+
+
+def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, echo=print) -> dict:
+    trainer = Trainer(cfg, resume=resume, progress=progress, echo=echo)
+    return trainer.fit()

@@ -1,0 +1,200 @@
+"""Losses, temperature and curriculum against brute-force references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from goose.pipeline.curriculum import Curriculum, CurriculumConfig, difficulty_order, rank, stage_pools
+from goose.pipeline.losses import (
+    ce_loss,
+    cka_align,
+    cosine_align,
+    kd_loss,
+    layer_map,
+    linear_cka,
+    mse_align,
+    rskd_loss,
+    standardize_channels,
+)
+from goose.pipeline.temperature import Temperature, TemperatureConfig, grad_reverse
+
+TEMPS = (1.0, 1.5, 2.0, 3.0, 4.0)
+
+
+def teacher_case(V=300, k=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    zt = torch.randn(2, 6, V, generator=g) * 3
+    zs = torch.randn(2, 6, V, generator=g) * 2
+    tl, ti = zt.topk(k, -1)
+    lse = torch.stack([torch.logsumexp(zt / t, -1) for t in TEMPS], -1)
+    return zt, zs, ti, tl.half(), lse
+
+
+def bucket_kl_reference(zt, zs, ti, T, reverse=False):
+    """Brute force from full logits: k+1 buckets, tail = summed probability of every other token."""
+    p, q = torch.softmax(zt.double() / T, -1), torch.softmax(zs.double() / T, -1)
+    outside = torch.ones_like(p, dtype=torch.bool).scatter(-1, ti, False)
+    pb = torch.cat([p.gather(-1, ti), (p * outside).sum(-1, keepdim=True)], -1)
+    qb = torch.cat([q.gather(-1, ti), (q * outside).sum(-1, keepdim=True)], -1)
+    a, b = (qb, pb) if reverse else (pb, qb)
+    return T * T * (a * (a.log() - b.log())).sum(-1).mean()
+
+
+@pytest.mark.parametrize("T", TEMPS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_kd_equals_bucket_kl_at_stored_temperatures(T, reverse):
+    zt, zs, ti, tl, lse = teacher_case()
+    zt_rounded = zt.scatter(-1, ti, tl.float())  # the store keeps fp16 top-k logits
+    lse_r = torch.stack([torch.logsumexp(zt_rounded / t, -1) for t in TEMPS], -1)
+    got = kd_loss(zs, ti, tl, lse_r, TEMPS, T, reverse=reverse)
+    torch.testing.assert_close(got.double(), bucket_kl_reference(zt_rounded, zs, ti, T, reverse), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1.25, 1.75, 2.5, 3.5])
+def test_kd_between_stored_temperatures_is_close(T):
+    zt, zs, ti, tl, lse = teacher_case(V=2000, k=64)
+    zt_rounded = zt.scatter(-1, ti, tl.float())
+    lse_r = torch.stack([torch.logsumexp(zt_rounded / t, -1) for t in TEMPS], -1)
+    ref = bucket_kl_reference(zt_rounded, zs, ti, T)
+    assert abs(float(kd_loss(zs, ti, tl, lse_r, TEMPS, T)) - float(ref)) / float(ref) < 1e-3
+
+
+def test_kd_with_k_equal_vocabulary_is_full_kl():
+    zt, zs, _, _, lse = teacher_case(V=40)
+    tl, ti = zt.topk(40, -1)
+    for T in (1.0, 2.0):
+        full = (torch.softmax(zt / T, -1) * (torch.log_softmax(zt / T, -1) - torch.log_softmax(zs / T, -1))).sum(-1)
+        torch.testing.assert_close(kd_loss(zs, ti, tl, lse, TEMPS, T), T * T * full.mean(), rtol=1e-5, atol=1e-5)
+
+
+def test_kd_gradients_are_finite_for_peaked_bf16_logits():
+    # DistillKit issue 45: log(1 - sum q) in bf16 gives NaN gradients when the top-k holds ~all the mass
+    zt, _, ti, tl, lse = teacher_case()
+    zs = torch.full((2, 6, 300), -30.0)
+    zs.scatter_(-1, ti[..., :1], 30.0)
+    zs = zs.bfloat16().requires_grad_()
+    loss = kd_loss(zs, ti, tl, lse, TEMPS, 1.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(zs.grad.float()).all()
+
+
+def test_kd_mask_and_temperature_gradient():
+    zt, zs, ti, tl, lse = teacher_case()
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0, :3] = True
+    masked = kd_loss(zs, ti, tl, lse, TEMPS, 2.0, mask=mask)
+    only = kd_loss(zs[:1, :3], ti[:1, :3], tl[:1, :3], lse[:1, :3], TEMPS, 2.0)
+    torch.testing.assert_close(masked, only)
+    T = torch.tensor(1.7, requires_grad=True)
+    kd_loss(zs, ti, tl, lse, TEMPS, T).backward()
+    assert torch.isfinite(T.grad) and T.grad != 0
+
+
+def test_rskd_matches_dense_reference():
+    g = torch.Generator().manual_seed(1)
+    zs = torch.randn(2, 4, 50, generator=g)
+    ids = torch.tensor([[3, 7, 9, 0]]).expand(2, 4, 4).contiguous()
+    counts = torch.tensor([[5, 3, 2, 0]]).expand(2, 4, 4).contiguous()
+    t = torch.zeros(2, 4, 50).scatter_add(-1, ids, counts.float()) / 10
+    log_q = torch.log_softmax(zs, -1)
+    ref = (t * (torch.where(t > 0, t, torch.ones_like(t)).log() - log_q)).sum(-1).mean()
+    torch.testing.assert_close(rskd_loss(zs, ids, counts.to(torch.int16)), ref)
+
+
+def test_ce_loss_is_next_token_cross_entropy():
+    logits, ids = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(ce_loss(logits, ids), ref)
+
+
+def test_alignment_losses():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g))
+    assert float(linear_cka(x, x)) == pytest.approx(1.0, abs=1e-5)
+    assert float(linear_cka(x, 3 * x @ q)) == pytest.approx(1.0, abs=1e-5)  # rotation and scale invariant
+    y = torch.randn(64, 5, generator=g)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    ref = (yc.t() @ xc).pow(2).sum() / ((xc.t() @ xc).norm() * (yc.t() @ yc).norm())
+    torch.testing.assert_close(linear_cka(x, y), ref)
+    hs, ht = torch.randn(2, 16, 8, generator=g), torch.randn(2, 16, 12, generator=g) * 50 + 7
+    ht_n = standardize_channels(ht)
+    flat = ht_n.reshape(-1, 12)
+    assert flat.mean(0).abs().max() < 1e-4 and (flat.std(0, unbiased=False) - 1).abs().max() < 1e-3
+    proj = torch.nn.Linear(8, 12, bias=False)
+    torch.testing.assert_close(mse_align(hs, ht, proj), F.mse_loss(proj(hs), ht_n))
+    cos_ref = (1 - F.cosine_similarity(proj(hs), ht_n, dim=-1)).mean()
+    torch.testing.assert_close(cosine_align(hs, ht, proj), cos_ref)
+    assert 0 <= float(cka_align(hs, ht)) <= 1
+
+
+def test_layer_maps():
+    assert layer_map("uniform", 4, 12, tuple(range(13))) == [(1, 3), (2, 6), (3, 9), (4, 12)]
+    assert layer_map("uniform", 4, 12, (6, 12)) == [(2, 6), (4, 12)]
+    assert layer_map("last_k", 6, 12, (), last_k=2) == [(5, 11), (6, 12)]
+    assert layer_map("explicit", 6, 12, (), pairs=[[2, 4], [6, 12]]) == [(2, 4), (6, 12)]
+
+
+def test_gradient_reversal_raises_the_kd_loss():
+    zt, zs, ti, tl, lse = teacher_case()
+    temp = Temperature(TemperatureConfig(mode="ctkd", value=2.0, t_min=1.0, t_max=4.0, lambda_max=1.0,
+                                         lambda_warmup=0.1))
+    opt = torch.optim.SGD(temp.parameters(), lr=0.5)
+    before = float(kd_loss(zs, ti, tl, lse, TEMPS, temp.raw()))
+    for _ in range(5):
+        opt.zero_grad()
+        kd_loss(zs, ti, tl, lse, TEMPS, temp(progress=0.5)).backward()  # lambda = 1 after the warm-up
+        opt.step()
+    after = float(kd_loss(zs, ti, tl, lse, TEMPS, temp.raw()))
+    assert after > before  # the student minimises KD; the temperature, through the GRL, maximises it
+    assert 1.0 < float(temp.raw()) < 4.0
+    # without reversal, plain descent lowers the loss instead
+    plain = Temperature(TemperatureConfig(mode="ctkd", value=2.0))
+    opt = torch.optim.SGD(plain.parameters(), lr=0.5)
+    opt.zero_grad()
+    kd_loss(zs, ti, tl, lse, TEMPS, plain.raw()).backward()
+    opt.step()
+    assert float(kd_loss(zs, ti, tl, lse, TEMPS, plain.raw())) < before
+    # lambda: 0 at the start, cosine ramp, lambda_max after the warm-up
+    assert temp.grl_lambda(0.0) == 0.0 and temp.grl_lambda(0.05) == pytest.approx(0.5) and temp.grl_lambda(0.7) == 1.0
+    x = torch.tensor(3.0, requires_grad=True)
+    grad_reverse(x, 0.25).backward()
+    assert float(x.grad) == -0.25
+
+
+def test_temperature_schedules():
+    lin = Temperature(TemperatureConfig(mode="linear", start=4.0, end=1.0))
+    assert float(lin(0.0)) == 4.0 and float(lin(0.5)) == 2.5 and float(lin(1.0)) == 1.0
+    cos = Temperature(TemperatureConfig(mode="cosine", start=3.0, end=1.0))
+    assert float(cos(0.0)) == pytest.approx(3.0) and float(cos(0.5)) == pytest.approx(2.0)
+    step = Temperature(TemperatureConfig(mode="step", steps=[[0.0, 4.0], [0.4, 2.5], [0.7, 1.5]]))
+    assert [float(step(p)) for p in (0.1, 0.5, 0.9)] == [4.0, 2.5, 1.5]
+    assert TemperatureConfig(mode="step", steps=[[0.0, 4.0], [0.4, 2.5]]).range() == (2.5, 4.0)
+    with pytest.raises(ValueError):
+        TemperatureConfig(mode="ctkd", value=5.0, t_max=4.0)
+
+
+def test_pocl_order_buckets_and_stages():
+    nll = np.array([5.0, 1.0, 3.0, 4.0, 2.0, 6.0])
+    ent = np.array([5.0, 2.0, 1.0, 4.0, 3.0, 6.0])
+    assert rank(nll).tolist() == [5, 1, 3, 4, 2, 6]
+    order = difficulty_order(nll, ent)
+    # RRF scores: windows 1, 2, 4 share the best ranks; 5 is hardest on both
+    assert order[-1] == 5 and order[-2] == 0 and set(order[:3]) == {1, 2, 4}
+    pools = stage_pools(order, 3)
+    assert [len(p) for p in pools] == [2, 4, 6]
+    assert all(set(pools[i]) <= set(pools[i + 1]) for i in range(2)) and set(pools[-1]) == set(range(6))
+    cur = Curriculum(CurriculumConfig(enabled=True, buckets=3, temperatures=[1.0, 1.5, 2.0],
+                                      kd_weights=[0.7, 0.85, 1.0], transition_steps=10), order)
+    assert cur.values(0) == {"temperature": 1.0, "kd_weight": 0.7, "ce_weight": pytest.approx(0.3), "stage": 0}
+    assert not cur.maybe_advance(32, 100) and cur.maybe_advance(34, 100) and cur.stage == 1
+    mid = cur.values(39)  # halfway through the smooth transition
+    assert mid["temperature"] == pytest.approx(1.25) and mid["kd_weight"] == pytest.approx(0.775)
+    assert cur.values(44)["temperature"] == pytest.approx(1.5)
+    plateau = Curriculum(CurriculumConfig(enabled=True, buckets=2, temperatures=[1, 2], kd_weights=[1, 1],
+                                          advance_on_plateau=True, patience=2), order)
+    assert not plateau.maybe_advance(1, 100, 5.0) and not plateau.maybe_advance(2, 100, 5.1)
+    assert plateau.maybe_advance(3, 100, 5.2) and plateau.stage == 1

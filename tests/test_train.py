@@ -1,0 +1,192 @@
+"""Stage two end to end on a tiny store: resume equals uninterrupted, NaN survival, learning, read-only store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import ENWIKI_TEACHER, ENWIKI_TEXT, need
+from goose.cli import main
+from goose.errors import GooseError
+from goose.pipeline.cache_teacher import CacheTeacherConfig, run_cache_teacher
+from goose.pipeline.config import load_config
+from goose.pipeline.data import DataSpec
+from goose.pipeline.monitor import EventLog, HealthMonitor
+from goose.pipeline.config import MonitorConfig
+from goose.pipeline.train import Trainer, run_train
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory) -> str:
+    """enwiki-tiny over a slice of the enwiki text: 96 windows of 64 tokens, hidden layers 2 and 4, samples."""
+    out = tmp_path_factory.mktemp("store") / "enwiki.zarr"
+    cfg = CacheTeacherConfig(output=str(out), teacher=str(need(ENWIKI_TEACHER)),
+                             data=DataSpec(data_files=(str(need(ENWIKI_TEXT) / "wiki_00"),)), seq_len=64,
+                             max_tokens=96 * 64, top_k=32, hidden_layers="2,4", samples=8, chunk_windows=8,
+                             batch_size=8, device="cpu", progress=False)
+    run_cache_teacher(cfg)
+    return str(out)
+
+
+def cfg_for(store, out, *overrides, **top):
+    base = ["model.preset=tiny", "batch_size=4", "steps=12", "val_every=6", "log_every=2", "ckpt_every=6",
+            "val_windows=8", "tensorboard=false", "optim.warmup_steps=2"]
+    return load_config(None, base + list(overrides), cache=store, out=str(out), **top)
+
+
+def store_digest(url: str) -> str:
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(url)):
+        for name in sorted(files):
+            p = Path(root) / name
+            h.update(str(p.relative_to(url)).encode())
+            h.update(p.read_bytes())
+            h.update(str(p.stat().st_mtime_ns).encode())
+    return h.hexdigest()
+
+
+FULL = ["loss.align_weight=0.1", "loss.align.warmup_steps=2", "loss.align.ramp_steps=2", "temperature.mode=ctkd",
+        "temperature.anchor_weight=0.01", "curriculum.enabled=true", "curriculum.transition_steps=2",
+        "loss.firing_rate_weight=0.01", "model.overrides={spike: {lif: true}}"]
+
+
+def test_resume_after_sigterm_equals_uninterrupted_run(tmp_path, store, monkeypatch):
+    before = store_digest(store)
+    straight = Trainer(cfg_for(store, tmp_path / "a", *FULL), progress=False)
+    straight.fit()
+
+    stopped = Trainer(cfg_for(store, tmp_path / "b", *FULL), progress=False)
+    real_step = Trainer.train_step
+
+    def step_then_signal(self):
+        m = real_step(self)
+        if self.step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, handled by the trainer
+        return m
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    summary = stopped.fit()
+    assert summary["interrupted"] and summary["steps"] == 5 and summary["signal"] == signal.SIGTERM
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    resumed = Trainer(cfg_for(store, tmp_path / "b", *FULL), resume=True, progress=False)
+    assert resumed.step == 5
+    resumed.fit()
+
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert torch.equal(straight.distiller.temperature.theta, resumed.distiller.temperature.theta)
+    assert straight.loader.state_dict() == resumed.loader.state_dict()
+    assert straight.curriculum.state_dict() == resumed.curriculum.state_dict()
+    # the logs of the two runs agree step by step
+    log_a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    log_b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in log_a] == [m["step"] for m in log_b]
+    assert [m.get("loss") for m in log_a] == pytest.approx([m.get("loss") for m in log_b])
+    assert store_digest(store) == before  # training never writes to the store
+
+
+def test_training_lowers_validation_loss(tmp_path, store):
+    cfg = cfg_for(store, tmp_path / "r", "steps=40", "val_every=40", "optim.lr=3e-3")
+    trainer = Trainer(cfg, progress=False)
+    start = trainer.validate()["val_loss"]
+    summary = trainer.fit()
+    assert summary["last_val"]["val_loss"] < start - 0.5
+    best = json.loads((tmp_path / "r" / "best" / "metrics.json").read_text())
+    assert best["val_loss"] == pytest.approx(summary["last_val"]["val_loss"])
+    assert (tmp_path / "r" / "config.yaml").exists() and "store_fingerprint" in (tmp_path / "r" / "config.yaml").read_text()
+
+
+def test_injected_nan_is_skipped_then_rolled_back(tmp_path, store, monkeypatch):
+    real = Trainer.compute_losses
+    poisoned = {3, 7, 8, 9}  # one lone bad step, then three in a row (nan_patience = 3)
+    calls = {"n": 0}
+
+    def maybe_nan(self, batch, stage, progress):
+        parts = real(self, batch, stage, progress)
+        calls["n"] += 1
+        if calls["n"] in poisoned:
+            parts["total"] = parts["total"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(Trainer, "compute_losses", maybe_nan)
+    trainer = Trainer(cfg_for(store, tmp_path / "n", "ckpt_every=4"), progress=False)
+    summary = trainer.fit()
+    assert summary["steps"] == 12 and summary["skipped_steps"] == 4 and summary["rollbacks"] == 1
+    assert trainer.lr_scale == 0.5
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    kinds = [json.loads(x)["kind"] for x in (tmp_path / "n" / "events.jsonl").read_text().splitlines()]
+    assert kinds.count("nonfinite_step") == 4 and kinds.count("rollback") == 1
+
+
+def test_rskd_and_val_cache_and_accumulation(tmp_path, store):
+    cfg = cfg_for(store, tmp_path / "s", "loss.kd=rskd", "optim.accumulation=2", "steps=4", val_cache=store)
+    summary = run_train(cfg, progress=False)
+    assert summary["steps"] == 4 and summary["last_val"]["val_ppl"] > 1
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["temperature.mode=fixed", "temperature.value=8"], "leave the store's tail temperatures"),
+        (["loss.align_weight=0.1", "loss.align.layer_map=explicit", "loss.align.pairs=[[1, 3]]"],
+         "alignment needs teacher layers [3]"),
+        (["temperature.mode=stage"], "needs curriculum.enabled"),
+        (["model.preset=huge"], "unknown preset"),
+        (["loss.kd=full"], "loss.kd must be"),
+        (["optim.lrr=1"], "unknown config key 'optim.lrr'"),
+    ],
+)
+def test_mismatches_fail_at_start(tmp_path, store, overrides, message):
+    with pytest.raises(GooseError) as err:
+        run_train(cfg_for(store, tmp_path / "m", *overrides), progress=False)
+    assert message in str(err.value)
+    assert not (tmp_path / "m" / "checkpoints").exists()
+
+
+def test_store_without_samples_or_hidden_states_is_refused(tmp_path, tiny_teacher, corpus_file):
+    out = tmp_path / "plain.zarr"
+    run_cache_teacher(CacheTeacherConfig(output=str(out), teacher=str(tiny_teacher),
+                                         data=DataSpec(data_files=(str(corpus_file),)), seq_len=32, max_tokens=640,
+                                         top_k=8, chunk_windows=4, device="cpu", progress=False))
+    with pytest.raises(GooseError, match="needs RS-KD samples"):
+        run_train(cfg_for(str(out), tmp_path / "x", "loss.kd=rskd"), progress=False)
+    with pytest.raises(GooseError, match="needs teacher hidden states"):
+        run_train(cfg_for(str(out), tmp_path / "y", "loss.align_weight=0.1"), progress=False)
+
+
+def test_cli_train_then_existing_run_needs_resume(tmp_path, store):
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {preset: tiny}\nsteps: 4\nbatch_size: 4\nval_every: 4\nval_windows: 4\n"
+                      "tensorboard: true\nloss: {kd: topk, kd_weight: 0.9, ce_weight: 0.1}\n")
+    args = ["train-from-cache", "--cache", store, "-o", str(tmp_path / "run"), "--config", str(config), "--no-progress"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "trained: 4 steps" in result.stdout and "teacher" in result.stdout
+    assert any((tmp_path / "run" / "tb").iterdir())
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 2 and "--resume" in again.stderr
+    resumed = CliRunner().invoke(main, args + ["--resume", "--steps", "6"])
+    assert resumed.exit_code == 0 and "trained: 6 steps" in resumed.stdout
+
+
+def test_health_monitor_fires_on_synthetic_trouble(tmp_path):
+    events = EventLog(tmp_path / "e.jsonl", echo=lambda line: None)
+    mon = HealthMonitor(MonitorConfig(loss_check_steps=20, temperature_bound_steps=5, clip_window=10,
+                                      align_window=5, cooldown_steps=1000), events, t_bounds=(1.0, 4.0),
+                        grad_clip=1.0)
+    for step in range(1, 31):
+        mon.on_step(step, {"loss": 5.0 + 0.01 * step, "grad_norm": 100.0 if step == 25 else 2.0,
+                           "temperature": 3.999, "kl": 30.0 if step == 12 else 1.0, "grad_scale": 0.5,
+                           "align_loss": float(step), "align_weight": 0.1})
+    mon.on_spikes(30, {"0.tm_r": {"dead_fraction": 0.5, "saturated_fraction": 0.0},
+                       "1.cm_v": {"dead_fraction": 0.0, "saturated_fraction": 0.4}})
+    assert set(events.counts) == {"loss_not_dropping", "grad_explode", "temperature_at_bound", "kl_range",
+                                  "clipping", "scaler_collapse", "align_rising", "dead_channels", "saturated_channels"}
+    assert len((tmp_path / "e.jsonl").read_text().splitlines()) == sum(events.counts.values())
