@@ -144,6 +144,91 @@ def train_from_cache(cache, out, config_file, overrides, val_cache, steps, batch
         sys.exit(128 + int(s["signal"] or 2))
 
 
+@main.command("eval")
+@click.argument("student", required=False)
+@click.option("--teacher", default=None, help="Evaluate a teacher instead (hub name or local folder).")
+@click.option("--tokenizer", default=None, help="Tokenizer for a student (default: its store's teacher).")
+@click.option("--dataset", default=None)
+@click.option("--dataset-config", default=None)
+@click.option("--split", default=None)
+@click.option("--data-files", multiple=True)
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--protocol", "protocols", multiple=True, type=click.Choice(["windows", "sliding", "stream"]),
+              help="windows (non-overlapping), sliding (--stride), stream (student, carried state). Repeatable.")
+@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--stride", type=int, default=None, help="Sliding-window stride (default seq-len / 2).")
+@click.option("--max-tokens", type=int, default=None)
+@click.option("--cache", default=None, help="Store for KL to the teacher, top-1 agreement and ECE.")
+@click.option("--cache-windows", type=int, default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True, help="Teacher dtype.")
+@click.option("--json", "as_json", is_flag=True)
+def eval_cmd(student, teacher, tokenizer, dataset, dataset_config, split, data_files, text_column, protocols,
+             seq_len, stride, max_tokens, cache, cache_windows, device, dtype, as_json):
+    """Perplexity of STUDENT (run folder or saved model) or of --teacher, same protocol for both."""
+    from .pipeline.data import DataSpec
+    from .pipeline.evaluate import EvalConfig, run_eval
+
+    data = None
+    if dataset or data_files:
+        data = DataSpec(dataset=dataset, dataset_config=dataset_config, split=split, data_files=tuple(data_files),
+                        text_column=text_column)
+    r = run_eval(EvalConfig(student=student, teacher=teacher, tokenizer=tokenizer, data=data,
+                            protocols=tuple(protocols) or ("windows",), seq_len=seq_len, stride=stride,
+                            max_tokens=max_tokens, cache=cache, cache_windows=cache_windows, device=device,
+                            dtype=dtype))
+    if as_json:
+        click.echo(json.dumps(r, indent=2, default=float))
+        return
+    m = r["model"]
+    click.echo(f"{m['kind']} {m.get('path') or m.get('name')}: {m['parameters'] if isinstance(m['parameters'], int) else m['parameters']['total']:,} parameters")
+    for p in r.get("perplexity", []):
+        extra = f", stride {p['stride']}" if p["stride"] else ""
+        click.echo(f"  {p['protocol']:<8} L={p['seq_len']}{extra}: PPL {p['ppl']:.3f} over {p['tokens_scored']:,} tokens "
+                   f"({p['tokens_per_s']:,.0f} tokens/s)")
+    if "teacher_agreement" in r:
+        a = r["teacher_agreement"]
+        click.echo(f"  vs teacher ({a['windows']} windows): KL {a['kl_to_teacher']:.4f}, top-1 agreement "
+                   f"{a['top1_agreement']:.3f}, accuracy {a['accuracy']:.3f}, ECE {a['ece']:.4f}")
+    if "spikes" in r:
+        sp, e = r["spikes"], r["energy"]
+        click.echo(f"  spikes: firing rate {sp['firing_rate']:.3f}, zeros {sp['zero_fraction']:.3f}, dead max "
+                   f"{sp['dead_fraction_max']:.3f}, saturated max {sp['saturated_fraction_max']:.3f}")
+        click.echo(f"  energy: {e['energy_pj_per_token'] / 1e6:.2f} uJ/token vs dense {e['dense_energy_pj_per_token'] / 1e6:.2f}"
+                   f" ({e['energy_ratio_vs_dense']:.3f}x; MAC 4.6 pJ, AC 0.9 pJ at 45 nm)")
+
+
+@main.command("generate")
+@click.argument("student")
+@click.option("--prompt", default="", help="Text to continue.")
+@click.option("--max-new-tokens", type=int, default=100, show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--tokenizer", default=None, help="Default: the student's store's teacher tokenizer.")
+@click.option("--device", default="cpu", show_default=True)
+def generate_cmd(student, prompt, max_new_tokens, temperature, top_k, top_p, seed, tokenizer, device):
+    """Sample from STUDENT (run folder or saved model) in its recurrent form."""
+    from .pipeline.evaluate import load_tokenizer, student_folder
+    from .pipeline.generate import generate
+    from .pipeline.teacher import resolve_device
+    from .student.model import Student
+
+    folder, meta = student_folder(student)
+    dev = resolve_device(device)
+    model = Student.from_pretrained(folder, device=dev)
+    tok = load_tokenizer(tokenizer, meta)
+    ids = tok(prompt)["input_ids"] if prompt else [tok.eos_token_id]
+    click.echo(prompt, nl=False)
+    r = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                 seed=seed, device=dev)
+    click.echo(tok.decode(r["new_tokens"]))
+    click.echo(f"\n[{len(r['new_tokens'])} tokens at {r['tokens_per_s'] or 0:.1f} tokens/s; state "
+               f"{r['state_bytes'] / 1024:.1f} KB; RSS {r['rss_mb_first'] or 0:.0f} -> {r['rss_mb_last'] or 0:.0f} MB]",
+               err=True)
+
+
 @main.group("cache")
 def cache_group():
     """Inspect and check teacher-cache stores."""

@@ -102,6 +102,7 @@ class TrainConfig:
     nan_patience: int = 3  # consecutive non-finite steps before rolling back
     rollback_lr_factor: float = 0.5
     spike_anneal_steps: int = 0  # > 0: spikes blend in from continuous over these steps
+    activation_checkpointing: bool = False  # recompute blocks in backward: less memory, more time
     profile_steps: int = 0
     tensorboard: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)

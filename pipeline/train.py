@@ -249,6 +249,7 @@ class Trainer:
         except (TypeError, ValueError) as exc:
             raise GooseError(f"bad model config: {exc}") from None
         self.model = Student(scfg).to(self.device)
+        self.model.gradient_checkpointing = cfg.activation_checkpointing
         if cfg.model.init_embedding_from_teacher:
             self.model.init_embedding_from(torch.from_numpy(self.reader.teacher_embedding().astype(np.float32)))
             self.model.to(self.device)
@@ -504,6 +505,13 @@ class Trainer:
             "monitor_counts": dict(self.events.counts), "goose_version": __version__,
         }
 
+    def provenance(self) -> dict:
+        """Where a saved student came from: enough for eval to find the tokenizer and the teacher."""
+        p = self.reader.provenance
+        return {"store": self.reader.url, "teacher": p.get("teacher"), "revision": p.get("revision"),
+                "tokenizer_hash": p.get("tokenizer_hash"), "seq_len": self.reader.seq_len, "step": self.step,
+                "goose_version": __version__}
+
     def checkpoint(self) -> Path:
         return save_checkpoint(self.run, self.step, self._payload(), self.cfg.keep_checkpoints)
 
@@ -543,6 +551,7 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp)
         (tmp / "metrics.json").write_text(json.dumps(val, indent=2, default=float))
+        (tmp / "goose.json").write_text(json.dumps(self.provenance(), indent=2))
         best = self.run / "best"
         old = self.run / ".best-old"
         if best.exists():

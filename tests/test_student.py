@@ -312,3 +312,19 @@ def test_detach_state_cuts_the_graph():
     out = model(torch.randint(0, 512, (1, 8)))
     cut = detach_state(out.state)
     assert out.state[0]["att"]["wkv"].requires_grad and not cut[0]["att"]["wkv"].requires_grad
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        model = random_student(spike=SpikeConfig(lif=True))
+        model.train()
+        model.gradient_checkpointing = ckpt
+        ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
+        out = model(ids)
+        loss = F.cross_entropy(out.logits.reshape(-1, 512), ids.reshape(-1)) + firing_rate_loss(out.spike_rates, 0.2)
+        loss.backward()
+        assert len(out.spike_rates) == 12
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)

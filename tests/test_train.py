@@ -190,3 +190,12 @@ def test_health_monitor_fires_on_synthetic_trouble(tmp_path):
     assert set(events.counts) == {"loss_not_dropping", "grad_explode", "temperature_at_bound", "kl_range",
                                   "clipping", "scaler_collapse", "align_rising", "dead_channels", "saturated_channels"}
     assert len((tmp_path / "e.jsonl").read_text().splitlines()) == sum(events.counts.values())
+
+
+def test_profile_trace_and_activation_checkpointing(tmp_path, store):
+    cfg = cfg_for(store, tmp_path / "p", "steps=4", "profile_steps=1", "activation_checkpointing=true",
+                  "spike_anneal_steps=2")
+    summary = run_train(cfg, progress=False)
+    assert summary["steps"] == 4
+    traces = list((tmp_path / "p" / "profile").glob("*.json*"))
+    assert traces and traces[0].stat().st_size > 0

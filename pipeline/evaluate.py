@@ -1,0 +1,267 @@
+"""`goose eval`: perplexity of a student or a teacher under the standard protocols, with one code path.
+
+Protocols over one token stream (documents joined with EOS, as in stage one):
+- windows:  non-overlapping windows of L tokens, each scored on its tokens 2..L (no context crosses a
+            window boundary);
+- sliding:  windows of L tokens every S tokens, each scoring only the tokens the previous window did not
+            (the Hugging Face perplexity recipe), so every token after the first is scored once with up
+            to L - 1 tokens of context;
+- stream:   (recurrent students only) the whole stream in consecutive chunks of L with the state carried,
+            every token after the first scored with all previous tokens as context.
+A model is a `Scorer`: log-probabilities of the next tokens for a window, optionally with a state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import GooseError
+from ..student.model import Student
+from .data import DataSpec, load_texts, tokenize_and_pack
+
+PROTOCOLS = ("windows", "sliding", "stream")
+
+
+class Scorer:
+    """next_logprobs(ids (1, T), state) -> (log p(ids[t+1] | ids[..t]) for t < T - 1, last logits, new state)."""
+
+    recurrent = False
+
+    def next_logprobs(self, ids, state=None):
+        raise NotImplementedError
+
+
+class StudentScorer(Scorer):
+    recurrent = True
+
+    def __init__(self, model: Student, device):
+        self.model, self.device = model.eval(), device
+        self.stats: dict = {}
+
+    @torch.no_grad()
+    def next_logprobs(self, ids, state=None):
+        out = self.model(ids.to(self.device), state, collect_stats=True)
+        for key, st in out.spike_stats.items():
+            if key in self.stats:
+                self.stats[key].pos += st.pos
+                self.stats[key].neg += st.neg
+                self.stats[key].tokens += st.tokens
+            else:
+                self.stats[key] = st
+        logp = torch.log_softmax(out.logits.float(), -1)
+        tgt = logp[:, :-1].gather(-1, ids[:, 1:].to(self.device).unsqueeze(-1)).squeeze(-1)
+        return tgt, logp[:, -1], out.state
+
+
+class TeacherScorer(Scorer):
+    def __init__(self, model, device):
+        self.model, self.device = model, device
+
+    @torch.no_grad()
+    def next_logprobs(self, ids, state=None):
+        logits = self.model(input_ids=ids.to(self.device), use_cache=False).logits
+        logp = torch.log_softmax(logits.float(), -1)
+        tgt = logp[:, :-1].gather(-1, ids[:, 1:].to(self.device).unsqueeze(-1)).squeeze(-1)
+        return tgt, logp[:, -1], None
+
+
+def nll_windows(scorer: Scorer, tokens: np.ndarray, L: int) -> tuple[float, int]:
+    """Sum of NLL and count over non-overlapping windows of L tokens (each scores its last L - 1)."""
+    total, n = 0.0, 0
+    for start in range(0, len(tokens) - 1, L):
+        ids = torch.from_numpy(tokens[start : start + L]).long().unsqueeze(0)
+        if ids.shape[1] < 2:
+            break
+        tgt, _, _ = scorer.next_logprobs(ids)
+        total -= float(tgt.double().sum())
+        n += tgt.numel()
+    return total, n
+
+
+def nll_sliding(scorer: Scorer, tokens: np.ndarray, L: int, stride: int) -> tuple[float, int]:
+    """Windows of L every `stride` tokens; each scores only targets not scored before (HF recipe)."""
+    if not 0 < stride <= L:
+        raise GooseError(f"--stride must be in 1..{L}")
+    total, n, scored_to = 0.0, 0, 0  # targets up to index `scored_to` (exclusive) are done
+    N = len(tokens)
+    for begin in range(0, N - 1, stride):
+        end = min(begin + L, N)
+        ids = torch.from_numpy(tokens[begin:end]).long().unsqueeze(0)
+        tgt, _, _ = scorer.next_logprobs(ids)  # targets are tokens begin+1 .. end-1
+        first_new = max(scored_to, begin + 1) - (begin + 1)
+        new = tgt[0, first_new:]
+        total -= float(new.double().sum())
+        n += new.numel()
+        scored_to = end
+        if end == N:
+            break
+    return total, n
+
+
+def nll_stream(scorer: Scorer, tokens: np.ndarray, L: int) -> tuple[float, int]:
+    """The whole stream in chunks of L with carried state; every token after the first is scored."""
+    if not scorer.recurrent:
+        raise GooseError("the stream protocol needs a recurrent model (a goose student)")
+    total, n, state, last = 0.0, 0, None, None
+    for start in range(0, len(tokens), L):
+        chunk = torch.from_numpy(tokens[start : start + L]).long().unsqueeze(0)
+        if last is not None:  # the previous chunk's last position predicts this chunk's first token
+            total -= float(last[0, chunk[0, 0]].double())
+            n += 1
+        tgt, last, state = scorer.next_logprobs(chunk, state)
+        total -= float(tgt.double().sum())
+        n += tgt.numel()
+    return total, n
+
+
+def evaluate_stream(scorer: Scorer, tokens: np.ndarray, protocol: str, L: int, stride: int | None = None) -> dict:
+    if protocol not in PROTOCOLS:
+        raise GooseError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}")
+    t0 = time.perf_counter()
+    if protocol == "windows":
+        total, n = nll_windows(scorer, tokens, L)
+    elif protocol == "sliding":
+        total, n = nll_sliding(scorer, tokens, L, stride or L // 2)
+    else:
+        total, n = nll_stream(scorer, tokens, L)
+    seconds = time.perf_counter() - t0
+    return {"protocol": protocol, "seq_len": L, "stride": stride if protocol == "sliding" else None,
+            "tokens_scored": n, "nll": total / n, "ppl": math.exp(total / n), "seconds": seconds,
+            "tokens_per_s": len(tokens) / seconds if seconds > 0 else None}
+
+
+# ---- loading -----------------------------------------------------------------------------------
+
+
+def student_folder(path: str) -> tuple[Path, dict]:
+    """A saved student: a run folder (its best/), or a folder with config.json + model.safetensors."""
+    p = Path(path)
+    for cand in (p / "best", p):
+        if (cand / "config.json").is_file() and (cand / "model.safetensors").is_file():
+            meta = json.loads((cand / "goose.json").read_text()) if (cand / "goose.json").is_file() else {}
+            return cand, meta
+    raise GooseError(f"no saved student in {path} (expected best/ or config.json + model.safetensors)")
+
+
+def load_tokenizer(name: str | None, meta: dict):
+    from transformers import AutoTokenizer
+
+    source = name or meta.get("teacher")
+    if not source:
+        raise GooseError("cannot tell which tokenizer this student uses; pass --tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(source, revision=None if name else meta.get("revision"))
+    except (OSError, ValueError):
+        raise GooseError(f"cannot load tokenizer {source!r}; pass --tokenizer with a local folder") from None
+
+
+@dataclass
+class EvalConfig:
+    student: str | None = None
+    teacher: str | None = None
+    tokenizer: str | None = None
+    data: DataSpec | None = None
+    protocols: tuple[str, ...] = ("windows",)
+    seq_len: int = 256
+    stride: int | None = None
+    max_tokens: int | None = None
+    cache: str | None = None  # teacher agreement and calibration on a store's windows
+    cache_windows: int = 64
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """ECE over equal-width confidence bins: sum_b (n_b / n) |accuracy_b - confidence_b|."""
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - confidence[m].mean())
+    return float(ece)
+
+
+@torch.no_grad()
+def cache_agreement(model: Student, url: str, n_windows: int, device) -> dict:
+    """KL to the teacher (top-k + tail at T=1), top-1 agreement and ECE on a store's first windows."""
+    from .loader import read_windows
+    from .losses import student_bucket_logprobs, teacher_bucket_logprobs
+    from ..cache.reader import CacheReader
+
+    reader = CacheReader(url)
+    if reader.vocab_size != model.cfg.vocab_size:
+        raise GooseError(f"store vocabulary {reader.vocab_size} != student vocabulary {model.cfg.vocab_size}")
+    idx = np.arange(min(n_windows, reader.n_windows))
+    kl = agree = 0.0
+    n = 0
+    conf, correct = [], []
+    for batch in read_windows(url, idx, ["input_ids", "topk_ids", "topk_logits", "tail_lse"], 8):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(batch["input_ids"]).logits.float()
+        log_p = teacher_bucket_logprobs(batch["topk_logits"], batch["tail_lse"], reader.spec.tail_temperatures, 1.0)
+        log_q = student_bucket_logprobs(logits, batch["topk_ids"], 1.0)
+        kl += float((log_p.exp() * (log_p - log_q)).sum(-1).sum())
+        agree += float((logits.argmax(-1) == batch["topk_ids"][..., 0]).sum())
+        n += logits.shape[0] * logits.shape[1]
+        probs = torch.softmax(logits[:, :-1], -1)
+        top, pred = probs.max(-1)
+        conf.append(top.flatten().cpu().numpy())
+        correct.append((pred == batch["input_ids"][:, 1:]).flatten().cpu().numpy())
+    conf_a, corr_a = np.concatenate(conf), np.concatenate(correct).astype(np.float64)
+    return {"cache": url, "windows": int(len(idx)), "kl_to_teacher": kl / n, "top1_agreement": agree / n,
+            "ece": expected_calibration_error(conf_a, corr_a), "accuracy": float(corr_a.mean())}
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    from .teacher import load_teacher, resolve_device
+
+    if bool(cfg.student) == bool(cfg.teacher):
+        raise GooseError("give exactly one of a student (run folder or saved model) or --teacher")
+    device = resolve_device(cfg.device)
+    result: dict = {}
+    if cfg.student:
+        folder, meta = student_folder(cfg.student)
+        model = Student.from_pretrained(folder, device=device).eval()
+        tokenizer = load_tokenizer(cfg.tokenizer, meta) if cfg.data else None
+        scorer = StudentScorer(model, device)
+        result["model"] = {"kind": "student", "path": str(folder), "parameters": model.parameter_report()}
+    else:
+        teacher = load_teacher(cfg.teacher, dtype=cfg.dtype, device=cfg.device)
+        tokenizer, scorer, model = teacher.tokenizer, TeacherScorer(teacher.model, device), None
+        result["model"] = {"kind": "teacher", "name": teacher.name,
+                           "parameters": sum(p.numel() for p in teacher.model.parameters())}
+        ctx = teacher.max_positions
+        if ctx is not None and cfg.seq_len > ctx:
+            raise GooseError(f"--seq-len {cfg.seq_len} is above the teacher's context of {ctx} tokens")
+    if cfg.data is not None:
+        ds = load_texts(cfg.data)
+        tokens = tokenize_and_pack(ds, tokenizer, text_column=cfg.data.text_column, seq_len=1,
+                                   max_tokens=cfg.max_tokens).reshape(-1)
+        result["data"] = {**cfg.data.describe(), "tokens": int(len(tokens))}
+        result["perplexity"] = [evaluate_stream(scorer, tokens, p, cfg.seq_len, cfg.stride) for p in cfg.protocols]
+    if cfg.cache:
+        if model is None:
+            raise GooseError("--cache agreement is for students (the store already holds the teacher)")
+        result["teacher_agreement"] = cache_agreement(model, cfg.cache, cfg.cache_windows, device)
+    if model is not None and isinstance(scorer, StudentScorer) and scorer.stats:
+        summaries = {k: s.summary() for k, s in scorer.stats.items()}
+        rates = [s["firing_rate"] for s in summaries.values() if s]
+        result["spikes"] = {"firing_rate": float(np.mean(rates)) if rates else None,
+                            "zero_fraction": 1 - float(np.mean(rates)) if rates else None,
+                            "dead_fraction_max": max((s["dead_fraction"] for s in summaries.values() if s), default=None),
+                            "saturated_fraction_max": max((s["saturated_fraction"] for s in summaries.values() if s),
+                                                          default=None),
+                            "sites": summaries}
+        result["energy"] = model.energy_report(scorer.stats)
+    if "perplexity" not in result and "teacher_agreement" not in result:
+        raise GooseError("nothing to evaluate: give --dataset/--data-files and/or --cache")
+    return result
