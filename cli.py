@@ -229,6 +229,31 @@ def generate_cmd(student, prompt, max_new_tokens, temperature, top_k, top_p, see
                err=True)
 
 
+@main.command("validate")
+@click.argument("run")
+@click.option("--max-ppl-ratio", type=float, default=10.0, show_default=True,
+              help="Fail if student PPL / teacher PPL on the validation windows is above this.")
+@click.option("--max-dead", type=float, default=0.25, show_default=True)
+@click.option("--max-saturated", type=float, default=0.25, show_default=True)
+@click.option("--min-rate", type=float, default=0.01, show_default=True)
+@click.option("--max-rate", type=float, default=0.95, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def validate_cmd(run, max_ppl_ratio, max_dead, max_saturated, min_rate, max_rate, device):
+    """Post-training checks of RUN as a pass/fail table; exit 1 if any check fails."""
+    from .pipeline.validate import ValidateConfig, run_validate
+
+    checks = run_validate(ValidateConfig(run=run, max_ppl_ratio=max_ppl_ratio, max_dead=max_dead,
+                                         max_saturated=max_saturated, min_rate=min_rate, max_rate=max_rate,
+                                         device=device))
+    width = max(len(c.name) for c in checks)
+    for c in checks:
+        click.echo(f"{'PASS' if c.ok else 'FAIL'}  {c.name:<{width}}  {c.detail}")
+    failed = [c for c in checks if not c.ok]
+    click.echo(f"{len(checks) - len(failed)}/{len(checks)} checks passed")
+    if failed:
+        sys.exit(1)
+
+
 @main.group("cache")
 def cache_group():
     """Inspect and check teacher-cache stores."""

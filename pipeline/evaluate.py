@@ -50,9 +50,7 @@ class StudentScorer(Scorer):
         out = self.model(ids.to(self.device), state, collect_stats=True)
         for key, st in out.spike_stats.items():
             if key in self.stats:
-                self.stats[key].pos += st.pos
-                self.stats[key].neg += st.neg
-                self.stats[key].tokens += st.tokens
+                self.stats[key].merge(st)
             else:
                 self.stats[key] = st
         logp = torch.log_softmax(out.logits.float(), -1)

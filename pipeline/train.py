@@ -152,6 +152,65 @@ def check_store(cfg: TrainConfig, reader: CacheReader, val_reader: CacheReader |
         raise GooseError(f"amp must be none, bf16 or fp16, got {cfg.amp!r}")
 
 
+def split_windows(cfg: TrainConfig, reader: CacheReader, val_reader: CacheReader | None):
+    """(training windows, validation store URL, its spec, fixed validation windows) for a run config."""
+    spec = reader.spec
+    if val_reader is not None:
+        return (np.arange(spec.n_windows), val_reader.url, val_reader.spec,
+                np.arange(min(cfg.val_windows, val_reader.spec.n_windows)))
+    n_val = max(1, int(round(cfg.val_fraction * spec.n_windows)))
+    if n_val >= spec.n_windows:
+        raise GooseError(f"store has {spec.n_windows} windows: too few to hold out {n_val} for validation")
+    val = np.arange(spec.n_windows - n_val, spec.n_windows)[: cfg.val_windows]
+    return np.arange(spec.n_windows - n_val), reader.url, spec, val
+
+
+@torch.no_grad()
+def validate_model(model: Student, url: str, spec, windows: np.ndarray, batch_size: int, device,
+                   autocast=contextlib.nullcontext) -> tuple[dict, dict]:
+    """Perplexity, teacher perplexity on the same windows, KL to the teacher at T=1, top-1 agreement and
+    spike statistics over fixed windows of a store. Returns (metrics, per-site SpikeStats)."""
+    model.eval()
+    fields = ["input_ids", "topk_ids", "topk_logits", "tail_lse", "gold_nll"]
+    nll_sum = kl_sum = agree = teacher_nll = 0.0
+    n_tok = n_kd = 0
+    stats_all: dict = {}
+    for batch in read_windows(url, windows, fields, batch_size):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            out = model(batch["input_ids"], collect_stats=True)
+        logits = out.logits.float()
+        ids = batch["input_ids"]
+        n = ids[:, 1:].numel()
+        nll_sum += float(ce_loss(logits, ids)) * n
+        teacher_nll += float(batch["gold_nll"][:, :-1].double().sum())
+        n_tok += n
+        log_p = teacher_bucket_logprobs(batch["topk_logits"], batch["tail_lse"], spec.tail_temperatures, 1.0)
+        log_q = student_bucket_logprobs(logits, batch["topk_ids"], 1.0)
+        kl_sum += float((log_p.exp() * (log_p - log_q)).sum(-1).sum())
+        agree += float((logits.argmax(-1) == batch["topk_ids"][..., 0]).sum())
+        n_kd += ids.numel()
+        for key, st in out.spike_stats.items():
+            if key in stats_all:
+                stats_all[key].merge(st)
+            else:
+                stats_all[key] = st
+    summaries = {k: s.summary() for k, s in stats_all.items()}
+    energy = model.energy_report(stats_all)
+    rates = [s["firing_rate"] for s in summaries.values() if s]
+    return {
+        "val_loss": nll_sum / n_tok, "val_ppl": math.exp(nll_sum / n_tok),
+        "teacher_ppl": math.exp(teacher_nll / n_tok), "val_kl": kl_sum / n_kd, "val_top1_agree": agree / n_kd,
+        "spike_rate": float(np.mean(rates)) if rates else None,
+        "zero_fraction": 1 - float(np.mean(rates)) if rates else None,
+        "dead_fraction_max": max((s["dead_fraction"] for s in summaries.values() if s), default=None),
+        "saturated_fraction_max": max((s["saturated_fraction"] for s in summaries.values() if s), default=None),
+        "energy_ratio_vs_dense": energy["energy_ratio_vs_dense"],
+        "spike_sites": {k: {"rate": s["firing_rate"], "dead": s["dead_fraction"], "sat": s["saturated_fraction"]}
+                        for k, s in summaries.items() if s},
+    }, summaries
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -229,17 +288,8 @@ class Trainer:
         spec = self.reader.spec
 
         # windows: training pool and validation subset
-        if self.val_reader is not None:
-            self.train_windows = np.arange(spec.n_windows)
-            self.val_url, self.val_spec = self.val_reader.url, self.val_reader.spec
-            self.val_windows = np.arange(min(cfg.val_windows, self.val_spec.n_windows))
-        else:
-            n_val = max(1, int(round(cfg.val_fraction * spec.n_windows)))
-            if n_val >= spec.n_windows:
-                raise GooseError(f"store has {spec.n_windows} windows: too few to hold out {n_val} for validation")
-            self.train_windows = np.arange(spec.n_windows - n_val)
-            self.val_url, self.val_spec = self.reader.url, spec
-            self.val_windows = np.arange(spec.n_windows - n_val, spec.n_windows)[: cfg.val_windows]
+        self.train_windows, self.val_url, self.val_spec, self.val_windows = split_windows(
+            cfg, self.reader, self.val_reader)
         if len(self.train_windows) < cfg.batch_size:
             raise GooseError(f"only {len(self.train_windows)} training windows for a batch of {cfg.batch_size}")
 
@@ -445,53 +495,12 @@ class Trainer:
         return m
 
     # ---- validation ----------------------------------------------------------------------------
-    @torch.no_grad()
     def validate(self) -> dict:
         """Perplexity, KL to the teacher at T=1 and top-1 agreement on the fixed validation windows."""
-        self.model.eval()
-        fields = ["input_ids", "topk_ids", "topk_logits", "tail_lse", "gold_nll"]
-        nll_sum = kl_sum = agree = teacher_nll = 0.0
-        n_tok = n_kd = 0
-        stats_all: dict = {}
-        temps = self.val_spec.tail_temperatures
-        for batch in read_windows(self.val_url, self.val_windows, fields, self.cfg.batch_size):
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            with self._autocast():
-                out = self.model(batch["input_ids"], collect_stats=True)
-            logits = out.logits.float()
-            ids = batch["input_ids"]
-            n = ids[:, 1:].numel()
-            nll_sum += float(ce_loss(logits, ids)) * n
-            teacher_nll += float(batch["gold_nll"][:, :-1].double().sum())
-            n_tok += n
-            log_p = teacher_bucket_logprobs(batch["topk_logits"], batch["tail_lse"], temps, 1.0)
-            log_q = student_bucket_logprobs(logits, batch["topk_ids"], 1.0)
-            kl_sum += float((log_p.exp() * (log_p - log_q)).sum(-1).sum())
-            agree += float((logits.argmax(-1) == batch["topk_ids"][..., 0]).sum())
-            n_kd += ids.numel()
-            for key, st in out.spike_stats.items():
-                if key in stats_all:
-                    stats_all[key].pos += st.pos
-                    stats_all[key].neg += st.neg
-                    stats_all[key].tokens += st.tokens
-                else:
-                    stats_all[key] = st
-        summaries = {k: s.summary() for k, s in stats_all.items()}
-        energy = self.model.energy_report(stats_all)
-        rates = [s["firing_rate"] for s in summaries.values() if s]
-        val = {
-            "step": self.step, "val_loss": nll_sum / n_tok, "val_ppl": math.exp(nll_sum / n_tok),
-            "teacher_ppl": math.exp(teacher_nll / n_tok), "val_kl": kl_sum / n_kd, "val_top1_agree": agree / n_kd,
-            "spike_rate": float(np.mean(rates)) if rates else None,
-            "zero_fraction": 1 - float(np.mean(rates)) if rates else None,
-            "dead_fraction_max": max((s["dead_fraction"] for s in summaries.values() if s), default=None),
-            "saturated_fraction_max": max((s["saturated_fraction"] for s in summaries.values() if s), default=None),
-            "energy_ratio_vs_dense": energy["energy_ratio_vs_dense"],
-            "spike_sites": {k: {"rate": s["firing_rate"], "dead": s["dead_fraction"], "sat": s["saturated_fraction"]}
-                            for k, s in summaries.items() if s},
-        }
+        val, summaries = validate_model(self.model, self.val_url, self.val_spec, self.val_windows,
+                                        self.cfg.batch_size, self.device, self._autocast)
         self.monitor.on_spikes(self.step, summaries)
-        return val
+        return {"step": self.step, **val}
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _payload(self) -> dict:

@@ -212,11 +212,17 @@ class SpikeStats:
         self.neg = None
 
     def add(self, pos: torch.Tensor, neg: torch.Tensor) -> None:
-        p = pos.reshape(-1, pos.shape[-1]).sum(0).double()
-        n = neg.reshape(-1, neg.shape[-1]).sum(0).double()
-        self.pos = p if self.pos is None else self.pos + p
-        self.neg = n if self.neg is None else self.neg + n
-        self.tokens += pos.reshape(-1, pos.shape[-1]).shape[0]
+        flat_pos, flat_neg = pos.reshape(-1, pos.shape[-1]), neg.reshape(-1, neg.shape[-1])
+        self.add_counts(flat_pos.sum(0).double(), flat_neg.sum(0).double(), flat_pos.shape[0])
+
+    def merge(self, other: "SpikeStats") -> None:
+        if other.tokens:
+            self.add_counts(other.pos, other.neg, other.tokens)
+
+    def add_counts(self, pos: torch.Tensor, neg: torch.Tensor, tokens: int) -> None:
+        self.pos = pos.clone() if self.pos is None else self.pos + pos
+        self.neg = neg.clone() if self.neg is None else self.neg + neg
+        self.tokens += tokens
 
     def summary(self) -> dict:
         """firing_rate (fraction non-zero), zero_fraction, pos/neg fractions, balance (pos - neg) / fired,

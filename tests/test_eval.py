@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -127,3 +128,19 @@ def test_eval_and_generate_cli_on_a_trained_run(tmp_path, store):  # noqa: F811
     assert g.exit_code == 0 and g.stdout.startswith("The") and "tokens/s" in g.stderr
     bad = CliRunner().invoke(main, ["eval", str(tmp_path / "nothing")])
     assert bad.exit_code == 2 and "no saved student" in bad.stderr
+
+
+def test_validate_passes_a_trained_run_and_fails_a_tampered_one(tmp_path, store):  # noqa: F811
+    run = tmp_path / "run"
+    run_train(cfg_for(store, run, "steps=6", "val_every=6"), progress=False)
+    ok = CliRunner().invoke(main, ["validate", str(run), "--max-ppl-ratio", "1000", "--max-dead", "1",
+                                   "--max-saturated", "1"])
+    assert ok.exit_code == 0, ok.output
+    assert "PASS  reproduces val PPL" in ok.stdout and "PASS  recurrent == chunked" in ok.stdout
+    strict = CliRunner().invoke(main, ["validate", str(run), "--max-ppl-ratio", "1.0"])
+    assert strict.exit_code == 1 and "FAIL  PPL vs teacher" in strict.stdout
+    metrics = json.loads((run / "best" / "metrics.json").read_text())
+    metrics["val_ppl"] *= 1.5
+    (run / "best" / "metrics.json").write_text(json.dumps(metrics))
+    tampered = CliRunner().invoke(main, ["validate", str(run), "--max-ppl-ratio", "1000"])
+    assert tampered.exit_code == 1 and "FAIL  reproduces val PPL" in tampered.stdout
