@@ -254,6 +254,52 @@ def validate_cmd(run, max_ppl_ratio, max_dead, max_saturated, min_rate, max_rate
         sys.exit(1)
 
 
+@main.command("report")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--out", "-o", required=True, help="Folder for report.md, summary.json and the PNG plots.")
+def report_cmd(runs, out):
+    """Plots and a markdown comparison table of one or more RUNS (from their logs)."""
+    from .pipeline.report import run_report
+
+    r = run_report(list(runs), out)
+    click.echo(r["table"])
+    click.echo(f"report: {r['report']} ({len(r['plots'])} plots)")
+
+
+@main.command("ablate")
+@click.option("--cache", required=True, help="The store every run trains from.")
+@click.option("--grid", required=True, help="Grid YAML file, or a built-in grid: distill, spikes.")
+@click.option("--out", "-o", required=True, help="Folder for the runs, their logs and the report.")
+@click.option("--parallel", type=int, default=1, show_default=True, help="Runs at a time.")
+@click.option("--set", "overrides", multiple=True, help="Override for every run: --set steps=300 (repeat).")
+def ablate_cmd(cache, grid, out, parallel, overrides):
+    """Train a grid of student configs against one store (resumable), then write the report."""
+    from .pipeline.ablate import run_ablation
+
+    if parallel < 1:
+        raise GooseError("--parallel must be >= 1")
+    r = run_ablation(cache, grid, out, parallel=parallel, extra_set=list(overrides), echo=click.echo)
+    if r["report"]:
+        click.echo(r["report"]["table"])
+        click.echo(f"report: {r['report']['report']}")
+    if r["failed"]:
+        click.echo(f"error: {len(r['failed'])} runs failed: {', '.join(r['failed'])}", err=True)
+        sys.exit(1)
+
+
+@main.command("quickstart")
+@click.option("--out", "-o", default="runs/quickstart", show_default=True, help="A new or empty folder.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--teacher-steps", type=int, default=300, show_default=True)
+@click.option("--student-steps", type=int, default=150, show_default=True)
+def quickstart_cmd(out, seed, teacher_steps, student_steps):
+    """Offline end to end: corpus, teacher, cache, KD and CE students, eval, report (~5 min on 2 CPUs)."""
+    from .pipeline.quickstart import run_quickstart
+
+    s = run_quickstart(out, seed=seed, teacher_steps=teacher_steps, student_steps=student_steps, echo=click.echo)
+    click.echo(f"done in {s['seconds']:.0f} s. Report: {s['report']}  Summary: {s['out']}/summary.json")
+
+
 @main.group("cache")
 def cache_group():
     """Inspect and check teacher-cache stores."""

@@ -355,6 +355,7 @@ class Trainer:
         self.skipped_steps = 0
         self.rollbacks = 0
         self.best_val = float("inf")
+        self.elapsed_before = 0.0  # training seconds of earlier processes of this run (resume)
         self.events = EventLog(self.run / "events.jsonl", echo=self._warn)
         self.monitor = HealthMonitor(cfg.monitor, self.events, grad_clip=cfg.optim.grad_clip,
                                      t_bounds=(cfg.temperature.t_min, cfg.temperature.t_max)
@@ -511,6 +512,7 @@ class Trainer:
             "curriculum": self.curriculum.state_dict() if self.curriculum else None,
             "lr_scale": self.lr_scale, "rewarm_from": self.rewarm_from, "best_val": self.best_val,
             "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
+            "elapsed_s": self.elapsed_before + time.perf_counter() - getattr(self, "_start_time", time.perf_counter()),
             "monitor_counts": dict(self.events.counts), "goose_version": __version__,
         }
 
@@ -540,6 +542,7 @@ class Trainer:
             self.lr_scale = float(d["lr_scale"])
         self.rewarm_from, self.best_val = d["rewarm_from"], float(d["best_val"])
         self.skipped_steps, self.rollbacks = int(d["skipped_steps"]), int(d["rollbacks"])
+        self.elapsed_before = float(d.get("elapsed_s", 0.0))
         self.events.counts.update({k: v for k, v in d.get("monitor_counts", {}).items() if k not in self.events.counts})
 
     def rollback(self) -> bool:
@@ -548,8 +551,9 @@ class Trainer:
         if path is None:
             return False
         lowered = self.lr_scale * self.cfg.rollback_lr_factor
-        skipped, rollbacks = self.skipped_steps, self.rollbacks + 1
+        skipped, rollbacks, elapsed = self.skipped_steps, self.rollbacks + 1, self.elapsed_before
         self._load(path, keep_lr_scale=True)
+        self.elapsed_before = elapsed
         self.lr_scale, self.skipped_steps, self.rollbacks, self.bad_steps = lowered, skipped, rollbacks, 0
         self.events.emit(self.step, "rollback", f"{self.cfg.nan_patience} non-finite steps in a row: rolled back to "
                          f"{path.name}, learning-rate scale now {lowered:g}", lr_scale=lowered)
@@ -598,6 +602,7 @@ class Trainer:
         bar = tqdm(total=c.steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
                    dynamic_ncols=True)
         t_last, tok_last, start_time = time.perf_counter(), 0, time.perf_counter()
+        self._start_time = start_time
         tokens_per_step = c.batch_size * c.optim.accumulation * self.reader.seq_len
         last_val = None
         interrupted = False
@@ -618,6 +623,7 @@ class Trainer:
                     now = time.perf_counter()
                     m["tokens_per_s"] = tok_last / max(now - t_last, 1e-9)
                     m["tokens"] = self.step * tokens_per_step
+                    m["elapsed_s"] = self.elapsed_before + now - start_time
                     t_last, tok_last = now, 0
                     self._log(metrics_path, tb, m)
                     bar.set_postfix(loss=f"{m.get('loss', float('nan')):.3f}", T=f"{m.get('temperature', 0):.2f}"
@@ -669,7 +675,7 @@ class Trainer:
             self.best_val = val["val_loss"]
             self.save_best(val)
         val["best_val_ppl"] = math.exp(self.best_val)
-        self._log(metrics_path, tb, {k: v for k, v in val.items() if k != "spike_sites"} | {"kind": "val"})
+        self._log(metrics_path, tb, val | {"kind": "val"})
         if tb is not None:
             for key, s in val["spike_sites"].items():
                 tb.add_scalar(f"spikes/rate/{key}", s["rate"], self.step)

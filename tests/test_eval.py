@@ -144,3 +144,39 @@ def test_validate_passes_a_trained_run_and_fails_a_tampered_one(tmp_path, store)
     (run / "best" / "metrics.json").write_text(json.dumps(metrics))
     tampered = CliRunner().invoke(main, ["validate", str(run), "--max-ppl-ratio", "1000"])
     assert tampered.exit_code == 1 and "FAIL  reproduces val PPL" in tampered.stdout
+
+
+def test_report_writes_readable_pngs_and_a_table(tmp_path, store):  # noqa: F811
+    import matplotlib.image as mpimg
+
+    for name, extra in (("a", []), ("b", ["curriculum.enabled=true", "temperature.mode=ctkd"])):
+        run_train(cfg_for(store, tmp_path / name, "steps=6", "val_every=3", *extra), progress=False)
+    r = CliRunner().invoke(main, ["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| a |" in md and "| b |" in md and "val_ppl.png" in md
+    pngs = sorted((tmp_path / "rep").glob("*.png"))
+    assert {p.name for p in pngs} == {"losses.png", "val_ppl.png", "temperature_lr.png", "spike_rates.png"}
+    for p in pngs:
+        img = mpimg.imread(p)
+        assert img.shape[0] > 200 and img.shape[1] > 300 and img.std() > 0  # decodes, and is not blank
+    bad = CliRunner().invoke(main, ["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "not a run folder" in bad.stderr
+
+
+def test_ablate_runs_a_grid_and_resumes_without_redoing_finished_runs(tmp_path, store):  # noqa: F811
+    grid = tmp_path / "grid.yaml"
+    base = ("steps: 3\nbatch_size: 4\nval_every: 3\nval_windows: 4\ntensorboard: false\n"
+            "set: ['model.preset=tiny']\nruns:\n  kd: {config: kd}\n  ce: {config: ce_only}\n")
+    grid.write_text(base)
+    args = ["ablate", "--cache", store, "--grid", str(grid), "--out", str(tmp_path / "abl"), "--parallel", "2"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert (tmp_path / "abl" / "kd" / "DONE").exists() and (tmp_path / "abl" / "ce" / "DONE").exists()
+    assert "| kd |" in first.stdout and (tmp_path / "abl" / "report" / "report.md").exists()
+    stamp = (tmp_path / "abl" / "kd" / "metrics.jsonl").stat().st_mtime_ns
+    grid.write_text(base + "  kd_lif: {config: kd, set: ['model.overrides={spike: {lif: true}}']}\n")
+    second = CliRunner().invoke(main, args)
+    assert second.exit_code == 0, second.output
+    assert "2 already done, 1 to run" in second.stdout and "| kd_lif |" in second.stdout
+    assert (tmp_path / "abl" / "kd" / "metrics.jsonl").stat().st_mtime_ns == stamp

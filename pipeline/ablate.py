@@ -1,0 +1,131 @@
+"""`goose ablate`: many student configs against one store, N at a time, resumable, then one report.
+
+A grid is YAML:
+
+    steps: 300                      # applied to every run (any top-level TrainConfig key works)
+    set: ["batch_size=8"]           # overrides for every run
+    runs:
+      ce_only: {config: ce_only}    # a shipped config (configs/NAME.yaml) or a path
+      kd:      {config: kd}
+      kd_lif:  {config: kd, set: ["model.overrides={spike: {lif: true}}"]}
+
+Each run is its own `goose train-from-cache` process (isolated, killable) writing DIR/NAME; a finished run
+gets DIR/NAME/DONE and is never redone; an interrupted one is resumed from its last checkpoint. The store
+is opened read-only by every run, so N runs share it safely.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from ..errors import GooseError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+BUILTIN_GRIDS = {
+    # the seed's distillation ablation: no KD / KD / +CTKD / +POCL / +alignment / full
+    "distill": {"runs": {name: {"config": name} for name in ("ce_only", "kd", "ctkd", "pocl", "align", "full")}},
+    # spike ablations on top of KD
+    "spikes": {"runs": {
+        "ternary": {"config": "kd"},
+        "binary_unsigned": {"config": "kd", "set": ["model.overrides={spike_sites: [cm_v]}"]},
+        "lif": {"config": "kd", "set": ["model.overrides={spike: {lif: true}}"]},
+        "dense": {"config": "kd", "set": ["model.overrides={spike_sites: []}"]},
+    }},
+}
+
+
+def resolve_config(name: str) -> str:
+    for cand in (Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if cand.is_file():
+            return str(cand)
+    raise GooseError(f"config {name!r} not found (a path, or one of: "
+                     f"{', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.yaml')))})")
+
+
+def load_grid(grid: str) -> dict:
+    if grid in BUILTIN_GRIDS:
+        return BUILTIN_GRIDS[grid]
+    p = Path(grid)
+    if not p.is_file():
+        raise GooseError(f"grid {grid!r} is neither a file nor a built-in grid ({', '.join(BUILTIN_GRIDS)})")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise GooseError(f"cannot parse grid {grid}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data.get("runs"), dict) or not data["runs"]:
+        raise GooseError(f"grid {grid} has no runs: mapping")
+    return data
+
+
+def run_commands(grid: dict, cache: str, out: Path, extra_set: list[str] = ()) -> dict[str, list[str]]:
+    """The train-from-cache command line of every run in the grid."""
+    common = [f"{k}={json.dumps(v)}" for k, v in grid.items() if k not in ("runs", "set")]
+    common += list(grid.get("set", [])) + list(extra_set)
+    cmds = {}
+    for name, spec in grid["runs"].items():
+        spec = spec or {}
+        cmd = [sys.executable, "-m", "goose.cli", "train-from-cache", "--cache", cache, "--out", str(out / name),
+               "--no-progress"]
+        if spec.get("config"):
+            cmd += ["--config", resolve_config(spec["config"])]
+        for item in common + list(spec.get("set", [])):
+            cmd += ["--set", item]
+        cmds[name] = cmd
+    return cmds
+
+
+def run_ablation(cache: str, grid_name: str, out: str, *, parallel: int = 1, extra_set: list[str] = (),
+                 echo=print) -> dict:
+    from ..cache.reader import CacheReader
+    from .report import run_report
+
+    CacheReader(cache)  # fail now, not in every child, if the store is missing or unfinished
+    grid = load_grid(grid_name)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmds = run_commands(grid, cache, out_dir, extra_set)
+    todo, done = [], []
+    for name, cmd in cmds.items():
+        run = out_dir / name
+        if (run / "DONE").exists():
+            done.append(name)
+            continue
+        if (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step_*")):
+            cmd = cmd + ["--resume"]
+        todo.append((name, cmd))
+    echo(f"ablate: {len(cmds)} runs, {len(done)} already done, {len(todo)} to run, {parallel} at a time")
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    running: dict[str, tuple[subprocess.Popen, object]] = {}
+    failed = []
+    t0 = time.perf_counter()
+    while todo or running:
+        while todo and len(running) < parallel:
+            name, cmd = todo.pop(0)
+            log = open(out_dir / f"{name}.log", "a")
+            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+            echo(f"  started {name}")
+        time.sleep(0.5)
+        for name, (proc, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            if proc.returncode == 0:
+                (out_dir / name / "DONE").write_text(json.dumps({"finished": time.time()}))
+                done.append(name)
+                echo(f"  finished {name}")
+            else:
+                failed.append(name)
+                echo(f"  FAILED {name} (exit {proc.returncode}; see {out_dir / (name + '.log')})")
+    finished = [n for n in cmds if (out_dir / n / "DONE").exists()]
+    report = run_report([str(out_dir / n) for n in finished], str(out_dir / "report")) if finished else None
+    return {"out": str(out_dir), "runs": list(cmds), "finished": finished, "failed": failed,
+            "seconds": time.perf_counter() - t0, "report": report}
