@@ -158,7 +158,7 @@ class _Rows:
 
 
 def run_quickstart(out: str, *, seed: int = 0, teacher_steps: int = 300, student_steps: int = 150,
-                   echo=print) -> dict:
+                   train_docs: int = 4000, cache_tokens: int = 400_000, echo=print) -> dict:
     from .cache_teacher import CacheTeacherConfig, run_cache_teacher
     from .config import load_config
     from .data import DataSpec
@@ -171,7 +171,7 @@ def run_quickstart(out: str, *, seed: int = 0, teacher_steps: int = 300, student
         raise GooseError(f"{out} exists and is not empty; choose a new --out")
     t_start = time.perf_counter()
     (root / "data").mkdir(parents=True)
-    train_docs, valid_docs = make_corpus(4000, seed), make_corpus(300, seed + 1)
+    train_docs, valid_docs = make_corpus(train_docs, seed), make_corpus(300, seed + 1)
     for name, docs in (("train", train_docs), ("valid", valid_docs)):
         with open(root / "data" / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
@@ -185,7 +185,7 @@ def run_quickstart(out: str, *, seed: int = 0, teacher_steps: int = 300, student
     store = root / "cache.zarr"
     cache = run_cache_teacher(CacheTeacherConfig(
         output=str(store), teacher=str(teacher_dir), data=DataSpec(data_files=(str(root / "data" / "train.jsonl"),)),
-        seq_len=128, max_tokens=400_000, top_k=32, hidden_layers="-1", chunk_windows=16, batch_size=16,
+        seq_len=128, max_tokens=cache_tokens, top_k=32, hidden_layers="-1", chunk_windows=16, batch_size=16,
         device="cpu", dtype="fp32"))
     echo(f"[3/5] cache-teacher: {cache['tokens']:,} tokens, {cache['bytes_per_token']:.0f} bytes/token, "
          f"{cache['tokens_per_s']:,.0f} tokens/s -> {store}")

@@ -143,12 +143,12 @@ def test_gradient_reversal_raises_the_kd_loss():
     temp = Temperature(TemperatureConfig(mode="ctkd", value=2.0, t_min=1.0, t_max=4.0, lambda_max=1.0,
                                          lambda_warmup=0.1))
     opt = torch.optim.SGD(temp.parameters(), lr=0.5)
-    before = float(kd_loss(zs, ti, tl, lse, TEMPS, temp.raw()))
+    before = float(kd_loss(zs, ti, tl, lse, TEMPS, temp.raw().detach()))
     for _ in range(5):
         opt.zero_grad()
         kd_loss(zs, ti, tl, lse, TEMPS, temp(progress=0.5)).backward()  # lambda = 1 after the warm-up
         opt.step()
-    after = float(kd_loss(zs, ti, tl, lse, TEMPS, temp.raw()))
+    after = float(kd_loss(zs, ti, tl, lse, TEMPS, temp.raw().detach()))
     assert after > before  # the student minimises KD; the temperature, through the GRL, maximises it
     assert 1.0 < float(temp.raw()) < 4.0
     # without reversal, plain descent lowers the loss instead

@@ -1,0 +1,57 @@
+"""The offline quick start: grammar, tokenizer, and the whole pipeline wired end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from goose.errors import GooseError
+from goose.pipeline.quickstart import make_corpus, run_quickstart, save_tokenizer, vocabulary
+
+
+def test_grammar_agreement_and_vocabulary(tmp_path):
+    docs = make_corpus(200, 0)
+    assert docs == make_corpus(200, 0) and docs != make_corpus(200, 1)
+    words = {w for d in docs for w in d.split()}
+    assert words <= set(vocabulary())
+    # "the dogs that the cat chases run": the main verb agrees with the head noun across the clause
+    from goose.pipeline.quickstart import TOPICS
+
+    sg = {n[0] for t in TOPICS.values() for n in t["nouns"]}
+    pl_verbs = {v[1] for t in TOPICS.values() for v in t["verbs"]}
+    sg_verbs = {v[0] for t in TOPICS.values() for v in t["verbs"]}
+    checked = 0
+    for d in docs:
+        for sent in d.split(" . ")[1:]:
+            w = sent.split()
+            if len(w) > 3 and w[0] in ("the", "a", "this", "some", "these") and "that" in w and w[-1] in pl_verbs | sg_verbs:
+                head = w[1] if w[1] in sg or w[1] in {n[1] for t in TOPICS.values() for n in t["nouns"]} else w[2]
+                assert (w[-1] in sg_verbs) == (head in sg), sent
+                checked += 1
+    assert checked > 50
+    tok = save_tokenizer(tmp_path / "tok")
+    ids = tok(docs[0])["input_ids"]
+    assert tok.decode(ids) == docs[0] and tok.eos_token_id == 0
+
+
+def test_quickstart_wires_every_stage(tmp_path):
+    s = run_quickstart(str(tmp_path / "qs"), teacher_steps=10, student_steps=4, train_docs=300,
+                       cache_tokens=16384, echo=lambda line: None)
+    out = tmp_path / "qs"
+    for path in ("teacher/config.json", "teacher/tokenizer.json", "cache.zarr/zarr.json", "student_kd/best/config.json",
+                 "student_ce/best/config.json", "report/report.md", "report/val_ppl.png", "summary.json"):
+        assert (out / path).exists(), path
+    assert set(s["held_out_ppl"]) == {"teacher", "student_kd", "student_ce"}
+    assert all(1 < p < len(vocabulary()) * 2 for p in s["held_out_ppl"].values())
+    assert json.loads((out / "summary.json").read_text())["held_out_ppl"] == pytest.approx(s["held_out_ppl"])
+    with pytest.raises(GooseError, match="not empty"):
+        run_quickstart(str(out), echo=lambda line: None)
+
+
+@pytest.mark.slow
+def test_quickstart_default_distils_a_student_that_beats_chance(tmp_path):
+    s = run_quickstart(str(tmp_path / "qs"), echo=lambda line: None)
+    ppl = s["held_out_ppl"]
+    assert ppl["teacher"] < ppl["student_kd"] < len(vocabulary()) / 4
+    assert s["seconds"] < 900
