@@ -34,7 +34,7 @@ BUILTIN_GRIDS = {
     # spike ablations on top of KD
     "spikes": {"runs": {
         "ternary": {"config": "kd"},
-        "binary_unsigned": {"config": "kd", "set": ["model.overrides={spike_sites: [cm_v]}"]},
+        "binary": {"config": "kd", "set": ["model.overrides={spike: {binary: true}}"]},
         "lif": {"config": "kd", "set": ["model.overrides={spike: {lif: true}}"]},
         "dense": {"config": "kd", "set": ["model.overrides={spike_sites: []}"]},
     }},

@@ -123,7 +123,7 @@ class SpikeSites(nn.Module):
     def __init__(self, cfg: StudentConfig, widths: dict[str, int]):
         super().__init__()
         self.spikes = nn.ModuleDict(
-            {site: TernarySpike(width, cfg.spike, signed=site not in UNSIGNED_SITES)
+            {site: TernarySpike(width, cfg.spike, signed=site not in UNSIGNED_SITES and not cfg.spike.binary)
              for site, width in widths.items() if site in cfg.spike_sites}
         )
 

@@ -78,6 +78,7 @@ class SpikeConfig:
     learn_leak: bool = True
     detach_reset: bool = True  # no gradient through the reset path (SpikingJelly's default; stabler)
     micro_steps: int = 1  # rate coding: LIF steps per token
+    binary: bool = False  # {0, +a} spikes at every site (SpikeGPT-style) instead of ternary
 
     def __post_init__(self):
         if self.threshold not in ("learned", "stats"):

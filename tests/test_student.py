@@ -328,3 +328,19 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+def test_binary_spikes_are_non_negative_and_every_parameter_learns():
+    model = random_student(spike=SpikeConfig(binary=True))
+    model.train()
+    ids = torch.randint(0, 512, (2, 16))
+    seen = []
+    hook = lambda mod, inp, out: seen.append(out[0].detach())  # noqa: E731
+    handles = [m.register_forward_hook(hook) for m in model.spike_modules().values()]
+    out = model(ids)
+    for h in handles:
+        h.remove()
+    assert seen and all((s >= 0).all() for s in seen)
+    assert not any("amp_neg" in n for n, _ in model.named_parameters())
+    F.cross_entropy(out.logits.reshape(-1, 512), ids.reshape(-1)).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
