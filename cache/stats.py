@@ -93,7 +93,7 @@ class VerifyReport:
 def _check_chunk(part: dict, spec, tol: float = 1e-3) -> list[str]:
     """Every invariant of one chunk's arrays; returns failure descriptions (empty when sound)."""
     bad = []
-    n, L, k = part["input_ids"].shape[0], spec.seq_len, spec.top_k
+    n, k = part["input_ids"].shape[0], spec.top_k
     for name, array_spec in spec.arrays().items():
         a = part[name]
         want = (n,) + array_spec.shape[1:]

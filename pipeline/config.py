@@ -15,7 +15,6 @@ from pathlib import Path
 import yaml
 
 from ..errors import GooseError
-from ..student.spikes import SpikeConfig
 from .curriculum import CurriculumConfig
 from .temperature import TemperatureConfig
 
@@ -116,9 +115,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-_NESTED = {TrainConfig: None}
-
-
 def from_dict(cls, data: dict, where: str = ""):
     """Build dataclass `cls` from a nested dict; unknown keys are a GooseError naming the key."""
     if not isinstance(data, dict):
@@ -183,6 +179,3 @@ def dump_config(cfg: TrainConfig, path: Path, extra: dict | None = None) -> None
         d["_resolved"] = extra
     path.write_text(yaml.safe_dump(d, sort_keys=False))
 
-
-__all__ = ["TrainConfig", "ModelConfig", "LossConfig", "AlignConfig", "OptimConfig", "MonitorConfig",
-           "SpikeConfig", "load_config", "dump_config", "from_dict"]

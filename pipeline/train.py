@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..cache.reader import CacheReader
 from ..errors import GooseError
-from ..student.model import Student, config_for_store, detach_state  # noqa: F401 (detach_state: API)
+from ..student.model import Student, config_for_store
 from ..student.spikes import firing_rate_loss
 from .config import TrainConfig, dump_config
 from .curriculum import Curriculum, difficulty_order

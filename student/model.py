@@ -396,7 +396,8 @@ class Student(nn.Module):
         macs = acs = dense = 0.0
         for i in range(cfg.n_layer):
             att = self.blocks[i].att
-            lora = sum(p.numel() for n, p in att.named_parameters(recurse=False) if n[0] in "wavg" and n[1] in "12")
+            lora = sum(p.numel() for n, p in att.named_parameters(recurse=False)
+                       if n in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2"))
             for site, n_in, n_out in (("tm_r", C, C), ("tm_k", C, C), ("tm_v", C, C), ("tm_out", C, C),
                                       ("cm_k", C, F_), ("cm_v", F_, C)):
                 ops = n_in * n_out

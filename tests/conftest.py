@@ -60,3 +60,18 @@ def corpus_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text(f'<doc id="1" title="A">\n{text[:half]}\n</doc>\n<doc id="2" title="B">\n{text[half:]}\n</doc>\n')
     return path
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory) -> str:
+    """enwiki-tiny over a slice of the enwiki text: 96 windows of 64 tokens, hidden layers 2 and 4, samples."""
+    from goose.pipeline.cache_teacher import CacheTeacherConfig, run_cache_teacher
+    from goose.pipeline.data import DataSpec
+
+    out = tmp_path_factory.mktemp("store") / "enwiki.zarr"
+    cfg = CacheTeacherConfig(output=str(out), teacher=str(need(ENWIKI_TEACHER)),
+                             data=DataSpec(data_files=(str(need(ENWIKI_TEXT) / "wiki_00"),)), seq_len=64,
+                             max_tokens=96 * 64, top_k=32, hidden_layers="2,4", samples=8, chunk_windows=8,
+                             batch_size=8, device="cpu", progress=False)
+    run_cache_teacher(cfg)
+    return str(out)

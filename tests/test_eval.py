@@ -20,9 +20,8 @@ from goose.pipeline.evaluate import (
     expected_calibration_error,
 )
 from goose.pipeline.generate import filter_logits, generate
-from goose.student.model import Student, preset
 from test_student import random_student
-from test_train import cfg_for, store  # noqa: F401
+from test_train import cfg_for
 from goose.pipeline.train import run_train
 
 
@@ -112,7 +111,7 @@ def test_generation_is_seeded_and_greedy_matches_full_recompute():
     assert greedy == seq[3:]
 
 
-def test_eval_and_generate_cli_on_a_trained_run(tmp_path, store):  # noqa: F811
+def test_eval_and_generate_cli_on_a_trained_run(tmp_path, store):
     run_train(cfg_for(store, tmp_path / "run", "steps=4", "val_every=4"), progress=False)
     text = tmp_path / "t.txt"
     text.write_text(need(WIKITEXT_VALID).read_text()[:4000])
@@ -130,7 +129,7 @@ def test_eval_and_generate_cli_on_a_trained_run(tmp_path, store):  # noqa: F811
     assert bad.exit_code == 2 and "no saved student" in bad.stderr
 
 
-def test_validate_passes_a_trained_run_and_fails_a_tampered_one(tmp_path, store):  # noqa: F811
+def test_validate_passes_a_trained_run_and_fails_a_tampered_one(tmp_path, store):
     run = tmp_path / "run"
     run_train(cfg_for(store, run, "steps=6", "val_every=6"), progress=False)
     ok = CliRunner().invoke(main, ["validate", str(run), "--max-ppl-ratio", "1000", "--max-dead", "1",
@@ -146,7 +145,7 @@ def test_validate_passes_a_trained_run_and_fails_a_tampered_one(tmp_path, store)
     assert tampered.exit_code == 1 and "FAIL  reproduces val PPL" in tampered.stdout
 
 
-def test_report_writes_readable_pngs_and_a_table(tmp_path, store):  # noqa: F811
+def test_report_writes_readable_pngs_and_a_table(tmp_path, store):
     import matplotlib.image as mpimg
 
     for name, extra in (("a", []), ("b", ["curriculum.enabled=true", "temperature.mode=ctkd"])):
@@ -164,7 +163,7 @@ def test_report_writes_readable_pngs_and_a_table(tmp_path, store):  # noqa: F811
     assert bad.exit_code == 2 and "not a run folder" in bad.stderr
 
 
-def test_ablate_runs_a_grid_and_resumes_without_redoing_finished_runs(tmp_path, store):  # noqa: F811
+def test_ablate_runs_a_grid_and_resumes_without_redoing_finished_runs(tmp_path, store):
     grid = tmp_path / "grid.yaml"
     base = ("steps: 3\nbatch_size: 4\nval_every: 3\nval_windows: 4\ntensorboard: false\n"
             "set: ['model.preset=tiny']\nruns:\n  kd: {config: kd}\n  ce: {config: ce_only}\n")

@@ -6,7 +6,6 @@ import numpy as np
 import torch
 
 from goose.pipeline.loader import CacheLoader, epoch_plan
-from test_train import store  # noqa: F401  (session fixture: a small enwiki-tiny store)
 
 
 def test_epoch_plan_covers_the_pool_once_and_is_seeded():
@@ -23,7 +22,7 @@ def test_epoch_plan_covers_the_pool_once_and_is_seeded():
     assert max(len(np.unique(b // 16)) for b in plan) <= 4
 
 
-def test_loader_workers_and_resume_give_the_same_batches(store):  # noqa: F811
+def test_loader_workers_and_resume_give_the_same_batches(store):
     def make(workers):
         loader = CacheLoader(store, ["input_ids", "topk_logits"], batch_size=4, chunk_windows=8, seed=3,
                              num_workers=workers)

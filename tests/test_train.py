@@ -12,27 +12,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import ENWIKI_TEACHER, ENWIKI_TEXT, need
 from goose.cli import main
 from goose.errors import GooseError
 from goose.pipeline.cache_teacher import CacheTeacherConfig, run_cache_teacher
-from goose.pipeline.config import load_config
+from goose.pipeline.config import MonitorConfig, load_config
 from goose.pipeline.data import DataSpec
 from goose.pipeline.monitor import EventLog, HealthMonitor
-from goose.pipeline.config import MonitorConfig
 from goose.pipeline.train import Trainer, run_train
-
-
-@pytest.fixture(scope="session")
-def store(tmp_path_factory) -> str:
-    """enwiki-tiny over a slice of the enwiki text: 96 windows of 64 tokens, hidden layers 2 and 4, samples."""
-    out = tmp_path_factory.mktemp("store") / "enwiki.zarr"
-    cfg = CacheTeacherConfig(output=str(out), teacher=str(need(ENWIKI_TEACHER)),
-                             data=DataSpec(data_files=(str(need(ENWIKI_TEXT) / "wiki_00"),)), seq_len=64,
-                             max_tokens=96 * 64, top_k=32, hidden_layers="2,4", samples=8, chunk_windows=8,
-                             batch_size=8, device="cpu", progress=False)
-    run_cache_teacher(cfg)
-    return str(out)
 
 
 def cfg_for(store, out, *overrides, **top):
