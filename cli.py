@@ -293,7 +293,7 @@ def ablate_cmd(cache, grid, out, parallel, overrides):
 @click.option("--teacher-steps", type=int, default=300, show_default=True)
 @click.option("--student-steps", type=int, default=150, show_default=True)
 def quickstart_cmd(out, seed, teacher_steps, student_steps):
-    """Offline end to end: corpus, teacher, cache, KD and CE students, eval, report (~5 min on 2 CPUs)."""
+    """Offline end to end: corpus, teacher, cache, KD and CE students, eval, report (~2 min on 2 CPUs)."""
     from .pipeline.quickstart import run_quickstart
 
     s = run_quickstart(out, seed=seed, teacher_steps=teacher_steps, student_steps=student_steps, echo=click.echo)

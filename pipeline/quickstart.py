@@ -1,4 +1,4 @@
-"""`goose quickstart`: the whole product offline in about five minutes on 2 CPU cores.
+"""`goose quickstart`: the whole product offline in about two minutes on 2 CPU cores.
 
 1. Generate a corpus from a probabilistic grammar with long-range structure (subject-verb number agreement
    across relative clauses, a per-document topic, a protagonist's name that recurs), so a teacher has
