@@ -218,7 +218,7 @@ def generate_cmd(student, prompt, max_new_tokens, temperature, top_k, top_p, see
     folder, meta = student_folder(student)
     dev = resolve_device(device)
     model = Student.from_pretrained(folder, device=dev)
-    tok = load_tokenizer(tokenizer, meta)
+    tok = load_tokenizer(tokenizer, meta, folder)
     ids = tok(prompt)["input_ids"] if prompt else [tok.eos_token_id]
     click.echo(prompt, nl=False)
     r = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

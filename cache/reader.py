@@ -12,7 +12,15 @@ import numpy as np
 import zarr
 
 from ..errors import GooseError
-from .schema import EMBEDDING_ARRAY, GOOSE_ATTR, PROGRESS_ARRAY, StoreSpec, hidden_name, hidden_scale_name
+from .schema import (
+    EMBEDDING_ARRAY,
+    GOOSE_ATTR,
+    PROGRESS_ARRAY,
+    TOKENIZER_GROUP,
+    StoreSpec,
+    hidden_name,
+    hidden_scale_name,
+)
 
 
 def open_store_group(url: str, storage_options: dict | None = None):
@@ -70,6 +78,23 @@ class CacheReader:
         if EMBEDDING_ARRAY not in self.group:
             raise GooseError(f"store {self.url} has no teacher embedding (not complete?)")
         return self.group[EMBEDDING_ARRAY][:]
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """The teacher tokenizer's files as stored at cache time (empty for stores made before this)."""
+        if TOKENIZER_GROUP not in self.group:
+            return {}
+        group = self.group[TOKENIZER_GROUP]
+        return {name: bytes(arr[:].tobytes()) for name, arr in group.arrays()}
+
+    def save_tokenizer(self, folder) -> bool:
+        """Write the stored tokenizer files into `folder` (loadable with AutoTokenizer); False if none."""
+        from pathlib import Path
+
+        files = self.tokenizer_files()
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (Path(folder) / name).write_bytes(data)
+        return bool(files)
 
     # ---- windows -----------------------------------------------------------------------------
     def read(self, start: int, stop: int, fields: Sequence[str] | None = None, *, dequantize: bool = True):

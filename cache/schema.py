@@ -17,6 +17,7 @@ SCHEMA_VERSION = 1
 GOOSE_ATTR = "goose"  # root attribute holding everything goose knows about a store
 PROGRESS_ARRAY = "blocks_done"  # one uint8 per block, set only after the block's data is written
 EMBEDDING_ARRAY = "teacher_embedding"
+TOKENIZER_GROUP = "tokenizer"  # the teacher tokenizer's files, one uint8 array each, so a store is self-contained
 COMPRESSIONS = ("zstd", "blosc", "none")
 HIDDEN_DTYPES = ("float16", "int8")
 

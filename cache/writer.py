@@ -20,6 +20,7 @@ from .schema import (
     GOOSE_ATTR,
     PROGRESS_ARRAY,
     SCHEMA_VERSION,
+    TOKENIZER_GROUP,
     ArraySpec,
     StoreSpec,
     compressors,
@@ -115,14 +116,22 @@ class CacheWriter:
             array[start:stop] = values.astype(array.dtype, copy=False)
         self._done[block] = 1
 
-    def finalize(self, teacher_embedding: np.ndarray) -> None:
-        """Write the once-per-store arrays and mark the store complete (the very last write)."""
+    def finalize(self, teacher_embedding: np.ndarray, tokenizer_files: dict[str, bytes] | None = None) -> None:
+        """Write the once-per-store arrays (teacher embedding, tokenizer files) and mark the store complete
+        (the very last write)."""
         todo = self.blocks_todo()
         if todo:
             raise RuntimeError(f"cannot finalize: {len(todo)} blocks not written")
         emb_spec = self.spec.embedding_spec()
         emb = _ensure_array(self.group, EMBEDDING_ARRAY, emb_spec, self.spec)
         emb[:] = teacher_embedding.astype(emb_spec.dtype)
+        for name, data in sorted((tokenizer_files or {}).items()):
+            path = f"{TOKENIZER_GROUP}/{name}"
+            if path in self.group:  # a finalize that was interrupted: rewrite from scratch
+                del self.group[path]
+            arr = self.group.create_array(path, shape=(len(data),), chunks=(max(len(data), 1),), dtype="uint8",
+                                          compressors=zarr.codecs.ZstdCodec(level=3), fill_value=0)
+            arr[:] = np.frombuffer(data, dtype=np.uint8)
         _consolidate(self.group.store)
         group = zarr.open_group(self.group.store, mode="r+", zarr_format=3)
         attrs = dict(group.attrs[GOOSE_ATTR])

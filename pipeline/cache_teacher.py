@@ -154,7 +154,7 @@ def run_cache_teacher(cfg: CacheTeacherConfig) -> dict:
             pending.result()
     bar.close()
     if not already_complete:
-        writer.finalize(teacher.embedding_matrix())
+        writer.finalize(teacher.embedding_matrix(), teacher.tokenizer_files())
     elapsed = time.perf_counter() - t0
     nbytes = store_nbytes(cfg.output, cfg.storage_options)
     return {

@@ -148,9 +148,12 @@ def student_folder(path: str) -> tuple[Path, dict]:
     raise GooseError(f"no saved student in {path} (expected best/ or config.json + model.safetensors)")
 
 
-def load_tokenizer(name: str | None, meta: dict):
+def load_tokenizer(name: str | None, meta: dict, folder: Path | None = None):
+    """--tokenizer if given; else the tokenizer saved beside the student; else its store's teacher."""
     from transformers import AutoTokenizer
 
+    if name is None and folder is not None and (folder / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(folder))
     source = name or meta.get("teacher")
     if not source:
         raise GooseError("cannot tell which tokenizer this student uses; pass --tokenizer")
@@ -229,7 +232,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.student:
         folder, meta = student_folder(cfg.student)
         model = Student.from_pretrained(folder, device=device).eval()
-        tokenizer = load_tokenizer(cfg.tokenizer, meta) if cfg.data else None
+        tokenizer = load_tokenizer(cfg.tokenizer, meta, folder) if cfg.data else None
         scorer = StudentScorer(model, device)
         result["model"] = {"kind": "student", "path": str(folder), "parameters": model.parameter_report()}
     else:

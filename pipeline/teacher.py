@@ -91,6 +91,15 @@ class Teacher:
             "dtype": str(self.dtype).removeprefix("torch."),
         }
 
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """The tokenizer as the files `save_pretrained` writes (stored in the cache with the embedding)."""
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.tokenizer.save_pretrained(tmp)
+            return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+
     def embedding_matrix(self):
         return self.model.get_input_embeddings().weight.detach().float().cpu().numpy()
 

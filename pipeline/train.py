@@ -565,6 +565,7 @@ class Trainer:
         self.model.save_pretrained(tmp)
         (tmp / "metrics.json").write_text(json.dumps(val, indent=2, default=float))
         (tmp / "goose.json").write_text(json.dumps(self.provenance(), indent=2))
+        self.reader.save_tokenizer(tmp)  # the student folder is self-contained: eval/generate need nothing else
         best = self.run / "best"
         old = self.run / ".best-old"
         if best.exists():

@@ -98,6 +98,11 @@ def test_stored_values_equal_full_logit_computation(tmp_path, tiny_teacher, corp
     for layer in (0, 2):
         torch.testing.assert_close(torch.from_numpy(data[f"hidden/{layer}"]).float(), out.hidden_states[layer],
                                    atol=2e-3, rtol=2e-3)
+    from transformers import AutoTokenizer
+
+    assert reader.save_tokenizer(tmp_path / "tok")  # the store carries its tokenizer
+    stored_tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert stored_tok("Hello world")["input_ids"] == [15496, 995]
     emb = reader.teacher_embedding()
     torch.testing.assert_close(torch.from_numpy(emb).float(), model.transformer.wte.weight, atol=2e-3, rtol=2e-3)
     # RS-KD samples: exactly what 20 seeded draws per token give, counted by np.unique

@@ -127,6 +127,11 @@ def test_eval_and_generate_cli_on_a_trained_run(tmp_path, store):
     assert g.exit_code == 0 and g.stdout.startswith("The") and "tokens/s" in g.stderr
     bad = CliRunner().invoke(main, ["eval", str(tmp_path / "nothing")])
     assert bad.exit_code == 2 and "no saved student" in bad.stderr
+    # the student folder carries the store's tokenizer: eval works with the teacher gone
+    meta = json.loads((tmp_path / "run" / "best" / "goose.json").read_text())
+    (tmp_path / "run" / "best" / "goose.json").write_text(json.dumps({**meta, "teacher": "/no/such/teacher"}))
+    alone = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), "--data-files", str(text), "--seq-len", "64"])
+    assert alone.exit_code == 0, alone.output
 
 
 def test_validate_passes_a_trained_run_and_fails_a_tampered_one(tmp_path, store):
