@@ -140,7 +140,7 @@ def train_teacher(folder: Path, docs: list[str], *, steps: int, seq_len: int, se
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
     model.save_pretrained(folder)
-    return {"parameters": sum(p.numel() for p in model.parameters()), "final_loss": float(loss),
+    return {"parameters": sum(p.numel() for p in model.parameters()), "final_loss": float(loss.detach()),
             "seconds": time.perf_counter() - t0, "tokens": steps * 16 * seq_len}
 
 
