@@ -338,10 +338,14 @@ class Trainer:
         self.fields += [f"hidden/{t}" for t in layers_needed]
         self.curriculum = None
         if cfg.curriculum.enabled:
-            stats = self.reader.read(0, spec.n_windows, ["gold_nll", "entropy"])
-            nll = np.nanmean(stats["gold_nll"][self.train_windows], axis=1)
-            ent = stats["entropy"][self.train_windows].astype(np.float32).mean(axis=1)
-            self.curriculum = Curriculum(cfg.curriculum, self.train_windows[difficulty_order(nll, ent)])
+            # per-window means, read chunk by chunk (never the whole per-token arrays at once)
+            nll, ent = np.empty(spec.n_windows), np.empty(spec.n_windows)
+            for start, part in self.reader.iter_chunks(["gold_nll", "entropy"]):
+                stop = start + len(part["gold_nll"])
+                nll[start:stop] = np.nanmean(part["gold_nll"], axis=1)
+                ent[start:stop] = part["entropy"].astype(np.float32).mean(axis=1)
+            order = difficulty_order(nll[self.train_windows], ent[self.train_windows])
+            self.curriculum = Curriculum(cfg.curriculum, self.train_windows[order])
         self.loader = CacheLoader(cfg.cache, self.fields, batch_size=cfg.batch_size, chunk_windows=spec.chunk_windows,
                                   seed=cfg.seed, buffer_chunks=cfg.buffer_chunks, num_workers=cfg.num_workers,
                                   pin_memory=self.device.type == "cuda")
