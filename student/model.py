@@ -130,7 +130,8 @@ class SpikeSites(nn.Module):
     def forward(self, site: str, x: torch.Tensor, state: dict, ctx: dict) -> torch.Tensor:
         if site not in self.spikes:
             return x
-        s, lif_state, rate = self.spikes[site](x, state.get(site), ctx["stats"].get(site))
+        s, lif_state, rate = self.spikes[site](x, state.get(site), ctx["stats"].get(site),
+                                               update_scale=ctx.get("update_scale", True))
         if lif_state is not None:  # only LIF sites carry a membrane across tokens
             state[site] = lif_state
         ctx["rates"].append(rate)
@@ -432,14 +433,24 @@ def _checkpointed(block, x, v_first, state, ctx):
     from torch.utils.checkpoint import checkpoint
 
     calls = [0]
+    spikes = [m for m in block.modules() if isinstance(m, TernarySpike)]
+    scales_at_forward = [m.scale for m in spikes]  # the forward replaces (not mutates) these in training
 
     def run(x, v_first):
         st = copy_state(state)
-        # the first run reports its firing rates; the recomputation in backward must not add them again
-        run_ctx = ctx if calls[0] == 0 else {**ctx, "rates": []}
-        calls[0] += 1
-        x, v_first = block(x, v_first, st, run_ctx)
-        return x, v_first, st
+        if calls[0] == 0:
+            calls[0] += 1
+            return (*block(x, v_first, st, ctx), st)
+        # the recomputation in backward: same spike scales as the forward, no new rates or scale updates
+        current = [m.scale for m in spikes]
+        for m, sc in zip(spikes, scales_at_forward):
+            m.scale = sc
+        try:
+            out = block(x, v_first, st, {**ctx, "rates": [], "update_scale": False})
+        finally:
+            for m, sc in zip(spikes, current):
+                m.scale = sc
+        return (*out, st)
 
     return checkpoint(run, x, v_first, use_reentrant=False)
 

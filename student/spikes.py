@@ -79,6 +79,7 @@ class SpikeConfig:
     detach_reset: bool = True  # no gradient through the reset path (SpikingJelly's default; stabler)
     micro_steps: int = 1  # rate coding: LIF steps per token
     binary: bool = False  # {0, +a} spikes at every site (SpikeGPT-style) instead of ternary
+    center: bool = True  # spike x - mu (learned per-channel offset); W mu is a constant bias downstream
 
     def __post_init__(self):
         if self.threshold not in ("learned", "stats"):
@@ -105,6 +106,12 @@ class TernarySpike(nn.Module):
     first training batch (LSQ-style): theta = stats_alpha * mean|x| per channel, amplitudes = the mean
     magnitude of what fires, so every site starts firing at a sensible rate whatever its input scale.
     `mix` < 1 blends in the continuous input (spike annealing: 0 -> 1 over training, 1 = fully ternary).
+
+    Centering (signed sites, `center=True`): a channel whose values sit far from zero (a DC offset) would
+    cross a symmetric threshold on every token (saturated: no sparsity, no information). The spike is
+    taken of x - mu with a learned per-channel offset mu (initialised to the channel mean) and the output
+    is s + mu; in the next matmul W (s + mu) = W s + W mu, and W mu is a constant bias computed once, so
+    the per-token work is still additions of weight columns.
     """
 
     def __init__(self, channels: int, cfg: SpikeConfig, signed: bool = True):
@@ -115,9 +122,17 @@ class TernarySpike(nn.Module):
         if cfg.threshold == "learned":
             self.threshold_raw = nn.Parameter(torch.full((channels,), _inv_softplus(cfg.threshold_init)))
         self.register_buffer("initialized", torch.tensor(False))
+        # running mean |x| per channel: learned thresholds and amplitudes are relative to it, so they follow
+        # the input when its scale drifts in training (otherwise a threshold set at init ends up far below
+        # a grown input, the surrogate gradient vanishes, and the site fires on every token)
+        self.register_buffer("scale", torch.ones(channels))
+        self.scale_momentum = 0.05
         self.amp_pos = nn.Parameter(torch.ones(channels))
         if signed:
             self.amp_neg = nn.Parameter(torch.ones(channels))
+        self.centered = cfg.center and signed
+        if self.centered:
+            self.offset = nn.Parameter(torch.zeros(channels))
         if cfg.lif:
             leak = torch.full((channels,), math.log(cfg.lif_leak / (1 - cfg.lif_leak)))
             if cfg.learn_leak:
@@ -129,7 +144,7 @@ class TernarySpike(nn.Module):
     # ---- pieces ------------------------------------------------------------------------------
     def threshold(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.threshold == "learned":
-            return F.softplus(self.threshold_raw)
+            return F.softplus(self.threshold_raw) * self.scale
         return self.cfg.stats_alpha * x.abs().mean(dim=-1, keepdim=True)  # gradient flows to x
 
     def leak(self) -> torch.Tensor:
@@ -141,25 +156,31 @@ class TernarySpike(nn.Module):
         kind, scale = self.cfg.surrogate, self.cfg.surrogate_scale
         pos = heaviside(x - theta, kind, scale)
         if not self.signed:
-            return self.amp_pos.abs() * pos, pos, torch.zeros_like(pos)
+            return self.amp_pos.abs() * self.scale * pos, pos, torch.zeros_like(pos)
         neg = heaviside(-x - theta, kind, scale)
-        return self.amp_pos.abs() * pos - self.amp_neg.abs() * neg, pos, neg
+        return (self.amp_pos.abs() * pos - self.amp_neg.abs() * neg) * self.scale, pos, neg
 
     @torch.no_grad()
     def init_from(self, x: torch.Tensor) -> None:
-        """Data-dependent init of threshold and amplitudes from a batch of inputs (B, T, C)."""
+        """Data-dependent init from a batch of inputs (B, T, C): offset = channel mean, scale = mean
+        |x - offset|, threshold = stats_alpha * scale, amplitudes = mean magnitude of what fires."""
         flat = x.detach().float().reshape(-1, x.shape[-1])
+        if self.centered:
+            self.offset.copy_(flat.mean(0))
+            flat = flat - self.offset
+        self.scale.copy_(flat.abs().mean(0).clamp_min(1e-6))
         if self.cfg.threshold == "learned":
-            theta = (self.cfg.stats_alpha * flat.abs().mean(0)).clamp_min(1e-4)
-            self.threshold_raw.copy_(theta + torch.log(-torch.expm1(-theta)))  # inverse softplus
-        else:
-            theta = self.threshold(flat).clamp_min(1e-4)  # per token, (N, 1)
+            rel = torch.full_like(self.scale, self.cfg.stats_alpha)
+            self.threshold_raw.copy_(rel + torch.log(-torch.expm1(-rel)))  # inverse softplus
+        theta = self.threshold(flat)  # per channel (C,) or per token (N, 1)
         fallback = 2 * (theta if theta.dim() == 1 else theta.mean())  # a channel that never crossed
         above = flat > theta
-        self.amp_pos.copy_(torch.where(above.any(0), (flat * above).sum(0) / above.sum(0).clamp_min(1), fallback))
+        self.amp_pos.copy_(torch.where(above.any(0), (flat * above).sum(0) / above.sum(0).clamp_min(1), fallback)
+                           / self.scale)
         if self.signed:
             below = flat < -theta
-            self.amp_neg.copy_(torch.where(below.any(0), (-flat * below).sum(0) / below.sum(0).clamp_min(1), fallback))
+            self.amp_neg.copy_(torch.where(below.any(0), (-flat * below).sum(0) / below.sum(0).clamp_min(1), fallback)
+                               / self.scale)
         self.initialized.fill_(True)
 
     def init_state(self, batch: int, device, dtype=torch.float32) -> dict:
@@ -169,14 +190,26 @@ class TernarySpike(nn.Module):
         return {"v": zeros, "s": zeros.clone()}
 
     # ---- forward -----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, state: dict | None = None, stats: "SpikeStats | None" = None):
-        """x: (B, T, C). Returns (spikes (B, T, C), new LIF state, mean firing indicator (differentiable))."""
+    def forward(self, x: torch.Tensor, state: dict | None = None, stats: "SpikeStats | None" = None,
+                update_scale: bool = True):
+        """x: (B, T, C). Returns (spikes (B, T, C), new LIF state, mean firing indicator (differentiable)).
+
+        In training the running scale moves toward this batch's mean |x - offset| *after* the batch is
+        spiked (so a forward and its recomputation under activation checkpointing see the same scale;
+        the recomputation passes update_scale=False)."""
         if self.training and not bool(self.initialized):
             self.init_from(x)
+        xc = x - self.offset if self.centered else x
         if not self.cfg.lif:
-            s, pos, neg = self.fire(x)
+            s, pos, neg = self.fire(xc)
         else:
-            s, state, pos, neg = self._lif(x, state)
+            s, state, pos, neg = self._lif(xc, state)
+        if self.centered:
+            s = s + self.offset
+        if self.training and update_scale:
+            with torch.no_grad():  # a new tensor, not in place: autograd saved the old scale for backward
+                batch_scale = xc.detach().float().abs().mean(dim=tuple(range(xc.dim() - 1))).clamp_min(1e-6)
+                self.scale = torch.lerp(self.scale, batch_scale, self.scale_momentum)
         if stats is not None:
             stats.add(pos.detach(), neg.detach())
         if self.mix < 1.0:

@@ -344,3 +344,36 @@ def test_binary_spikes_are_non_negative_and_every_parameter_learns():
     assert not any("amp_neg" in n for n, _ in model.named_parameters())
     F.cross_entropy(out.logits.reshape(-1, 512), ids.reshape(-1)).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_centering_keeps_a_channel_with_an_offset_from_saturating():
+    x = 3.0 + 0.5 * torch.randn(4, 64, 8, generator=torch.Generator().manual_seed(0))
+    rates = {}
+    for center in (False, True):
+        spike = TernarySpike(8, SpikeConfig(center=center))
+        spike.train()
+        spike(x)  # data-dependent init
+        spike.eval()
+        stats = SpikeStats()
+        out, _, _ = spike(x, stats=stats)
+        rates[center] = stats.summary()
+        if center:
+            assert (out.mean((0, 1)) - x.mean((0, 1))).abs().max() < 0.3  # s + mu tracks the input
+    assert rates[False]["firing_rate"] > 0.9  # the offset alone crosses the threshold almost always
+    assert rates[True]["firing_rate"] < 0.8 and rates[True]["saturated_fraction"] == 0.0
+
+
+def test_thresholds_follow_the_input_scale_during_training():
+    # the failure this prevents: a threshold set while the input was small stays tiny after the input grows,
+    # the surrogate gradient vanishes, and the site fires on every token (seen at tm_out in real runs)
+    g = torch.Generator().manual_seed(0)
+    spike = TernarySpike(16, SpikeConfig())
+    spike.train()
+    spike(0.01 * torch.randn(4, 32, 16, generator=g))  # init on a small input
+    for _ in range(100):  # the input grows 100x; the running scale follows it
+        spike(torch.randn(4, 32, 16, generator=g))
+    spike.eval()
+    stats = SpikeStats()
+    spike(torch.randn(4, 32, 16, generator=g), stats=stats)
+    assert 0.3 < stats.summary()["firing_rate"] < 0.8 and stats.summary()["saturated_fraction"] == 0.0
+    assert (spike.scale - 0.8).abs().max() < 0.15  # ~ E|N(0,1)| = 0.80
