@@ -115,7 +115,9 @@ def train_teacher(folder: Path, docs: list[str], *, steps: int, seq_len: int, se
 
     tok = save_tokenizer(folder)
     torch.manual_seed(seed)
-    windows = tokenize_and_pack(_Rows(docs), tok, text_column="text", seq_len=seq_len)
+    import datasets
+
+    windows = tokenize_and_pack(datasets.Dataset.from_dict({"text": docs}), tok, text_column="text", seq_len=seq_len)
     config = GPT2Config(vocab_size=len(tok), n_positions=seq_len, n_embd=128, n_layer=3, n_head=4,
                         bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2LMHeadModel(config)
@@ -142,19 +144,6 @@ def train_teacher(folder: Path, docs: list[str], *, steps: int, seq_len: int, se
     model.save_pretrained(folder)
     return {"parameters": sum(p.numel() for p in model.parameters()), "final_loss": float(loss.detach()),
             "seconds": time.perf_counter() - t0, "tokens": steps * 16 * seq_len}
-
-
-class _Rows:
-    """The minimal `datasets.Dataset` surface that tokenize_and_pack uses, over an in-memory list."""
-
-    def __init__(self, docs):
-        self.docs = docs
-
-    def __len__(self):
-        return len(self.docs)
-
-    def __getitem__(self, sl):
-        return {"text": self.docs[sl]}
 
 
 def run_quickstart(out: str, *, seed: int = 0, teacher_steps: int = 300, student_steps: int = 150,

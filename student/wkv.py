@@ -34,12 +34,6 @@ def wkv_recurrent(r, log_w, k, v, a, b, state):
     return torch.stack(outs, dim=1), S
 
 
-def wkv_step(r, log_w, k, v, a, b, state):
-    """One token (inputs (B, H, N)): the recurrent inference form."""
-    out, S = wkv_recurrent(r[:, None], log_w[:, None], k[:, None], v[:, None], a[:, None], b[:, None], state)
-    return out[:, 0], S
-
-
 def _pairwise2(x, E, y1, y2):
     """(sum_j x[t,j] E[t,s,j] y1[s,j], same with y2) -> two (..., t, s) tensors.
 
