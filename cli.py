@@ -59,7 +59,7 @@ def main():
 @click.option("--seq-len", type=int, default=1024, show_default=True, help="Window length in tokens.")
 @click.option("--max-tokens", type=int, default=None, help="Cap on tokens cached.")
 @click.option("--top-k", type=int, default=64, show_default=True)
-@click.option("--tail-temperatures", default="1,1.5,2,3,4", show_default=True,
+@click.option("--tail-temperatures", default="1,1.25,1.5,2,3,4", show_default=True,
               help="Temperatures at which the full-vocabulary logsumexp is stored.")
 @click.option("--samples", type=int, default=0, show_default=True, help="RS-KD draws per token (0 = none).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the RS-KD draws.")

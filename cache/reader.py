@@ -18,6 +18,9 @@ from .schema import (
     PROGRESS_ARRAY,
     TOKENIZER_GROUP,
     StoreSpec,
+    SCHEMA_VERSION,
+    decode_logprobs,
+    hidden_channel_scale_name,
     hidden_name,
     hidden_scale_name,
 )
@@ -43,6 +46,11 @@ class CacheReader:
     def __init__(self, url: str, *, storage_options: dict | None = None, allow_incomplete: bool = False):
         self.url = url
         self.group, self.meta = open_store_group(url, storage_options)
+        version = self.meta.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise GooseError(f"store {url} has schema version {version}; this goose reads version {SCHEMA_VERSION} "
+                             f"(v2 stores exact top-k log-probabilities and tail log-masses): rebuild it with "
+                             f"goose cache-teacher")
         if not self.meta.get("complete") and not allow_incomplete:
             raise GooseError(f"store {url} is not complete (cache-teacher was interrupted); rerun it to finish")
         self.spec = StoreSpec.from_attrs(self.meta["spec"])
@@ -98,7 +106,8 @@ class CacheReader:
 
     # ---- windows -----------------------------------------------------------------------------
     def read(self, start: int, stop: int, fields: Sequence[str] | None = None, *, dequantize: bool = True):
-        """Windows [start, stop) as a dict of numpy arrays. int8 hidden states come back as float32."""
+        """Windows [start, stop) as a dict of numpy arrays; top-k log-probabilities and int8 hidden states
+        come back as float32 unless dequantize=False."""
         fields = list(fields) if fields is not None else self._default_fields()
         out = {name: self.group[name][start:stop] for name in fields}
         return self._dequantize(out, lambda name: self.group[name][start:stop]) if dequantize else out
@@ -134,14 +143,18 @@ class CacheReader:
 
     # ---- helpers -----------------------------------------------------------------------------
     def _default_fields(self) -> list[str]:
-        return [name for name in self.spec.arrays() if not name.startswith("hidden_scale/")]
+        return [name for name in self.spec.arrays() if not name.startswith(("hidden_scale/", "hidden_channel_scale/"))]
 
     def _dequantize(self, out: dict, get) -> dict:
+        """Stored encodings -> float32: fixed-point top-k log-probabilities, int8 hidden states."""
+        if "topk_logprobs" in out:
+            out["topk_logprobs"] = decode_logprobs(out["topk_logprobs"])
         if self.spec.hidden_dtype != "int8":
             return out
         for layer in self.spec.hidden_layers:
             name = hidden_name(layer)
             if name in out:
-                scale = get(hidden_scale_name(layer)).astype(np.float32)
-                out[name] = out[name].astype(np.float32) * scale[..., None]
+                token = get(hidden_scale_name(layer)).astype(np.float32)
+                channel = get(hidden_channel_scale_name(layer)).astype(np.float32)
+                out[name] = out[name].astype(np.float32) * token[..., None] * channel[:, None, :]
         return out

@@ -1,4 +1,4 @@
-"""Store schema, version 1: the only place that says which arrays a teacher cache holds and how.
+"""Store schema, version 2: the only place that says which arrays a teacher cache holds and how.
 
 A store holds N windows of L tokens. Every per-window array is chunked along windows only, so a chunk
 holds whole windows and a reader fetches a batch with a few large reads. Work is done (and resumed) in
@@ -13,7 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# v1 kept raw fp16 top-k logits and the full logsumexp per T, and the tail bucket was their difference:
+# at GPT-2's logit scale (-60 to -100, fp16 step 0.0625) that difference is rounding noise for confident
+# tokens. v2 keeps what the loss needs directly: top-k log-probabilities and the tail log-mass per T.
 GOOSE_ATTR = "goose"  # root attribute holding everything goose knows about a store
 PROGRESS_ARRAY = "blocks_done"  # one uint8 per block, set only after the block's data is written
 EMBEDDING_ARRAY = "teacher_embedding"
@@ -84,8 +87,8 @@ class StoreSpec:
         arrays = {
             "input_ids": ArraySpec((n, L), self.token_dtype),
             "topk_ids": ArraySpec((n, L, k), self.token_dtype),
-            "topk_logits": ArraySpec((n, L, k), "float16"),
-            "tail_lse": ArraySpec((n, L, len(self.tail_temperatures)), "float32"),
+            "topk_logprobs": ArraySpec((n, L, k), "uint16"),  # log p_i at T=1, sorted descending (fixed point)
+            "tail_logmass": ArraySpec((n, L, len(self.tail_temperatures)), "float32"),  # log p(not top-k) at T_j
             "gold_nll": ArraySpec((n, L), "float32"),
             "entropy": ArraySpec((n, L), "float16"),
         }
@@ -94,8 +97,9 @@ class StoreSpec:
             arrays["sample_counts"] = ArraySpec((n, L, self.samples), self.count_dtype)
         for layer in self.hidden_layers:
             arrays[hidden_name(layer)] = ArraySpec((n, L, self.hidden_size), self.hidden_dtype)
-            if self.hidden_dtype == "int8":
+            if self.hidden_dtype == "int8":  # h ~= q * token_scale * channel_scale
                 arrays[hidden_scale_name(layer)] = ArraySpec((n, L), "float16")
+                arrays[hidden_channel_scale_name(layer)] = ArraySpec((n, self.hidden_size), "float16")
         return arrays
 
     def embedding_spec(self) -> ArraySpec:
@@ -116,12 +120,31 @@ class StoreSpec:
         return cls(**kw)
 
 
+# Top-k log-probabilities in uint16 fixed point: log p = -q * LOGPROB_STEP, q in [0, 65535], so log p in
+# [-32, 0] to within 2.4e-4 nats everywhere (fp16 is 8x coarser at log p = -4 to -8, where most top-k
+# entries sit; a log p below -32 is mass under 1.3e-14 and is stored as -32).
+LOGPROB_STEP = 2.0**-11
+
+
+def encode_logprobs(logprobs: np.ndarray) -> np.ndarray:
+    return np.rint(np.clip(-np.asarray(logprobs, dtype=np.float32), 0.0, 65535 * LOGPROB_STEP) / LOGPROB_STEP
+                   ).astype(np.uint16)
+
+
+def decode_logprobs(q: np.ndarray) -> np.ndarray:
+    return q.astype(np.float32) * np.float32(-LOGPROB_STEP)
+
+
 def hidden_name(layer: int) -> str:
     return f"hidden/{layer}"
 
 
 def hidden_scale_name(layer: int) -> str:
     return f"hidden_scale/{layer}"
+
+
+def hidden_channel_scale_name(layer: int) -> str:
+    return f"hidden_channel_scale/{layer}"
 
 
 def compressors(spec: StoreSpec):

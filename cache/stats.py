@@ -8,11 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .reader import CacheReader
-from .schema import EMBEDDING_ARRAY
-
-# fp16 keeps 11 significant bits: a stored logit may sit this far (relative) above its fp32 value.
-_FP16_REL = 2.0**-10
-
+from .schema import EMBEDDING_ARRAY, decode_logprobs
 
 def store_nbytes(url: str, storage_options: dict | None = None, prefix: str = "") -> int:
     """Bytes on disk (or in the bucket) under the store, optionally under one array's prefix."""
@@ -23,10 +19,9 @@ def store_nbytes(url: str, storage_options: dict | None = None, prefix: str = ""
     return int(fs.du(target)) if fs.exists(target) else 0
 
 
-def _coverage(topk_logits: np.ndarray, lse1: np.ndarray) -> np.ndarray:
-    """Teacher mass inside the top-k at T=1, per token: sum_i exp(z_i - logsumexp(z))."""
-    with np.errstate(over="ignore"):  # a corrupt chunk may overflow; verify reports it as out of range
-        return np.exp(topk_logits.astype(np.float32) - lse1[..., None].astype(np.float32)).sum(-1)
+def _coverage(tail_logmass_t1: np.ndarray) -> np.ndarray:
+    """Teacher mass inside the top-k at T=1, per token: 1 - exp(tail log-mass)."""
+    return -np.expm1(tail_logmass_t1.astype(np.float64))
 
 
 def store_info(url: str, *, storage_options: dict | None = None, max_windows: int | None = None) -> dict:
@@ -46,8 +41,8 @@ def store_info(url: str, *, storage_options: dict | None = None, max_windows: in
             stop = min(stop, start + max_windows - done_windows)
             if stop <= start:
                 break
-        part = reader.read(start, stop, ["topk_logits", "tail_lse", "gold_nll"])
-        cov = _coverage(part["topk_logits"], part["tail_lse"][..., t1])
+        part = reader.read(start, stop, ["tail_logmass", "gold_nll"])
+        cov = _coverage(part["tail_logmass"][..., t1])
         sum_cov += float(cov.sum(dtype=np.float64))
         n_cov += cov.size
         nll = part["gold_nll"][np.isfinite(part["gold_nll"])]
@@ -105,26 +100,24 @@ def _check_chunk(part: dict, spec, tol: float = 1e-3) -> list[str]:
     for name in ("input_ids", "topk_ids", "sample_ids"):
         if name in part and part[name].size and int(part[name].max()) >= V:
             bad.append(f"{name} has ids >= vocabulary size {V}")
-    logits = part["topk_logits"].astype(np.float32)
-    if not np.isfinite(logits).all():
-        bad.append("topk_logits not finite")
-    elif k > 1 and (np.diff(logits, axis=-1) > 0).any():
-        bad.append("topk_logits not sorted descending")
+    logp = decode_logprobs(part["topk_logprobs"])
+    if not np.isfinite(logp).all():
+        bad.append("topk_logprobs not finite")
+    elif k > 1 and (np.diff(logp, axis=-1) > 0).any():
+        bad.append("topk_logprobs not sorted descending")
     if k > 1 and (np.diff(part["topk_ids"].astype(np.int64), axis=-1) == 0).any():
         bad.append("topk_ids repeat an id")
-    lse = part["tail_lse"]
-    if not np.isfinite(lse).all():
-        bad.append("tail_lse not finite")
-    else:
-        top = logits[..., :1]
-        temps = np.asarray(spec.tail_temperatures, dtype=np.float32)
-        slack = np.abs(top) * _FP16_REL / temps + tol
-        if (lse < top / temps - slack).any():
-            bad.append("tail_lse below the top logit (logsumexp must be >= max)")
+    tail = part["tail_logmass"]
+    if np.isnan(tail).any() or (tail == np.inf).any():
+        bad.append("tail_logmass not finite")
+    elif (tail > 0).any():
+        bad.append("tail_logmass above 0 (a log-mass is <= 0)")
+    elif np.isfinite(logp).all():
+        # head and tail add up to one at T=1 (the head is fp16: allow a little slack)
         t1 = spec.tail_temperatures.index(1.0)
-        cov = _coverage(part["topk_logits"], lse[..., t1])
-        if not ((cov > 0) & (cov <= 1 + 1e-2)).all():
-            bad.append(f"top-k coverage outside (0, 1]: min {cov.min():.4g} max {cov.max():.4g}")
+        total = np.exp(logp.astype(np.float64)).sum(-1) + np.exp(tail[..., t1].astype(np.float64))
+        if not (np.abs(total - 1) < 1e-2).all():
+            bad.append(f"top-k and tail mass do not sum to 1 at T=1: min {total.min():.4g} max {total.max():.4g}")
     nll = part["gold_nll"]
     if not np.isnan(nll[:, -1]).all() or not np.isfinite(nll[:, :-1]).all() or (nll[:, :-1] < -tol).any():
         bad.append("gold_nll must be finite and >= 0 except NaN at each window's last position")
@@ -135,7 +128,7 @@ def _check_chunk(part: dict, spec, tol: float = 1e-3) -> list[str]:
         if (part["sample_counts"].astype(np.int64).sum(-1) != spec.samples).any():
             bad.append(f"sample_counts do not sum to {spec.samples}")
     for name in part:
-        if name.startswith(("hidden/", "hidden_scale/")) and part[name].dtype.kind == "f":
+        if name.startswith(("hidden/", "hidden_scale/", "hidden_channel_scale/")) and part[name].dtype.kind == "f":
             if not np.isfinite(part[name].astype(np.float32)).all():
                 bad.append(f"{name} not finite")
     return bad

@@ -20,6 +20,7 @@ from .schema import (
     GOOSE_ATTR,
     PROGRESS_ARRAY,
     SCHEMA_VERSION,
+    encode_logprobs,
     TOKENIZER_GROUP,
     ArraySpec,
     StoreSpec,
@@ -113,6 +114,8 @@ class CacheWriter:
             values = data[name]
             if values.shape != (stop - start,) + array.shape[1:]:
                 raise ValueError(f"{name}: block shape {values.shape} != {(stop - start,) + array.shape[1:]}")
+            if name == "topk_logprobs" and values.dtype.kind == "f":
+                values = encode_logprobs(values)
             array[start:stop] = values.astype(array.dtype, copy=False)
         self._done[block] = 1
 

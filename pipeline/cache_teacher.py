@@ -7,6 +7,7 @@ Batches never cross a block boundary, so a resumed run computes exactly what an 
 
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -16,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..cache.schema import StoreSpec, hidden_name, hidden_scale_name
+from ..cache.schema import StoreSpec, hidden_channel_scale_name, hidden_name, hidden_scale_name
 from ..cache.stats import store_nbytes
 from ..cache.writer import CacheWriter
 from ..errors import GooseError
@@ -36,7 +37,7 @@ class CacheTeacherConfig:
     seq_len: int = 1024
     max_tokens: int | None = None
     top_k: int = 64
-    tail_temperatures: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0)
+    tail_temperatures: tuple[float, ...] = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
     samples: int = 0
     seed: int = 0
     hidden_layers: str | None = None
@@ -56,8 +57,11 @@ def _check_args(cfg: CacheTeacherConfig) -> None:
         raise GooseError("--top-k must be at least 1")
     if cfg.batch_size < 1 or cfg.chunk_windows < 1 or cfg.shard_chunks < 1:
         raise GooseError("--batch-size, --chunk-windows and --shard-chunks must be at least 1")
-    if not cfg.tail_temperatures or any(t <= 0 for t in cfg.tail_temperatures):
-        raise GooseError("--tail-temperatures must be positive numbers")
+    temps = list(cfg.tail_temperatures)
+    if not temps or not all(math.isfinite(t) and t > 0 for t in temps):
+        raise GooseError("--tail-temperatures must be finite positive numbers")
+    if len(set(temps)) != len(temps):
+        raise GooseError("--tail-temperatures repeats a temperature (interpolation needs distinct ones)")
     if 1.0 not in cfg.tail_temperatures:
         raise GooseError("--tail-temperatures must include 1 (coverage, entropy and RS-KD are defined at T=1)")
     if not 0 <= cfg.samples <= 65535:
@@ -93,13 +97,15 @@ def compute_block(
                 out.logits, ids, top_k=spec.top_k, tail_temperatures=spec.tail_temperatures,
                 samples=spec.samples, sample_seeds=seeds,
             )
-            if targets["topk_logits"].abs().max() > torch.finfo(torch.float16).max:
-                raise GooseError("teacher logits exceed the float16 range the store keeps them in")
+            if not torch.isfinite(out.logits).all():
+                raise GooseError(f"the teacher produced non-finite logits in windows {first_window + b0}.."
+                                 f"{first_window + b0 + len(ids) - 1}; try --dtype fp32")
             targets["input_ids"] = ids
             for layer in spec.hidden_layers:
                 h = out.hidden_states[layer]
                 if spec.hidden_dtype == "int8":
-                    targets[hidden_name(layer)], targets[hidden_scale_name(layer)] = quantize_int8(h)
+                    (targets[hidden_name(layer)], targets[hidden_scale_name(layer)],
+                     targets[hidden_channel_scale_name(layer)]) = quantize_int8(h)
                 else:
                     targets[hidden_name(layer)] = h.to(torch.float16)
         for name in parts:

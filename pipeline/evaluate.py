@@ -205,10 +205,10 @@ def cache_agreement(model: Student, url: str, n_windows: int, device) -> dict:
     kl = agree = 0.0
     n = 0
     conf, correct = [], []
-    for batch in read_windows(url, idx, ["input_ids", "topk_ids", "topk_logits", "tail_lse"], 8):
+    for batch in read_windows(url, idx, ["input_ids", "topk_ids", "topk_logprobs", "tail_logmass"], 8):
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(batch["input_ids"]).logits.float()
-        log_p = teacher_bucket_logprobs(batch["topk_logits"], batch["tail_lse"], reader.spec.tail_temperatures, 1.0)
+        log_p = teacher_bucket_logprobs(batch["topk_logprobs"], batch["tail_logmass"], reader.spec.tail_temperatures, 1.0)
         log_q = student_bucket_logprobs(logits, batch["topk_ids"], 1.0)
         kl += float((log_p.exp() * (log_p - log_q)).sum(-1).sum())
         agree += float((logits.argmax(-1) == batch["topk_ids"][..., 0]).sum())

@@ -4,8 +4,8 @@ All reductions run in fp32 whatever the autocast dtype. Token masks are boolean 
 
 KD over k + 1 buckets: the teacher's top-k tokens plus one tail bucket holding all other mass, for both
 teacher and student (the "ghost bucket"; renormalising over the top-k alone makes the student
-over-confident). The teacher tail comes from the stored full-vocabulary logsumexp; the student tail is an
-fp32 masked logsumexp over the non-top-k logits, never log(1 - sum q).
+over-confident). The teacher tail is the stored tail log-mass (summed apart from the head at cache time);
+the student tail is an fp32 masked logsumexp over the non-top-k logits, never log(1 - sum q).
 """
 
 from __future__ import annotations
@@ -20,44 +20,52 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def teacher_bucket_logprobs(topk_logits: torch.Tensor, tail_lse: torch.Tensor, temps: tuple[float, ...],
-                            T: torch.Tensor | float) -> torch.Tensor:
-    """Teacher log-probabilities over (top-k, tail) at temperature T: (..., k + 1), fp32.
-
-    At a stored temperature T_j this is exact: the tail log-mass is log(exp(tail_lse_j) - exp(lse of the
-    top-k at T_j)). Between stored temperatures only the *tail* log-mass is interpolated (polynomially in
-    1/T), while the top-k part is recomputed exactly from the stored logits at T. Callers keep T inside
-    the stored range (the trainer checks this at start).
-    """
-    z = topk_logits.float()
-    lse = tail_lse.float()
-    T = torch.as_tensor(T, dtype=torch.float32, device=z.device)
-    betas = torch.tensor([1.0 / t for t in temps], dtype=torch.float32, device=z.device)
-    # tail log-mass at each stored temperature: (..., n_temps)
-    head_at = torch.logsumexp(z.unsqueeze(-1) * betas, dim=-2)  # (..., n_temps)
-    gap = (head_at - lse).clamp(max=-1e-6)  # head mass < total; fp16 rounding can touch 0
-    tail_at = lse + _log1mexp(gap)
-    beta = 1.0 / T
-    # Lagrange interpolation in 1/T through every stored temperature: the tail log-mass is smooth and
-    # convex in 1/T, and a polynomial through 5 points is ~100x closer than piecewise-linear (measured:
-    # max error 3e-4 vs 3e-2 nats between the default temperatures); exact at the stored ones.
+def _lagrange_weights(beta: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+    """Weights of the Lagrange polynomial through every node `betas`, evaluated at `beta`."""
     weights = []
-    for j in range(len(temps)):
-        w = torch.ones((), dtype=torch.float32, device=z.device)
-        for m in range(len(temps)):
+    for j in range(len(betas)):
+        w = torch.ones((), dtype=torch.float32, device=betas.device)
+        for m in range(len(betas)):
             if m != j:
                 w = w * (beta - betas[m]) / (betas[j] - betas[m])
         weights.append(w)
-    tail = (tail_at * torch.stack(weights)).sum(-1)
-    head = z * beta  # (..., k)
-    total = torch.logaddexp(torch.logsumexp(head, dim=-1), tail)
-    return torch.cat([head, tail.unsqueeze(-1)], dim=-1) - total.unsqueeze(-1)
+    return torch.stack(weights)
+
+
+def teacher_bucket_logprobs(topk_logprobs: torch.Tensor, tail_logmass: torch.Tensor, temps: tuple[float, ...],
+                            T: torch.Tensor | float) -> torch.Tensor:
+    """Teacher log-probabilities over (top-k, tail) at temperature T: (..., k + 1), fp32.
+
+    The store keeps log p_i at T=1 for the top-k and the exact tail log-mass at each stored T_j. The head's
+    inner distribution at any T is exact (softmax of log p_i / T); the tail/head split is exact at every
+    stored T_j (the head mass is 1 - tail mass, as log1mexp of an fp32 log-mass, accurate at both ends).
+    Between stored temperatures the tail's log-partition log sum_{tail} p_i^(1/T) is interpolated with the
+    Lagrange polynomial in 1/T through every stored temperature (it is smooth and convex in 1/T). Measured
+    on enwiki-tiny over held-out text at k = 64 with T in {1, 1.25, 1.5, 2, 3, 4}: median error 4e-5 nats,
+    99th percentile 4.5e-4, worst token 1.3e-3 (near T = 1.05); callers keep T inside the stored range.
+    """
+    lp = topk_logprobs.float()
+    tail_at = tail_logmass.float().clamp(-1e4, 0.0)  # -inf (k = V: no tail) would poison the arithmetic
+    T = torch.as_tensor(T, dtype=torch.float32, device=lp.device)
+    betas = torch.tensor([1.0 / t for t in temps], dtype=torch.float32, device=lp.device)
+    beta = 1.0 / T
+    # tail log-partition at each stored T_j, in units of T=1 log-probabilities: log(tail/head) + log head
+    head_at = torch.logsumexp(lp.unsqueeze(-1) * betas, dim=-2)  # (..., n_temps)
+    tail_partition_at = tail_at - _log1mexp(tail_at.clamp(max=-1e-30)) + head_at
+    tail_partition = (tail_partition_at * _lagrange_weights(beta, betas)).sum(-1)
+    head = lp * beta
+    head_lse = torch.logsumexp(head, dim=-1)
+    log_odds = tail_partition - head_lse  # log(tail mass / head mass) at T
+    log_tail = -F.softplus(-log_odds)
+    log_head_mass = -F.softplus(log_odds)
+    return torch.cat([head - (head_lse - log_head_mass).unsqueeze(-1), log_tail.unsqueeze(-1)], dim=-1)
 
 
 def student_bucket_logprobs(student_logits: torch.Tensor, topk_ids: torch.Tensor,
                             T: torch.Tensor | float) -> torch.Tensor:
     """Student log-probabilities over the teacher's top-k ids plus the tail, at T: (..., k + 1), fp32."""
-    z = student_logits.float() / T
+    z = student_logits.float()
+    z = (z - z.amax(-1, keepdim=True).detach()) / T  # shift first: fp32 keeps 1e-5 absolute at GPT-2's -100
     total = torch.logsumexp(z, dim=-1, keepdim=True)
     ids = topk_ids.long()
     head = z.gather(-1, ids)
@@ -73,10 +81,10 @@ def _masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Te
     return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def kd_loss(student_logits, topk_ids, topk_logits, tail_lse, temps, T, *, reverse: bool = False,
+def kd_loss(student_logits, topk_ids, topk_logprobs, tail_logmass, temps, T, *, reverse: bool = False,
             mask=None) -> torch.Tensor:
     """T^2 * KL over k+1 buckets, mean over tokens. Forward KL(p||q) by default; reverse KL(q||p)."""
-    log_p = teacher_bucket_logprobs(topk_logits, tail_lse, temps, T)
+    log_p = teacher_bucket_logprobs(topk_logprobs, tail_logmass, temps, T)
     log_q = student_bucket_logprobs(student_logits, topk_ids, T)
     if topk_ids.shape[-1] >= student_logits.shape[-1]:  # k = V: the tail bucket is empty on both sides
         log_p, log_q = log_p[..., :-1], log_q[..., :-1]

@@ -186,9 +186,13 @@ def teacher_targets(
 ) -> dict[str, torch.Tensor]:
     """Per-token targets from full logits (B, L, V) and the window's ids (B, L).
 
-    topk_logits/topk_ids: the k largest raw logits, sorted descending.
-    tail_lse[..., j]: logsumexp(z / T_j) over the whole vocabulary (fp32), so any consumer can re-temper
-        the top-k exactly and get the tail bucket as a difference of logsumexps, never as log(1 - sum).
+    topk_ids / topk_logprobs: the k most likely tokens, sorted descending, with their log-probabilities
+        at T=1 (log p_i = z_i - logsumexp(z), computed in fp32, stored in fp16: values in [-20, 0] keep
+        ~3-4 decimal digits, where raw GPT-2 logits near -80 would keep one).
+    tail_logmass[..., j]: log of the probability mass outside the top-k at T_j, as
+        logsumexp(z/T_j over the non-top-k ids) - logsumexp(z/T_j over all ids), both sums taken
+        directly in fp32 (the non-top-k entries masked, never total minus head), so the tail bucket is
+        exact at every stored temperature however confident the token is.
     gold_nll: -log p(next token) at T=1; the last position has no next token in the window: NaN.
     entropy: H(p) at T=1.
     sample_ids/sample_counts: unique ids and counts of `samples` draws from p (RS-KD), ascending ids,
@@ -203,9 +207,9 @@ def teacher_targets(
     gold[:, :-1] = input_ids[:, 1:]
     gold = gold.reshape(-1, 1)
     temps = [float(t) for t in tail_temperatures]
-    topk_logits = torch.empty(B * L, top_k, dtype=torch.float32, device=logits.device)
+    topk_logprobs = torch.empty(B * L, top_k, dtype=torch.float32, device=logits.device)
     topk_ids = torch.empty(B * L, top_k, dtype=torch.long, device=logits.device)
-    tail_lse = torch.empty(B * L, len(temps), dtype=torch.float32, device=logits.device)
+    tail_logmass = torch.empty(B * L, len(temps), dtype=torch.float32, device=logits.device)
     gold_nll = torch.empty(B * L, dtype=torch.float32, device=logits.device)
     entropy = torch.empty(B * L, dtype=torch.float32, device=logits.device)
     budget = (1 << 22) if logits.device.type == "cpu" else (1 << 26)
@@ -213,24 +217,28 @@ def teacher_targets(
     for r0 in range(0, B * L, rows):
         z = flat[r0 : r0 + rows].float()
         vals, idx = torch.topk(z, top_k, dim=-1, sorted=True)
-        topk_logits[r0 : r0 + rows], topk_ids[r0 : r0 + rows] = vals, idx
+        topk_ids[r0 : r0 + rows] = idx
         m = vals[:, :1]
         shifted = z - m  # <= 0: every exp below is in (0, 1], no overflow at any T
         scratch = torch.empty_like(shifted)
         for j, t in enumerate(temps):
             torch.mul(shifted, 1.0 / t, out=scratch)
-            tail_lse[r0 : r0 + rows, j] = m[:, 0] / t + scratch.exp_().sum(-1).log()
+            scratch.exp_()
+            head = scratch.gather(-1, idx).sum(-1)
             if t == 1.0:
                 # H = log S - sum(e * shifted) / S with e = exp(shifted), S = sum(e)
                 mass = scratch.sum(-1)
                 entropy[r0 : r0 + rows] = mass.log() - (scratch * shifted).sum(-1) / mass
                 gold_nll[r0 : r0 + rows] = mass.log() - shifted.gather(-1, gold[r0 : r0 + rows]).squeeze(-1)
+                topk_logprobs[r0 : r0 + rows] = (vals - m) - mass.log().unsqueeze(-1)
+            tail = scratch.scatter_(-1, idx, 0.0).sum(-1)  # the non-top-k mass, summed on its own
+            tail_logmass[r0 : r0 + rows, j] = tail.log() - (tail + head).log()
     gold_nll = gold_nll.view(B, L)
     gold_nll[:, -1] = float("nan")
     out = {
         "topk_ids": topk_ids.view(B, L, top_k),
-        "topk_logits": topk_logits.view(B, L, top_k),
-        "tail_lse": tail_lse.view(B, L, len(temps)),
+        "topk_logprobs": topk_logprobs.view(B, L, top_k),
+        "tail_logmass": tail_logmass.view(B, L, len(temps)),
         "gold_nll": gold_nll,
         "entropy": entropy.view(B, L),
     }
@@ -260,9 +268,19 @@ def draw_samples(logits: torch.Tensor, n: int, seeds: list[int]) -> tuple[torch.
     return ids, counts
 
 
-def quantize_int8(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-token int8: h ~= q * scale with scale = max|h| / 127 (scale kept in fp16)."""
-    scale = (hidden.float().abs().amax(-1) / 127.0).to(torch.float16)
-    safe = scale.float().clamp_min(torch.finfo(torch.float16).tiny).unsqueeze(-1)
-    q = torch.round(hidden.float() / safe).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+def quantize_int8(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with a per-token and a per-channel scale: h ~= q * token_scale * channel_scale.
+
+    hidden: (B, L, d). channel_scale (B, d) is each channel's RMS over the window, so GPT-2's outlier
+    channels (~100x typical) get their own range instead of flattening every ordinary channel of the
+    token to a level or two (per-token absmax alone loses ~23% there); token_scale (B, L) is the absmax of
+    the channel-normalised token / 127, so an outlier token (GPT-2's first position) keeps its own range.
+    Both scales are kept in fp16, and q is computed against the fp16-rounded scales.
+    """
+    h = hidden.float()
+    tiny = torch.finfo(torch.float16).tiny
+    channel = h.pow(2).mean(1).sqrt().clamp_min(tiny).to(torch.float16)  # (B, d)
+    hc = h / channel.float().unsqueeze(1)
+    token = (hc.abs().amax(-1) / 127.0).clamp_min(tiny).to(torch.float16)  # (B, L)
+    q = torch.round(hc / token.float().unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return q, token, channel

@@ -171,7 +171,7 @@ def validate_model(model: Student, url: str, spec, windows: np.ndarray, batch_si
     """Perplexity, teacher perplexity on the same windows, KL to the teacher at T=1, top-1 agreement and
     spike statistics over fixed windows of a store. Returns (metrics, per-site SpikeStats)."""
     model.eval()
-    fields = ["input_ids", "topk_ids", "topk_logits", "tail_lse", "gold_nll"]
+    fields = ["input_ids", "topk_ids", "topk_logprobs", "tail_logmass", "gold_nll"]
     nll_sum = kl_sum = agree = teacher_nll = 0.0
     n_tok = n_kd = 0
     stats_all: dict = {}
@@ -185,7 +185,7 @@ def validate_model(model: Student, url: str, spec, windows: np.ndarray, batch_si
         nll_sum += float(ce_loss(logits, ids)) * n
         teacher_nll += float(batch["gold_nll"][:, :-1].double().sum())
         n_tok += n
-        log_p = teacher_bucket_logprobs(batch["topk_logits"], batch["tail_lse"], spec.tail_temperatures, 1.0)
+        log_p = teacher_bucket_logprobs(batch["topk_logprobs"], batch["tail_logmass"], spec.tail_temperatures, 1.0)
         log_q = student_bucket_logprobs(logits, batch["topk_ids"], 1.0)
         kl_sum += float((log_p.exp() * (log_p - log_q)).sum(-1).sum())
         agree += float((logits.argmax(-1) == batch["topk_ids"][..., 0]).sum())
@@ -330,7 +330,7 @@ class Trainer:
         # data
         self.fields = ["input_ids"]
         if cfg.loss.kd == "topk":
-            self.fields += ["topk_ids", "topk_logits", "tail_lse"]
+            self.fields += ["topk_ids", "topk_logprobs", "tail_logmass"]
         elif cfg.loss.kd == "rskd":
             self.fields += ["sample_ids", "sample_counts"]
         layers_needed = sorted({t for _, t in self.pairs} | ({t - 1 for _, t in self.pairs if t > 0}
@@ -409,7 +409,7 @@ class Trainer:
         parts = {"temperature": T}
         total = torch.zeros((), device=self.device)
         if c.loss.kd == "topk":
-            kd = kd_loss(logits, batch["topk_ids"], batch["topk_logits"], batch["tail_lse"],
+            kd = kd_loss(logits, batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"],
                          self.reader.spec.tail_temperatures, T, reverse=c.loss.reverse_kl)
             parts["kd"] = kd
             total = total + stage["kd_weight"] * kd

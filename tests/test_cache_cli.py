@@ -142,7 +142,7 @@ def _chunk_file(store: Path, array: str, chunk: int) -> Path:
 def test_verify_catches_corrupt_and_wrong_chunks(tmp_path, tiny_teacher, corpus_file):
     out = tmp_path / "s.zarr"
     assert run_cli(base_args(tiny_teacher, corpus_file, out)).exit_code == 0
-    _chunk_file(out, "topk_logits", 2).write_bytes(b"\x00garbage" * 10)
+    _chunk_file(out, "topk_logprobs", 2).write_bytes(b"\x00garbage" * 10)
     result = run_cli(["cache", "verify", out])
     assert result.exit_code == 1
     assert "chunk 2 (windows 4-5): unreadable" in result.stderr
@@ -151,18 +151,18 @@ def test_verify_catches_corrupt_and_wrong_chunks(tmp_path, tiny_teacher, corpus_
     out2 = tmp_path / "t.zarr"
     assert run_cli(base_args(tiny_teacher, corpus_file, out2)).exit_code == 0
     group = zarr.open_group(str(out2), mode="r+")
-    logits = group["topk_logits"][6:8]
-    group["topk_logits"][6:8] = logits[..., ::-1]  # ascending instead of descending
+    logp = group["topk_logprobs"][6:8]
+    group["topk_logprobs"][6:8] = logp[..., ::-1]  # ascending instead of descending
     ids = group["topk_ids"][0:2]
     ids[0, 0, 0] = 60000
     group["topk_ids"][0:2] = ids
-    lse = group["tail_lse"][2:4]
-    lse[1, 3, 0] = -1e4
-    group["tail_lse"][2:4] = lse
+    tail = group["tail_logmass"][2:4]
+    tail[1, 3, 0] = 0.5
+    group["tail_logmass"][2:4] = tail
     stderr = run_cli(["cache", "verify", out2]).stderr
-    assert "chunk 3 (windows 6-7): topk_logits not sorted descending" in stderr
+    assert "chunk 3 (windows 6-7): topk_logprobs not sorted descending" in stderr
     assert "chunk 0 (windows 0-1): topk_ids has ids >= vocabulary size" in stderr
-    assert "chunk 1 (windows 2-3): tail_lse below the top logit" in stderr
+    assert "chunk 1 (windows 2-3): tail_logmass above 0" in stderr
 
 
 def test_reader_is_read_only_and_iterates_every_window_once(tmp_path, tiny_teacher, corpus_file):

@@ -24,7 +24,7 @@ def test_epoch_plan_covers_the_pool_once_and_is_seeded():
 
 def test_loader_workers_and_resume_give_the_same_batches(store):
     def make(workers):
-        loader = CacheLoader(store, ["input_ids", "topk_logits"], batch_size=4, chunk_windows=8, seed=3,
+        loader = CacheLoader(store, ["input_ids", "topk_logprobs"], batch_size=4, chunk_windows=8, seed=3,
                              num_workers=workers)
         loader.set_pool(np.arange(40), 0)
         return loader
