@@ -89,6 +89,7 @@ class TrainConfig:
     seed: int = 0
     steps: int = 1000
     batch_size: int = 8
+    carry_state: bool = False  # stateful training: rows follow consecutive windows, state carried (detached)
     device: str = "auto"
     amp: str = "none"  # none | bf16 | fp16
     compile: bool = False

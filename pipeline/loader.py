@@ -39,6 +39,17 @@ def epoch_plan(pool: np.ndarray, chunk_windows: int, batch_size: int, seed: int,
     return batches
 
 
+def stream_plan(pool: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Batches for stateful training (truncated BPTT): the sorted pool is cut into `batch_size` contiguous
+    lanes and batch j holds window j of every lane, so each batch row reads consecutive windows of one
+    stream and the state after window j is the right start for window j + 1. One pass = len(pool) //
+    batch_size batches (the remainder is dropped); the trainer starts every pass from a zero state."""
+    pool = np.sort(np.asarray(pool, dtype=np.int64))
+    lane = len(pool) // batch_size
+    starts = np.arange(batch_size) * lane
+    return [pool[starts + j] for j in range(lane)]
+
+
 def to_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     out = {}
     for name, a in arrays.items():
@@ -71,8 +82,9 @@ class CacheLoader:
     """Endless iterator of training batches over a pool of windows, resumable to the exact batch."""
 
     def __init__(self, url: str, fields: list[str], *, batch_size: int, chunk_windows: int, seed: int = 0,
-                 buffer_chunks: int = 4, num_workers: int = 0, pin_memory: bool = False, prefetch: int = 2):
-        self.url, self.fields = url, list(fields)
+                 buffer_chunks: int = 4, num_workers: int = 0, pin_memory: bool = False, prefetch: int = 2,
+                 streams: bool = False):
+        self.url, self.fields, self.streams = url, list(fields), streams
         self.batch_size, self.chunk_windows, self.seed = batch_size, chunk_windows, seed
         self.buffer_chunks, self.num_workers, self.pin_memory, self.prefetch = (
             buffer_chunks, num_workers, pin_memory, prefetch)
@@ -91,6 +103,8 @@ class CacheLoader:
         self._iter = None
 
     def _plan(self) -> list[np.ndarray]:
+        if self.streams:
+            return stream_plan(self.pool, self.batch_size)
         return epoch_plan(self.pool, self.chunk_windows, self.batch_size, self.seed * 1000 + self.pool_id,
                           self.epoch, self.buffer_chunks)
 

@@ -43,7 +43,8 @@ class TemperatureConfig:
     t_max: float = 4.0
     lambda_max: float = 1.0  # CTKD gradient-reversal strength after the warm-up
     lambda_warmup: float = 0.1  # fraction of training over which lambda rises (cosine) from 0
-    lr: float = 1e-2  # CTKD's own learning rate
+    lr: float = 1e-2  # CTKD's own learning rate (SGD, follows the run's LR schedule)
+    momentum: float = 0.9  # CTKD's SGD momentum (the reference's)
     anchor_weight: float = 0.0  # optional L2 anchor lambda_reg * (T - anchor)^2
     anchor: float | None = None  # defaults to `value` (or the POCL stage temperature)
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..cache.reader import CacheReader
 from ..errors import GooseError
-from ..student.model import Student, config_for_store
+from ..student.model import Student, config_for_store, detach_state
 from ..student.spikes import firing_rate_loss
 from .config import TrainConfig, dump_config
 from .curriculum import Curriculum, difficulty_order
@@ -66,12 +66,28 @@ class Distiller(nn.Module):
         )
 
 
-def align_loss(cfg: TrainConfig, distiller: Distiller, hidden: list, batch: dict) -> torch.Tensor:
+def align_spans(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    """(student, teacher, student base, teacher base) per pair: for feature deltas each student span
+    h[s] - h[s_prev] is matched with the teacher span between the same two aligned points (the previous
+    pair, or the embeddings for the first), not with a single teacher layer h[t] - h[t - 1]."""
+    ordered = sorted(pairs)
+    return [(s, t, *(ordered[i - 1] if i else (0, 0))) for i, (s, t) in enumerate(ordered)]
+
+
+def align_loss(cfg: TrainConfig, distiller: Distiller, hidden: list, batch: dict, final_norm: nn.Module,
+               n_teacher_layers: int) -> torch.Tensor:
+    """Alignment over the layer pairs. The teacher's last hidden state is after its final norm (HF returns
+    GPT-2's hidden_states[-1] after ln_f), so the student state paired with it goes through the student's
+    final norm too: like is compared with like."""
+
+    def student_state(s: int, t: int) -> torch.Tensor:
+        return final_norm(hidden[s]) if t == n_teacher_layers else hidden[s]
+
     losses = []
-    for s, t in distiller.pairs:
-        hs, ht = hidden[s], batch[f"hidden/{t}"]
-        if cfg.loss.align.feature_deltas and s > 0 and t > 0:
-            hs, ht = hs - hidden[s - 1], ht - batch[f"hidden/{t - 1}"]
+    for s, t, s0, t0 in align_spans(distiller.pairs):
+        hs, ht = student_state(s, t), batch[f"hidden/{t}"]
+        if cfg.loss.align.feature_deltas:
+            hs, ht = hs - student_state(s0, t0), ht - batch[f"hidden/{t0}"]
         proj = distiller.projectors[f"{s}_{t}"] if f"{s}_{t}" in distiller.projectors else None
         kind = cfg.loss.align.loss
         if kind == "mse":
@@ -104,8 +120,8 @@ def lr_factor(cfg: TrainConfig, step: int, rewarm_from: int | None) -> float:
 
 
 def param_groups(cfg: TrainConfig, model: Student, distiller: Distiller) -> list[dict]:
-    """Weight decay on large matrices only; none on norms, biases, mixes, spike parameters; the CTKD
-    temperature in a group of its own with its own learning rate."""
+    """Weight decay on large matrices only; none on norms, biases, mixes, spike parameters. The CTKD
+    temperature is not here: it has its own SGD optimiser (`temperature_optimizer`)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         big = p.ndim == 2 and ".spikes." not in name and not name.endswith("r_k")
@@ -115,12 +131,18 @@ def param_groups(cfg: TrainConfig, model: Student, distiller: Distiller) -> list
     if len(distiller.projectors):
         groups.append({"params": list(distiller.projectors.parameters()), "weight_decay": cfg.optim.weight_decay,
                        "name": "projectors"})
-    if distiller.temperature.learnable:
-        groups.append({"params": [distiller.temperature.theta], "weight_decay": 0.0, "name": "temperature",
-                       "lr": cfg.temperature.lr})
     for g in groups:
         g["base_lr"] = g.get("lr", cfg.optim.lr)
     return groups
+
+
+def temperature_optimizer(cfg: TrainConfig, distiller: Distiller) -> torch.optim.Optimizer | None:
+    """Plain SGD with momentum for CTKD's theta, as in the reference (zhengli97/CTKD). Under Adam the step
+    is normalised by the gradient's running magnitude, so the reversal strength lambda cancels out (lambda
+    1.0 and 0.001 gave the same temperature trajectory); under SGD lambda scales every step."""
+    if not distiller.temperature.learnable:
+        return None
+    return torch.optim.SGD([distiller.temperature.theta], lr=cfg.temperature.lr, momentum=cfg.temperature.momentum)
 
 
 def check_store(cfg: TrainConfig, reader: CacheReader, val_reader: CacheReader | None) -> None:
@@ -148,6 +170,8 @@ def check_store(cfg: TrainConfig, reader: CacheReader, val_reader: CacheReader |
             raise GooseError("--val-cache was made with another tokenizer or vocabulary than the training store")
     if cfg.batch_size < 1 or cfg.steps < 1 or cfg.optim.accumulation < 1:
         raise GooseError("steps, batch_size and optim.accumulation must be >= 1")
+    if cfg.carry_state and cfg.curriculum.enabled:
+        raise GooseError("carry_state needs consecutive windows; the POCL curriculum reorders them (use one)")
     if cfg.amp not in ("none", "bf16", "fp16"):
         raise GooseError(f"amp must be none, bf16 or fp16, got {cfg.amp!r}")
 
@@ -304,6 +328,7 @@ class Trainer:
             self.model.init_embedding_from(torch.from_numpy(self.reader.teacher_embedding().astype(np.float32)))
             self.model.to(self.device)
         self.pairs = []
+        self.n_teacher_layers = int(self.reader.provenance.get("n_layers", 0))
         if cfg.loss.align_weight > 0:
             a = cfg.loss.align
             try:
@@ -311,8 +336,9 @@ class Trainer:
                                        spec.hidden_layers, a.pairs, a.last_k)
             except ValueError as exc:
                 raise GooseError(str(exc)) from None
-            missing = sorted({t for _, t in self.pairs} - set(spec.hidden_layers)) + (
-                sorted({t - 1 for _, t in self.pairs if t > 0} - set(spec.hidden_layers)) if a.feature_deltas else [])
+            needed = {t for _, t in self.pairs} | ({t0 for *_, t0 in align_spans(self.pairs)} if a.feature_deltas
+                                                   else set())
+            missing = sorted(needed - set(spec.hidden_layers))
             if missing or not self.pairs:
                 raise GooseError(f"alignment needs teacher layers {missing or '(none mapped)'} but the store has "
                                  f"{list(spec.hidden_layers)}")
@@ -324,6 +350,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(param_groups(cfg, self.model, self.distiller), lr=cfg.optim.lr,
                                      betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
                                      **({"fused": True} if fused else {"foreach": True}))
+        self.t_opt = temperature_optimizer(cfg, self.distiller)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
 
@@ -333,7 +360,7 @@ class Trainer:
             self.fields += ["topk_ids", "topk_logprobs", "tail_logmass"]
         elif cfg.loss.kd == "rskd":
             self.fields += ["sample_ids", "sample_counts"]
-        layers_needed = sorted({t for _, t in self.pairs} | ({t - 1 for _, t in self.pairs if t > 0}
+        layers_needed = sorted({t for _, t in self.pairs} | ({t0 for *_, t0 in align_spans(self.pairs)}
                                                              if cfg.loss.align.feature_deltas else set()))
         self.fields += [f"hidden/{t}" for t in layers_needed]
         self.curriculum = None
@@ -348,7 +375,7 @@ class Trainer:
             self.curriculum = Curriculum(cfg.curriculum, self.train_windows[order])
         self.loader = CacheLoader(cfg.cache, self.fields, batch_size=cfg.batch_size, chunk_windows=spec.chunk_windows,
                                   seed=cfg.seed, buffer_chunks=cfg.buffer_chunks, num_workers=cfg.num_workers,
-                                  pin_memory=self.device.type == "cuda")
+                                  pin_memory=self.device.type == "cuda", streams=cfg.carry_state)
         self.loader.set_pool(self.curriculum.pool() if self.curriculum else self.train_windows, 0)
 
         # bookkeeping
@@ -364,6 +391,7 @@ class Trainer:
         self.monitor = HealthMonitor(cfg.monitor, self.events, grad_clip=cfg.optim.grad_clip,
                                      t_bounds=(cfg.temperature.t_min, cfg.temperature.t_max)
                                      if cfg.temperature.mode == "ctkd" else None)
+        self.carry = None  # carry_state: the model state after the previous window of every row (detached)
         self.stop_signal = None
         if resume:
             self._load(latest_checkpoint(self.run))
@@ -402,11 +430,16 @@ class Trainer:
         """Every loss part for one micro-batch; `total` is what is minimised."""
         c = self.cfg
         ids = batch["input_ids"]
+        state = None
+        if c.carry_state and self.loader.position > 1:  # position 1: the first batch of a pass starts from zero
+            state = self.carry
         with self._autocast():
-            out = self.forward(ids, output_hidden_states=bool(self.pairs))
+            out = self.forward(ids, state, output_hidden_states=bool(self.pairs))
+        if c.carry_state:
+            self.carry = detach_state(out.state)  # truncated BPTT: the next window starts here, no gradient
         logits = out.logits
         T = self.distiller.temperature(progress, stage["temperature"]).to(self.device)
-        parts = {"temperature": T}
+        parts = {"temperature": T} if c.loss.kd == "topk" else {}
         total = torch.zeros((), device=self.device)
         if c.loss.kd == "topk":
             kd = kd_loss(logits, batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"],
@@ -423,7 +456,7 @@ class Trainer:
             total = total + stage["ce_weight"] * ce
         w_align = align_weight_at(c, self.step)
         if self.pairs:
-            al = align_loss(c, self.distiller, out.hidden_states, batch)
+            al = align_loss(c, self.distiller, out.hidden_states, batch, self.model.ln_out, self.n_teacher_layers)
             parts["align"] = al
             total = total + w_align * al
         parts["align_weight"] = w_align
@@ -442,7 +475,14 @@ class Trainer:
         f = lr_factor(self.cfg, self.step, self.rewarm_from) * self.lr_scale
         for g in self.opt.param_groups:
             g["lr"] = g["base_lr"] * f
+        if self.t_opt is not None:
+            self.t_opt.param_groups[0]["lr"] = self.cfg.temperature.lr * f
         return self.cfg.optim.lr * f
+
+    def _zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        if self.t_opt is not None:
+            self.t_opt.zero_grad(set_to_none=True)
 
     def train_step(self) -> dict:
         """One optimiser step over `accumulation` micro-batches; a non-finite loss or gradient skips it."""
@@ -453,7 +493,7 @@ class Trainer:
             self.model.set_spike_mix(min(1.0, self.step / c.spike_anneal_steps))
         lr = self._set_lr()
         self.model.train()
-        self.opt.zero_grad(set_to_none=True)
+        self._zero_grad()
         sums: dict[str, float] = {}
         finite = True
         for _ in range(c.optim.accumulation):
@@ -468,16 +508,20 @@ class Trainer:
         grad_norm = float("nan")
         if finite:
             self.scaler.unscale_(self.opt)
+            if self.t_opt is not None:
+                self.scaler.unscale_(self.t_opt)
             params = [p for g in self.opt.param_groups for p in g["params"]]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.optim.grad_clip if c.optim.grad_clip > 0
                                                              else float("inf")))
             finite = math.isfinite(grad_norm)
         if finite:
             self.scaler.step(self.opt)
+            if self.t_opt is not None:
+                self.scaler.step(self.t_opt)
             self.scaler.update()
             self.bad_steps = 0
         else:
-            self.opt.zero_grad(set_to_none=True)
+            self._zero_grad()
             if self.scaler.is_enabled():
                 self.scaler.update()  # lets an fp16 scaler back off after an overflow
             self.bad_steps += 1
@@ -490,10 +534,9 @@ class Trainer:
         if sums:
             m.update({("loss" if k == "total" else k): v for k, v in sums.items()})
             if "kd" in sums:
-                T = sums["temperature"]
+                T = sums.get("temperature", 1.0)
                 m["kl"] = sums["kd"] / (T * T) if c.loss.kd == "topk" else sums["kd"]
-        if self.distiller.temperature.learnable:
-            m["temperature"] = float(self.distiller.temperature.raw().detach())
+        if self.distiller.temperature.learnable:  # m["temperature"] is the T the KD loss used this step
             m["grl_lambda"] = self.distiller.temperature.grl_lambda(progress)
         if self.scaler.is_enabled():
             m["grad_scale"] = float(self.scaler.get_scale())
@@ -511,7 +554,9 @@ class Trainer:
     def _payload(self) -> dict:
         return {
             "step": self.step, "model": self.model.state_dict(), "distiller": self.distiller.state_dict(),
-            "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "rng": _rng_state(),
+            "optimizer": self.opt.state_dict(), "carry": self.carry,
+            "temperature_optimizer": self.t_opt.state_dict() if self.t_opt is not None else None,
+            "scaler": self.scaler.state_dict(), "rng": _rng_state(),
             "loader": self.loader.state_dict(),
             "curriculum": self.curriculum.state_dict() if self.curriculum else None,
             "lr_scale": self.lr_scale, "rewarm_from": self.rewarm_from, "best_val": self.best_val,
@@ -535,6 +580,9 @@ class Trainer:
         self.model.load_state_dict(d["model"])
         self.distiller.load_state_dict(d["distiller"])
         self.opt.load_state_dict(d["optimizer"])
+        self.carry = d.get("carry")
+        if self.t_opt is not None:
+            self.t_opt.load_state_dict(d["temperature_optimizer"])
         self.scaler.load_state_dict(d["scaler"])
         _set_rng_state(d["rng"])
         self.step = int(d["step"])

@@ -80,7 +80,10 @@ class StudentConfig:
 PRESETS = {
     # tests: well under 1M parameters at its own small vocabulary
     "tiny": dict(vocab_size=512, d_model=64, n_layer=2, head_size=16),
-    # ~10M at the 8192-token vocabulary of shared/teachers/enwiki-tiny
+    # the CPU proxy of GPT-2 small -> base (52.6M / 124M = 0.42x): 2.37M parameters = 0.44x the 5.39M of
+    # shared/teachers/enwiki-tiny (GPT-2 architecture, 4 x 256, 8192-token vocabulary)
+    "proxy": dict(vocab_size=8192, d_model=160, n_layer=3, head_size=32),
+    # ~10M at the 8192-token vocabulary of shared/teachers/enwiki-tiny (twice that teacher's size)
     "small": dict(vocab_size=8192, d_model=320, n_layer=6, head_size=64),
     # ~50M at GPT-2's vocabulary with tied embeddings
     "base": dict(vocab_size=50257, d_model=512, n_layer=8, head_size=64),

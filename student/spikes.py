@@ -147,24 +147,36 @@ class TernarySpike(nn.Module):
             return F.softplus(self.threshold_raw) * self.scale
         return self.cfg.stats_alpha * x.abs().mean(dim=-1, keepdim=True)  # gradient flows to x
 
+    def reference_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The input scale thresholds are relative to: the running per-channel mean |x| (learned
+        thresholds) or this token's mean |x| (stats thresholds), without gradient."""
+        if self.cfg.threshold == "learned":
+            return self.scale
+        return x.detach().abs().mean(dim=-1, keepdim=True).clamp_min(1e-12)
+
     def leak(self) -> torch.Tensor:
         return torch.sigmoid(self.leak_raw)
 
     def fire(self, x: torch.Tensor):
         """(value, positive indicator, negative indicator) of one spiking step; indicators carry grads."""
         theta = self.threshold(x)
-        kind, scale = self.cfg.surrogate, self.cfg.surrogate_scale
-        pos = heaviside(x - theta, kind, scale)
+        kind, width = self.cfg.surrogate, self.cfg.surrogate_scale
+        # The surrogate is a function of the distance to the threshold *in units of the input scale*, so
+        # its width follows the input as thresholds and amplitudes do: ds/dx is then the same at input
+        # std 0.003 and 30 (a fixed-width surrogate gives ~0 gradient to a small input and a boxcar as wide
+        # as the whole input to a large one). The 1/ref factor comes from autograd through the division.
+        ref = self.reference_scale(x)
+        pos = heaviside((x - theta) / ref, kind, width)
         if not self.signed:
             return self.amp_pos.abs() * self.scale * pos, pos, torch.zeros_like(pos)
-        neg = heaviside(-x - theta, kind, scale)
+        neg = heaviside((-x - theta) / ref, kind, width)
         return (self.amp_pos.abs() * pos - self.amp_neg.abs() * neg) * self.scale, pos, neg
 
     @torch.no_grad()
     def init_from(self, x: torch.Tensor) -> None:
         """Data-dependent init from a batch of inputs (B, T, C): offset = channel mean, scale = mean
         |x - offset|, threshold = stats_alpha * scale, amplitudes = mean magnitude of what fires."""
-        flat = x.detach().float().reshape(-1, x.shape[-1])
+        flat = x.detach().to(self.scale.dtype).reshape(-1, x.shape[-1])
         if self.centered:
             self.offset.copy_(flat.mean(0))
             flat = flat - self.offset
@@ -209,6 +221,7 @@ class TernarySpike(nn.Module):
         if self.training and update_scale:
             with torch.no_grad():  # a new tensor, not in place: autograd saved the old scale for backward
                 batch_scale = xc.detach().float().abs().mean(dim=tuple(range(xc.dim() - 1))).clamp_min(1e-6)
+                batch_scale = batch_scale.to(self.scale.dtype)
                 self.scale = torch.lerp(self.scale, batch_scale, self.scale_momentum)
         if stats is not None:
             stats.add(pos.detach(), neg.detach())

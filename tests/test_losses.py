@@ -242,3 +242,25 @@ def test_pocl_order_buckets_and_stages():
                                           advance_on_plateau=True, patience=2), order)
     assert not plateau.maybe_advance(1, 100, 5.0) and not plateau.maybe_advance(2, 100, 5.1)
     assert plateau.maybe_advance(3, 100, 5.2) and plateau.stage == 1
+
+
+def test_alignment_pairs_like_with_like():
+    from goose.pipeline.config import TrainConfig
+    from goose.pipeline.train import Distiller, align_loss, align_spans
+
+    # the teacher's last stored state is after its final norm: the student's paired state goes through its own
+    g = torch.Generator().manual_seed(0)
+    hidden = [torch.randn(2, 5, 8, generator=g) * 3 + 1 for _ in range(3)]  # student: emb, block 1, block 2
+    batch = {f"hidden/{t}": torch.randn(2, 5, 6, generator=g) for t in (0, 2, 4)}
+    norm = torch.nn.LayerNorm(8)
+    cfg = TrainConfig()
+    distiller = Distiller(cfg, [(1, 2), (2, 4)], 8, 6)
+    p12, p24 = distiller.projectors["1_2"], distiller.projectors["2_4"]
+    want = (mse_align(hidden[1], batch["hidden/2"], p12) + mse_align(norm(hidden[2]), batch["hidden/4"], p24)) / 2
+    torch.testing.assert_close(align_loss(cfg, distiller, hidden, batch, norm, n_teacher_layers=4), want)
+    # feature deltas: each student span against the teacher span between the same aligned points
+    assert align_spans([(2, 4), (1, 2)]) == [(1, 2, 0, 0), (2, 4, 1, 2)]
+    cfg.loss.align.feature_deltas = True
+    want = (mse_align(hidden[1] - hidden[0], batch["hidden/2"] - batch["hidden/0"], p12)
+            + mse_align(norm(hidden[2]) - hidden[1], batch["hidden/4"] - batch["hidden/2"], p24)) / 2
+    torch.testing.assert_close(align_loss(cfg, distiller, hidden, batch, norm, n_teacher_layers=4), want)

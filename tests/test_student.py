@@ -275,6 +275,7 @@ def test_presets_and_sizing():
     counts = {name: Student(preset(name)).parameter_report() for name in PRESETS}
     assert counts["tiny"]["total"] < 1_000_000
     assert 8e6 < counts["small"]["total"] < 12e6
+    assert 2.2e6 < counts["proxy"]["total"] < 2.7e6  # 0.4-0.5x enwiki-tiny's 5.39M, GPT-2 small -> base's 0.42x
     assert 45e6 < counts["base"]["total"] < 55e6
     for report in counts.values():
         assert report["total"] == sum(v for k, v in report.items() if k != "total")
@@ -377,3 +378,34 @@ def test_thresholds_follow_the_input_scale_during_training():
     spike(torch.randn(4, 32, 16, generator=g), stats=stats)
     assert 0.3 < stats.summary()["firing_rate"] < 0.8 and stats.summary()["saturated_fraction"] == 0.0
     assert (spike.scale - 0.8).abs().max() < 0.15  # ~ E|N(0,1)| = 0.80
+
+
+@pytest.mark.parametrize("kind", ["ste", "sigmoid", "triangular", "superspike"])
+@pytest.mark.parametrize("site", ["signed_learned", "unsigned_learned", "signed_stats", "lif"])
+def test_surrogate_gradient_is_scale_invariant(kind, site):
+    # multiply a site's input and its scale by 100: the spikes scale by 100 and ds/dx must not change
+    # (before the fix the surrogate was evaluated at x - theta with a fixed width: mean ds/dx 0.007 at input
+    # std 0.003, 0.52 at 0.3, and only 9% of tokens got any gradient at std 30)
+    cfg = SpikeConfig(surrogate=kind, threshold="stats" if site == "signed_stats" else "learned",
+                      lif=site == "lif")
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 12, 6, generator=g, dtype=torch.float64)
+    grads = {}
+    for factor in (0.003, 0.3, 30.0):
+        spike = TernarySpike(6, cfg, signed=site != "unsigned_learned").double()
+        x0 = base.abs() if site == "unsigned_learned" else base
+        spike.train()
+        spike(x0.clone())  # data-dependent init at unit scale, so every factor starts from the same parameters
+        spike.eval()
+        with torch.no_grad():
+            spike.scale.mul_(factor)
+            if spike.centered:
+                spike.offset.mul_(factor)
+        x = (x0 * factor).requires_grad_()
+        s, _, _ = spike(x)
+        (s * torch.linspace(-1, 1, 6, dtype=torch.float64)).sum().backward()
+        grads[factor] = (x.grad.clone(), spike.amp_pos.grad / factor)
+    assert grads[0.3][0].abs().sum() > 0
+    for factor in (0.003, 30.0):
+        torch.testing.assert_close(grads[factor][0], grads[0.3][0], rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(grads[factor][1], grads[0.3][1], rtol=1e-5, atol=1e-12)

@@ -8,6 +8,7 @@ import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -185,3 +186,61 @@ def test_profile_trace_and_activation_checkpointing(tmp_path, store):
     assert summary["steps"] == 4
     traces = list((tmp_path / "p" / "profile").glob("*.json*"))
     assert traces and traces[0].stat().st_size > 0
+
+
+def test_ctkd_lambda_scales_the_temperature_step(tmp_path, store):
+    # theta is on SGD (as in zhengli97/CTKD), so the reversed gradient's scale lambda reaches the step: over the
+    # warm-up the temperature moves in proportion to lambda_max, and lambda = 0 leaves it where it started.
+    # (On AdamW, lambda_max 1.0 and 0.001 gave the same trajectory: Adam normalises the gradient's scale away.)
+    moves = {}
+    for lam in (0.0, 1e-3, 1e-2):
+        cfg = cfg_for(store, tmp_path / f"l{lam}", "temperature.mode=ctkd", "temperature.value=2.0",
+                      f"temperature.lambda_max={lam}", "temperature.lambda_warmup=1.0", "temperature.lr=1.0",
+                      "steps=6", "val_every=100")
+        trainer = Trainer(cfg, progress=False)
+        trainer.fit()
+        log = [json.loads(x) for x in (tmp_path / f"l{lam}" / "metrics.jsonl").read_text().splitlines()]
+        used = [m["temperature"] for m in log if "temperature" in m]
+        assert used[0] == pytest.approx(2.0)  # the logged T is the one the first step's KD loss used
+        moves[lam] = float(trainer.distiller.temperature.raw().detach()) - 2.0
+    assert moves[0.0] == 0.0
+    assert moves[1e-2] != 0.0
+    assert moves[1e-2] / moves[1e-3] == pytest.approx(10.0, rel=0.05)
+
+
+def test_carry_state_rows_follow_their_streams_and_resume_exactly(tmp_path, store, monkeypatch):
+    from goose.pipeline.loader import stream_plan
+
+    plan = stream_plan(np.arange(3, 23), 4)  # 20 windows, 4 lanes of 5
+    assert len(plan) == 5 and plan[0].tolist() == [3, 8, 13, 18] and plan[4].tolist() == [7, 12, 17, 22]
+    seen = []
+    real_forward = Trainer.compute_losses
+
+    def record(self, batch, stage, progress):
+        seen.append((self.loader.position, self.carry is not None))
+        return real_forward(self, batch, stage, progress)
+
+    monkeypatch.setattr(Trainer, "compute_losses", record)
+    extra = ["carry_state=true", "steps=8", "ckpt_every=100"]
+    straight = Trainer(cfg_for(store, tmp_path / "a", *extra), progress=False)
+    straight.fit()
+    # every step after a pass's first gets the previous window's state
+    assert all(has for pos, has in seen[1:] if pos > 1) and not seen[0][1]
+    monkeypatch.setattr(Trainer, "compute_losses", real_forward)
+    stopped = Trainer(cfg_for(store, tmp_path / "b", *extra), progress=False)
+    real_step = Trainer.train_step
+
+    def step_then_signal(self):
+        m = real_step(self)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return m
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    stopped.fit()
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    resumed = Trainer(cfg_for(store, tmp_path / "b", *extra), resume=True, progress=False)
+    assert resumed.step == 3 and resumed.carry is not None
+    resumed.fit()
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
