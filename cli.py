@@ -133,7 +133,8 @@ def train_from_cache(cache, out, config_file, overrides, val_cache, steps, batch
         f"  parameters {s['parameters']['total']:,}; skipped steps {s['skipped_steps']}; rollbacks {s['rollbacks']}",
     ]
     if val:
-        lines.append(f"  validation: PPL {val['val_ppl']:.2f} (best {s['best_val_ppl']:.2f}; teacher {val['teacher_ppl']:.2f} "
+        lines.append(f"  store validation PPL (held-out windows of the store, {s['val_windows']} x {s['seq_len']} tokens, zero "
+                     f"state; for a test figure run `goose eval` on text outside the store): {val['val_ppl']:.2f} (best {s['best_val_ppl']:.2f}; teacher {val['teacher_ppl']:.2f} "
                      f"on the same windows), KL {val['val_kl']:.4f}, top-1 agreement {val['val_top1_agree']:.3f}, "
                      f"spike rate {val['spike_rate'] or 0:.3f}, energy vs dense {val['energy_ratio_vs_dense']:.3f}")
     if s["events"]:
@@ -180,15 +181,21 @@ def eval_cmd(student, teacher, tokenizer, dataset, dataset_config, split, data_f
     if as_json:
         click.echo(json.dumps(r, indent=2, default=float))
         return
+    for line in r.get("warnings", []):
+        click.echo(f"warning: {line}", err=True)
     m = r["model"]
     click.echo(f"{m['kind']} {m.get('path') or m.get('name')}: {m['parameters'] if isinstance(m['parameters'], int) else m['parameters']['total']:,} parameters")
+    if "perplexity" in r:
+        held = "held out from every store checked" if not r.get("warnings") else "NOT held out (see warning)"
+        click.echo(f"  text: {', '.join(r['data'].get('data_files') or [r['data'].get('dataset') or '?'])} "
+                   f"({r['data']['tokens']:,} tokens; {held})")
     for p in r.get("perplexity", []):
         extra = f", stride {p['stride']}" if p["stride"] else ""
-        click.echo(f"  {p['protocol']:<8} L={p['seq_len']}{extra}: PPL {p['ppl']:.3f} over {p['tokens_scored']:,} tokens "
+        click.echo(f"  eval {p['protocol']:<8} PPL (L={p['seq_len']}{extra}): PPL {p['ppl']:.3f} over {p['tokens_scored']:,} tokens "
                    f"({p['tokens_per_s']:,.0f} tokens/s)")
     if "teacher_agreement" in r:
         a = r["teacher_agreement"]
-        click.echo(f"  vs teacher ({a['windows']} windows): KL {a['kl_to_teacher']:.4f}, top-1 agreement "
+        click.echo(f"  vs teacher (store's held-out validation windows, {a['windows']}): KL {a['kl_to_teacher']:.4f}, top-1 agreement "
                    f"{a['top1_agreement']:.3f}, accuracy {a['accuracy']:.3f}, ECE {a['ece']:.4f}")
     if "spikes" in r:
         sp, e = r["spikes"], r["energy"]
@@ -338,7 +345,7 @@ def cache_info(store, max_windows, as_json):
     lines += [
         f"coverage     mean top-{spec['top_k']} teacher mass at T=1: {info['mean_topk_coverage']:.4f}"
         f"  (over {info['windows_measured']} windows)",
-        f"teacher PPL  {info['teacher_ppl']:.3f}  (mean gold NLL {info['teacher_mean_nll']:.4f})",
+        f"teacher PPL over the store's windows (training text, not a test figure)  {info['teacher_ppl']:.3f}  (mean gold NLL {info['teacher_mean_nll']:.4f})",
     ]
     click.echo("\n".join(lines))
 

@@ -40,6 +40,17 @@ def open_store_group(url: str, storage_options: dict | None = None):
     return group, dict(attrs[GOOSE_ATTR])
 
 
+def span_hash(ids: np.ndarray, n: int) -> np.ndarray:
+    """Polynomial hash (mod 2^64) of every n-token span along the last axis: (..., L) -> (..., L - n + 1)."""
+    ids = np.asarray(ids, dtype=np.uint64)
+    width = ids.shape[-1] - n + 1
+    h = np.zeros(ids.shape[:-1] + (max(width, 0),), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for i in range(n):
+            h = h * np.uint64(1_000_003) + ids[..., i : i + width] + np.uint64(1)
+    return h
+
+
 class CacheReader:
     """A finished store, read-only. `allow_incomplete=True` is for `info` and `verify` only."""
 
@@ -140,6 +151,17 @@ class CacheReader:
         for start in starts:
             start = int(start)
             yield start, self.read(start, min(start + cw, self.n_windows), fields, dequantize=dequantize)
+
+    def span_hashes(self, n: int = 32, stride: int = 8) -> np.ndarray:
+        """Sorted unique hashes of the store's n-token spans starting every `stride` tokens inside each window
+        (a content fingerprint: `eval` uses it to tell whether its text overlaps the store's)."""
+        parts = []
+        for _, chunk in self.iter_chunks(["input_ids"]):
+            ids = chunk["input_ids"].astype(np.uint64)
+            starts = np.arange(0, ids.shape[1] - n + 1, stride)
+            if len(starts):
+                parts.append(span_hash(ids, n)[:, starts].reshape(-1))
+        return np.unique(np.concatenate(parts)) if parts else np.empty(0, dtype=np.uint64)
 
     # ---- helpers -----------------------------------------------------------------------------
     def _default_fields(self) -> list[str]:

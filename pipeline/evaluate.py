@@ -193,7 +193,8 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
 
 @torch.no_grad()
 def cache_agreement(model: Student, url: str, n_windows: int, device) -> dict:
-    """KL to the teacher (top-k + tail at T=1), top-1 agreement and ECE on a store's first windows."""
+    """KL to the teacher (top-k + tail at T=1), top-1 agreement and ECE on a store's held-out windows: the
+    first `n_windows` of its last 5 % (what train-from-cache validates on by default), never training ones."""
     from .loader import read_windows
     from .losses import student_bucket_logprobs, teacher_bucket_logprobs
     from ..cache.reader import CacheReader
@@ -201,7 +202,8 @@ def cache_agreement(model: Student, url: str, n_windows: int, device) -> dict:
     reader = CacheReader(url)
     if reader.vocab_size != model.cfg.vocab_size:
         raise GooseError(f"store vocabulary {reader.vocab_size} != student vocabulary {model.cfg.vocab_size}")
-    idx = np.arange(min(n_windows, reader.n_windows))
+    n_val = max(1, int(round(0.05 * reader.n_windows)))
+    idx = np.arange(reader.n_windows - n_val, reader.n_windows)[:n_windows]
     kl = agree = 0.0
     n = 0
     conf, correct = [], []
@@ -220,6 +222,22 @@ def cache_agreement(model: Student, url: str, n_windows: int, device) -> dict:
     conf_a, corr_a = np.concatenate(conf), np.concatenate(correct).astype(np.float64)
     return {"cache": url, "windows": int(len(idx)), "kl_to_teacher": kl / n, "top1_agreement": agree / n,
             "ece": expected_calibration_error(conf_a, corr_a), "accuracy": float(corr_a.mean())}
+
+
+def store_overlap(tokens: np.ndarray, url: str, n: int = 32) -> float:
+    """Fraction of the text's tokens inside an n-token span that also occurs in a store's windows: 0 for
+    held-out text, near 1 for text the store was cached from. The store fingerprints spans starting every
+    8th token of each window, so text shared with the store is found wherever it runs for n + 8 tokens."""
+    from ..cache.reader import CacheReader, span_hash
+
+    hashes = span_hash(tokens, n)
+    if not len(hashes):
+        return 0.0
+    hit = np.isin(hashes, CacheReader(url).span_hashes(n))
+    covered = np.zeros(len(tokens) + 1, dtype=np.int64)
+    np.add.at(covered, np.flatnonzero(hit), 1)
+    np.add.at(covered, np.flatnonzero(hit) + n, -1)
+    return float((np.cumsum(covered)[: len(tokens)] > 0).mean())
 
 
 def run_eval(cfg: EvalConfig) -> dict:
@@ -248,6 +266,17 @@ def run_eval(cfg: EvalConfig) -> dict:
         tokens = tokenize_and_pack(ds, tokenizer, text_column=cfg.data.text_column, seq_len=1,
                                    max_tokens=cfg.max_tokens).reshape(-1)
         result["data"] = {**cfg.data.describe(), "tokens": int(len(tokens))}
+        stores = {cfg.cache} | ({meta.get("store")} if cfg.student else set())
+        for url in sorted(u for u in stores if u):
+            try:
+                frac = store_overlap(tokens, url)
+            except GooseError:
+                continue  # the training store moved or is gone: nothing to compare with
+            result.setdefault("store_overlap", {})[url] = frac
+            if frac > 0.01:
+                result.setdefault("warnings", []).append(
+                    f"{frac:.0%} of the evaluation text's 32-token spans occur in store {url}: this text is not "
+                    f"held out, its perplexity is not a test result")
         result["perplexity"] = [evaluate_stream(scorer, tokens, p, cfg.seq_len, cfg.stride) for p in cfg.protocols]
     if cfg.cache:
         if model is None:

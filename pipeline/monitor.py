@@ -89,7 +89,7 @@ class HealthMonitor:
         scale = m.get("grad_scale")
         if scale is not None and scale < c.scaler_min:
             self._fire(step, "scaler_collapse", f"GradScaler scale collapsed to {scale:.3g}", scale=scale)
-        a = m.get("align_loss")
+        a = m.get("align")
         if a is not None and m.get("align_weight", 0) > 0:
             self.align.append(a)
             w = c.align_window

@@ -710,6 +710,7 @@ class Trainer:
             "tokens": self.step * tokens_per_step, "best_val_ppl": math.exp(self.best_val) if self.best_val < 1e9 else None,
             "last_val": last_val, "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
             "events": self.monitor.summary(), "parameters": self.model.parameter_report(),
+            "val_windows": int(len(self.val_windows)), "seq_len": int(self.val_spec.seq_len),
         }
 
     def _stage_changed(self) -> None:

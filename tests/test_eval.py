@@ -119,7 +119,17 @@ def test_eval_and_generate_cli_on_a_trained_run(tmp_path, store):
                                   "--protocol", "stream", "--protocol", "sliding", "--seq-len", "64", "--cache", store,
                                   "--cache-windows", "8"])
     assert r.exit_code == 0, r.output
-    assert "windows  L=64" in r.stdout and "stream" in r.stdout and "vs teacher" in r.stdout and "energy" in r.stdout
+    assert "eval windows  PPL (L=64)" in r.stdout and "stream" in r.stdout and "vs teacher" in r.stdout
+    assert "energy" in r.stdout and "held out from every store" in r.stdout and "warning" not in r.stderr
+    # text the store was cached from is flagged: its perplexity is not a test result
+    from conftest import ENWIKI_TEXT
+
+    seen = tmp_path / "seen.txt"
+    seen.write_text(need(ENWIKI_TEXT / "wiki_00").read_text()[:6000])
+    w = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), "--data-files", str(seen), "--seq-len", "64", "--json"])
+    assert w.exit_code == 0, w.output
+    result = json.loads(w.stdout[w.stdout.index("{"):])
+    assert result["store_overlap"][store] > 0.5 and "not held out" in result["warnings"][0]
     t = CliRunner().invoke(main, ["eval", "--teacher", str(ENWIKI_TEACHER), "--data-files", str(text),
                                   "--seq-len", "64", "--json"])
     assert t.exit_code == 0, t.output

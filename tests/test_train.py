@@ -75,6 +75,8 @@ def test_resume_after_sigterm_equals_uninterrupted_run(tmp_path, store, monkeypa
     log_a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     log_b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in log_a] == [m["step"] for m in log_b]
+    # the keys the health monitor reads are the ones the trainer logs
+    assert any("align" in m and "temperature" in m and "kl" in m and "grad_norm" in m for m in log_a)
     assert [m.get("loss") for m in log_a] == pytest.approx([m.get("loss") for m in log_b])
     assert store_digest(store) == before  # training never writes to the store
 
@@ -171,7 +173,7 @@ def test_health_monitor_fires_on_synthetic_trouble(tmp_path):
     for step in range(1, 31):
         mon.on_step(step, {"loss": 5.0 + 0.01 * step, "grad_norm": 100.0 if step == 25 else 2.0,
                            "temperature": 3.999, "kl": 30.0 if step == 12 else 1.0, "grad_scale": 0.5,
-                           "align_loss": float(step), "align_weight": 0.1})
+                           "align": float(step), "align_weight": 0.1})
     mon.on_spikes(30, {"0.tm_r": {"dead_fraction": 0.5, "saturated_fraction": 0.0},
                        "1.cm_v": {"dead_fraction": 0.0, "saturated_fraction": 0.4}})
     assert set(events.counts) == {"loss_not_dropping", "grad_explode", "temperature_at_bound", "kl_range",
