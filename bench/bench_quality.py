@@ -44,6 +44,7 @@ RUNS = {
     "full": ("full", [], "short"),
     "kd_dense": ("kd", ["model.overrides={spike_sites: []}"], "short"),
     "ce_dense": ("ce_only", ["model.overrides={spike_sites: []}"], "short"),
+    "kd_carry": ("kd", ["carry_state=true"], "short"),  # stateful training (truncated BPTT over windows)
 }
 
 
@@ -205,14 +206,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/quality")
     ap.add_argument("--store", default=None, help="default: OUT/enwiki.zarr (built if missing)")
-    ap.add_argument("--runs", default="ce,kd,ctkd,pocl,align,full,kd_dense")
+    ap.add_argument("--runs", default="ce,kd,ctkd,pocl,align,full,kd_dense,kd_carry")
     ap.add_argument("--long", default="ce,kd", help="runs trained to --long-tokens (CE-only, KD, the best mix)")
     ap.add_argument("--long-tokens", type=int, default=2_000_000)
     ap.add_argument("--short-tokens", type=int, default=500_000)
     ap.add_argument("--val-tokens", type=int, default=250_000)
     ap.add_argument("--point-tokens", type=int, default=50_000)
     ap.add_argument("--final-tokens", type=int, default=200_000)
-    ap.add_argument("--seeds", default="0", help="seeds per run, e.g. 0,1,2 (runs named NAME@SEED past the first)")
+    ap.add_argument("--seeds", default="0", help="seeds per run, e.g. 0,1,2 (a run with seed s > 0 is named NAME@s)")
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra --set for every run")
     ap.add_argument("--eval-only", action="store_true")
@@ -224,7 +225,7 @@ def main() -> None:
         build_store(store)
     names, long_runs = args.runs.split(","), set(args.long.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
-    jobs = [(n if s == seeds[0] else f"{n}@{s}", s) for n in names for s in seeds]
+    jobs = [(n if s == 0 else f"{n}@{s}", s) for n in names for s in seeds]
     threads = max(1, (os.cpu_count() or 2) // args.parallel)
 
     def one(job):

@@ -107,12 +107,18 @@ class HealthMonitor:
         sat = {k: s["saturated_fraction"] for k, s in site_stats.items() if s and s["saturated_fraction"] > c.saturated_max}
         if dead:
             worst = max(dead, key=dead.get)
+            cause = ("its relu^2 input never crosses the threshold: FFN key rows whose pre-activation is negative "
+                     "on every token (dead ReLUs); a lower learning rate or loss.firing_rate_weight > 0 keeps them"
+                     if worst.endswith("cm_v") else
+                     "the threshold sits above the channel's whole input range; loss.firing_rate_weight > 0 or a "
+                     "lower spike.stats_alpha brings it back")
             self._fire(step, "dead_channels", f"{len(dead)} spike sites have > {c.dead_max:.0%} dead channels "
-                       f"(worst {worst}: {dead[worst]:.0%})", sites=dead)
+                       f"(worst {worst}: {dead[worst]:.0%}; {cause})", sites=dead)
         if sat:
             worst = max(sat, key=sat.get)
             self._fire(step, "saturated_channels", f"{len(sat)} spike sites have > {c.saturated_max:.0%} saturated "
-                       f"channels (worst {worst}: {sat[worst]:.0%})", sites=sat)
+                       f"channels (worst {worst}: {sat[worst]:.0%}; the input moved faster than the running scale "
+                       f"the thresholds follow, or an offset the centring has not caught)", sites=sat)
 
     def summary(self) -> dict:
         return dict(self.events.counts)

@@ -450,7 +450,8 @@ class Trainer:
             kd = rskd_loss(logits, batch["sample_ids"], batch["sample_counts"])
             parts["kd"] = kd
             total = total + stage["kd_weight"] * kd
-        ce = ce_loss(logits, ids)
+        with contextlib.nullcontext() if stage["ce_weight"] > 0 else torch.no_grad():  # logged even when unused
+            ce = ce_loss(logits, ids)
         parts["ce"] = ce
         if stage["ce_weight"] > 0:
             total = total + stage["ce_weight"] * ce
