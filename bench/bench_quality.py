@@ -38,6 +38,7 @@ SEQ_LEN, BATCH = 256, 16
 RUNS = {
     "ce": ("ce_only", [], "long"),
     "kd": ("kd", [], "long"),
+    "kd_short": ("kd", [], "short"),  # KD on the short runs' schedule: their like-for-like baseline
     "ctkd": ("ctkd", [], "short"),
     "pocl": ("pocl", [], "short"),
     "align": ("align", [], "short"),

@@ -170,7 +170,7 @@ class CacheReader:
     def _dequantize(self, out: dict, get) -> dict:
         """Stored encodings -> float32: fixed-point top-k log-probabilities, int8 hidden states."""
         if "topk_logprobs" in out:
-            out["topk_logprobs"] = decode_logprobs(out["topk_logprobs"])
+            out["topk_logprobs"] = decode_logprobs(out["topk_logprobs"], self.spec.logprob_step)
         if self.spec.hidden_dtype != "int8":
             return out
         for layer in self.spec.hidden_layers:

@@ -49,6 +49,7 @@ class StoreSpec:
     shard_chunks: int = 1  # chunks per shard; 1 = no sharding
     compression: str = "zstd"
     compression_level: int = 3
+    logprob_step: float = 2.0**-10  # fixed-point step of topk_logprobs (see encode_logprobs)
 
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSIONS:
@@ -120,19 +121,16 @@ class StoreSpec:
         return cls(**kw)
 
 
-# Top-k log-probabilities in uint16 fixed point: log p = -q * LOGPROB_STEP, q in [0, 65535], so log p in
-# [-32, 0] to within 2.4e-4 nats everywhere (fp16 is 8x coarser at log p = -4 to -8, where most top-k
-# entries sit; a log p below -32 is mass under 1.3e-14 and is stored as -32).
-LOGPROB_STEP = 2.0**-11
+# Top-k log-probabilities in uint16 fixed point: log p = -q * step, q in [0, 65535]. The default step 2^-10
+# keeps log p in [-64, 0] to within 4.9e-4 nats (fp16 is 4x coarser at log p = -4 to -8, where most top-k
+# entries sit). A log p below -64 is stored as -64: mass under 1.6e-28 at T = 1 and under 1.1e-7 per entry
+# even re-tempered at T = 4, so the floor costs nothing at any stored temperature.
+def encode_logprobs(logprobs: np.ndarray, step: float) -> np.ndarray:
+    return np.rint(np.clip(-np.asarray(logprobs, dtype=np.float32), 0.0, 65535 * step) / step).astype(np.uint16)
 
 
-def encode_logprobs(logprobs: np.ndarray) -> np.ndarray:
-    return np.rint(np.clip(-np.asarray(logprobs, dtype=np.float32), 0.0, 65535 * LOGPROB_STEP) / LOGPROB_STEP
-                   ).astype(np.uint16)
-
-
-def decode_logprobs(q: np.ndarray) -> np.ndarray:
-    return q.astype(np.float32) * np.float32(-LOGPROB_STEP)
+def decode_logprobs(q: np.ndarray, step: float) -> np.ndarray:
+    return q.astype(np.float32) * np.float32(-step)
 
 
 def hidden_name(layer: int) -> str:

@@ -100,7 +100,7 @@ def _check_chunk(part: dict, spec, tol: float = 1e-3) -> list[str]:
     for name in ("input_ids", "topk_ids", "sample_ids"):
         if name in part and part[name].size and int(part[name].max()) >= V:
             bad.append(f"{name} has ids >= vocabulary size {V}")
-    logp = decode_logprobs(part["topk_logprobs"])
+    logp = decode_logprobs(part["topk_logprobs"], spec.logprob_step)
     if not np.isfinite(logp).all():
         bad.append("topk_logprobs not finite")
     elif k > 1 and (np.diff(logp, axis=-1) > 0).any():
@@ -113,7 +113,7 @@ def _check_chunk(part: dict, spec, tol: float = 1e-3) -> list[str]:
     elif (tail > 0).any():
         bad.append("tail_logmass above 0 (a log-mass is <= 0)")
     elif np.isfinite(logp).all():
-        # head and tail add up to one at T=1 (the head is fp16: allow a little slack)
+        # head and tail add up to one at T=1 (the head is fixed point: allow a little slack)
         t1 = spec.tail_temperatures.index(1.0)
         total = np.exp(logp.astype(np.float64)).sum(-1) + np.exp(tail[..., t1].astype(np.float64))
         if not (np.abs(total - 1) < 1e-2).all():

@@ -115,7 +115,7 @@ class CacheWriter:
             if values.shape != (stop - start,) + array.shape[1:]:
                 raise ValueError(f"{name}: block shape {values.shape} != {(stop - start,) + array.shape[1:]}")
             if name == "topk_logprobs" and values.dtype.kind == "f":
-                values = encode_logprobs(values)
+                values = encode_logprobs(values, self.spec.logprob_step)
             array[start:stop] = values.astype(array.dtype, copy=False)
         self._done[block] = 1
 

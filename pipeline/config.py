@@ -51,7 +51,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-3
+    lr: float = 4e-3  # proxy sweep: 4e-3 beat 2e-3 for CE-only (-11 %) and KD (-16 %) at 250k tokens
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
     weight_decay: float = 0.1

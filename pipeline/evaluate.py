@@ -275,8 +275,8 @@ def run_eval(cfg: EvalConfig) -> dict:
             result.setdefault("store_overlap", {})[url] = frac
             if frac > 0.01:
                 result.setdefault("warnings", []).append(
-                    f"{frac:.0%} of the evaluation text's 32-token spans occur in store {url}: this text is not "
-                    f"held out, its perplexity is not a test result")
+                    f"{frac:.0%} of the evaluation text's tokens sit in 32-token spans that store {url} also "
+                    f"holds: this text is not held out, its perplexity is not a test result")
         result["perplexity"] = [evaluate_stream(scorer, tokens, p, cfg.seq_len, cfg.stride) for p in cfg.protocols]
     if cfg.cache:
         if model is None:

@@ -123,7 +123,12 @@ def student_bucket_logprobs(student_logits: torch.Tensor, topk_ids: torch.Tensor
     the reference path, which differentiates through T too."""
     if isinstance(T, torch.Tensor) and T.requires_grad:
         return student_bucket_logprobs_reference(student_logits, topk_ids, T)
-    return _StudentBuckets.apply(student_logits, topk_ids.long(), float(T))
+    out = _StudentBuckets.apply(student_logits, topk_ids.long(), float(T))
+    if bool((out[..., -1] < -60).any()):
+        # the tail sits > 60 nats below the top: summed relative to the top it nears fp32 underflow, so take
+        # the reference, which shifts the masked tail by its own maximum (rare: a student that has diverged)
+        return student_bucket_logprobs_reference(student_logits, topk_ids, T)
+    return out
 
 
 def _masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

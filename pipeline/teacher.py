@@ -187,8 +187,8 @@ def teacher_targets(
     """Per-token targets from full logits (B, L, V) and the window's ids (B, L).
 
     topk_ids / topk_logprobs: the k most likely tokens, sorted descending, with their log-probabilities
-        at T=1 (log p_i = z_i - logsumexp(z), computed in fp32, stored in fp16: values in [-20, 0] keep
-        ~3-4 decimal digits, where raw GPT-2 logits near -80 would keep one).
+        at T=1 (log p_i = z_i - logsumexp(z), computed in fp32; the store keeps them in uint16 fixed point,
+        4.9e-4 nats, where fp16 raw GPT-2 logits near -80 would keep 0.03).
     tail_logmass[..., j]: log of the probability mass outside the top-k at T_j, as
         logsumexp(z/T_j over the non-top-k ids) - logsumexp(z/T_j over all ids), both sums taken
         directly in fp32 (the non-top-k entries masked, never total minus head), so the tail bucket is
@@ -233,6 +233,13 @@ def teacher_targets(
                 topk_logprobs[r0 : r0 + rows] = (vals - m) - mass.log().unsqueeze(-1)
             tail = scratch.scatter_(-1, idx, 0.0).sum(-1)  # the non-top-k mass, summed on its own
             tail_logmass[r0 : r0 + rows, j] = tail.log() - (tail + head).log()
+            # a tail far below the top (< e^-69 of it) loses precision in fp32 or underflows to zero: redo
+            # those rows shifted by their own largest tail logit, so only an empty tail (k = V) is -inf
+            low = (tail < 1e-30).nonzero().squeeze(-1)
+            if len(low) and top_k < V:
+                zt = z[low].scatter(-1, idx[low], float("-inf")) / t
+                total = m[low, 0] / t + (tail[low] + head[low]).log()
+                tail_logmass[r0 + low, j] = torch.logsumexp(zt, -1) - total
     gold_nll = gold_nll.view(B, L)
     gold_nll[:, -1] = float("nan")
     out = {
@@ -279,7 +286,10 @@ def quantize_int8(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     """
     h = hidden.float()
     tiny = torch.finfo(torch.float16).tiny
-    channel = h.pow(2).mean(1).sqrt().clamp_min(tiny).to(torch.float16)  # (B, d)
+    # RMS over positions 1.. : GPT-2's first position can be ~30x every other, and would set a coarse step
+    # for the whole window; the per-token scale below gives that position its own range
+    body = h[:, 1:] if h.shape[1] > 1 else h
+    channel = body.pow(2).mean(1).sqrt().clamp_min(tiny).to(torch.float16)  # (B, d)
     hc = h / channel.float().unsqueeze(1)
     token = (hc.abs().amax(-1) / 127.0).clamp_min(tiny).to(torch.float16)  # (B, L)
     q = torch.round(hc / token.float().unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)

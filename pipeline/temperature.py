@@ -35,7 +35,7 @@ def grad_reverse(x: torch.Tensor, lam: float) -> torch.Tensor:
 @dataclass
 class TemperatureConfig:
     mode: str = "fixed"  # fixed | linear | cosine | step | stage | ctkd
-    value: float = 2.0  # fixed T; CTKD's initial T
+    value: float = 1.0  # fixed T; CTKD's initial T (the proxy sweep: T = 1 beat T = 2, evaluation is at T = 1)
     start: float = 2.0  # linear/cosine: T at step 0 ...
     end: float = 1.0  # ... and at the last step
     steps: list = field(default_factory=lambda: [[0.0, 2.0]])  # step: [[fraction, T], ...]
@@ -53,7 +53,8 @@ class TemperatureConfig:
         if self.mode not in modes:
             raise ValueError(f"temperature mode must be one of {modes}, got {self.mode!r}")
         if self.mode == "ctkd" and not self.t_min < self.value < self.t_max:
-            raise ValueError(f"CTKD initial T {self.value} must lie strictly inside ({self.t_min}, {self.t_max})")
+            raise ValueError(f"CTKD initial T (temperature.value) {self.value} must lie strictly inside "
+                             f"({self.t_min}, {self.t_max}): set temperature.value, e.g. 1.25")
 
     def range(self) -> tuple[float, float]:
         """The lowest and highest T this config can produce (checked against the store's temperatures)."""

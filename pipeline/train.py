@@ -71,7 +71,8 @@ def align_spans(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]
     h[s] - h[s_prev] is matched with the teacher span between the same two aligned points (the previous
     pair, or the embeddings for the first), not with a single teacher layer h[t] - h[t - 1]."""
     ordered = sorted(pairs)
-    return [(s, t, *(ordered[i - 1] if i else (0, 0))) for i, (s, t) in enumerate(ordered)]
+    spans = [(s, t, *(ordered[i - 1] if i else (0, 0))) for i, (s, t) in enumerate(ordered)]
+    return [span for span in spans if span[:2] != span[2:]]  # an explicit (0, 0) pair has no span
 
 
 def align_loss(cfg: TrainConfig, distiller: Distiller, hidden: list, batch: dict, final_norm: nn.Module,
@@ -84,9 +85,10 @@ def align_loss(cfg: TrainConfig, distiller: Distiller, hidden: list, batch: dict
         return final_norm(hidden[s]) if t == n_teacher_layers else hidden[s]
 
     losses = []
-    for s, t, s0, t0 in align_spans(distiller.pairs):
+    deltas = cfg.loss.align.feature_deltas
+    for s, t, s0, t0 in align_spans(distiller.pairs) if deltas else [(s, t, s, t) for s, t in distiller.pairs]:
         hs, ht = student_state(s, t), batch[f"hidden/{t}"]
-        if cfg.loss.align.feature_deltas:
+        if deltas:
             hs, ht = hs - student_state(s0, t0), ht - batch[f"hidden/{t0}"]
         proj = distiller.projectors[f"{s}_{t}"] if f"{s}_{t}" in distiller.projectors else None
         kind = cfg.loss.align.loss
@@ -419,6 +421,8 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    _next_carry = None
+
     def _stage_values(self) -> dict:
         c = self.cfg
         if self.curriculum is None:
@@ -436,7 +440,7 @@ class Trainer:
         with self._autocast():
             out = self.forward(ids, state, output_hidden_states=bool(self.pairs))
         if c.carry_state:
-            self.carry = detach_state(out.state)  # truncated BPTT: the next window starts here, no gradient
+            self._next_carry = detach_state(out.state)  # truncated BPTT: the next window starts here
         logits = out.logits
         T = self.distiller.temperature(progress, stage["temperature"]).to(self.device)
         parts = {"temperature": T} if c.loss.kd == "topk" else {}
@@ -502,22 +506,27 @@ class Trainer:
             parts = self.compute_losses(batch, stage, progress)
             if not torch.isfinite(parts["total"]):
                 finite = False
+                self.carry = None  # never start the next windows from a state that produced a non-finite loss
                 break
+            if c.carry_state:
+                self.carry = self._next_carry
             self.scaler.scale(parts["total"] / c.optim.accumulation).backward()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(torch.as_tensor(v).detach()) / c.optim.accumulation
         grad_norm = float("nan")
         if finite:
             self.scaler.unscale_(self.opt)
-            if self.t_opt is not None:
+            t_live = self.t_opt is not None and self.distiller.temperature.theta.grad is not None
+            if t_live:
                 self.scaler.unscale_(self.t_opt)
             params = [p for g in self.opt.param_groups for p in g["params"]]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.optim.grad_clip if c.optim.grad_clip > 0
                                                              else float("inf")))
-            finite = math.isfinite(grad_norm)
+            finite = math.isfinite(grad_norm) and (
+                not t_live or bool(torch.isfinite(self.distiller.temperature.theta.grad).all()))
         if finite:
             self.scaler.step(self.opt)
-            if self.t_opt is not None:
+            if t_live:
                 self.scaler.step(self.t_opt)
             self.scaler.update()
             self.bad_steps = 0

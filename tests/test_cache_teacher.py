@@ -77,12 +77,12 @@ def test_stored_values_equal_full_logit_computation(tmp_path, tiny_teacher, corp
         out = model(ids, output_hidden_states=True)
     z = out.logits.double()
 
-    # top-k: the stored ids are torch.topk's, with their log-probabilities (fixed point: 2.4e-4 nats)
+    # top-k: the stored ids are torch.topk's, with their log-probabilities (fixed point: 4.9e-4 nats)
     ref_vals, _ = z.topk(8, dim=-1)
     at_ids = z.gather(-1, torch.from_numpy(data["topk_ids"].astype(np.int64)))
     torch.testing.assert_close(at_ids, ref_vals, atol=1e-5, rtol=1e-5)
     ref_logp = ref_vals - torch.logsumexp(z, -1, keepdim=True)
-    assert (torch.from_numpy(data["topk_logprobs"]).double() - ref_logp).abs().max() <= 2.5e-4
+    assert (torch.from_numpy(data["topk_logprobs"]).double() - ref_logp).abs().max() <= 5e-4
     # tail log-mass at every stored temperature: the probability outside the top-k, summed by brute force
     outside = torch.ones_like(z, dtype=torch.bool).scatter(-1, torch.from_numpy(data["topk_ids"].astype(np.int64)), False)
     for j, t in enumerate((1.0, 2.0, 3.5)):

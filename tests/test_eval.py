@@ -163,7 +163,7 @@ def test_validate_passes_a_trained_run_and_fails_a_tampered_one(tmp_path, store)
 def test_report_writes_readable_pngs_and_a_table(tmp_path, store):
     import matplotlib.image as mpimg
 
-    for name, extra in (("a", []), ("b", ["curriculum.enabled=true", "temperature.mode=ctkd"])):
+    for name, extra in (("a", []), ("b", ["curriculum.enabled=true", "temperature.mode=ctkd", "temperature.value=1.5"])):
         run_train(cfg_for(store, tmp_path / name, "steps=6", "val_every=3", *extra), progress=False)
     r = CliRunner().invoke(main, ["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "rep")])
     assert r.exit_code == 0, r.output

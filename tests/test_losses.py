@@ -21,7 +21,7 @@ from goose.pipeline.losses import (
     teacher_bucket_logprobs,
 )
 from goose.pipeline.teacher import teacher_targets
-from goose.cache.schema import decode_logprobs, encode_logprobs
+from goose.cache.schema import StoreSpec, decode_logprobs, encode_logprobs
 from goose.pipeline.temperature import Temperature, TemperatureConfig, grad_reverse
 
 TEMPS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
@@ -31,7 +31,8 @@ def stored_targets(zt, k, temps=TEMPS):
     """What the store keeps for teacher logits zt, through the real writer-side code and the store dtypes."""
     ids = torch.zeros(zt.shape[:-1], dtype=torch.long)
     t = teacher_targets(zt.float(), ids, top_k=k, tail_temperatures=temps)
-    lp = torch.from_numpy(decode_logprobs(encode_logprobs(t["topk_logprobs"].numpy())))
+    step = StoreSpec(1, 1, 1, 1, (1.0,)).logprob_step  # the default a new store gets
+    lp = torch.from_numpy(decode_logprobs(encode_logprobs(t["topk_logprobs"].numpy(), step), step))
     return t["topk_ids"].clone(), lp, t["tail_logmass"].clone()  # out of inference mode, as the loader's are
 
 
@@ -284,3 +285,24 @@ def test_fused_student_buckets_equal_the_reference(T):
     zb = z.detach().bfloat16().requires_grad_()
     student_bucket_logprobs(zb, ids, T).sum().backward()
     assert zb.grad.dtype == torch.bfloat16 and torch.isfinite(zb.grad.float()).all()
+
+
+def test_tail_far_below_the_top_stays_exact():
+    # every non-top-k logit 150 nats under the top: summed relative to the top, the tail underflows fp32
+    z = torch.full((1, 2, 500), -150.0)
+    z[..., :64] = torch.linspace(0.0, -20.0, 64)
+    z[0, 1, 70] = -140.0
+    ti, lp, tail = stored_targets(z, 64)
+    for j, T in enumerate(TEMPS):
+        ref = bucket_probs(z, ti, T)[..., -1].log()
+        torch.testing.assert_close(tail[..., j].double(), ref, atol=1e-4, rtol=1e-5)
+    for T in (1.1, 1.4, 2.5):  # between stored temperatures the interpolation stays near the truth
+        got = teacher_bucket_logprobs(lp, tail, TEMPS, T)[..., -1].double()
+        assert (got - bucket_probs(z, ti, T)[..., -1].log()).abs().max() < 0.05 * 150 / T
+    # the student side too: a student whose tail is that far down keeps a finite tail bucket
+    from goose.pipeline.losses import student_bucket_logprobs, student_bucket_logprobs_reference
+
+    zs = z.clone().requires_grad_()
+    out = student_bucket_logprobs(zs, ti, 1.0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, student_bucket_logprobs_reference(z, ti, 1.0))

@@ -80,9 +80,20 @@ def test_shapes_and_state():
     assert set(out.spike_stats) == {f"{i}.{s}" for i in range(2) for s in ("tm_r", "tm_k", "tm_v", "tm_out", "cm_k", "cm_v")}
 
 
+@pytest.fixture
+def float64():
+    """The two forms are the same function; in fp32 their rounding differs by ~1e-7, enough to flip a spike
+    whose input sits that close to its threshold (seen: one flip in 300 LIF steps, 7e-4 on the logits).
+    In float64 they agree to ~1e-9 (a few pieces run in fp32 on purpose, e.g. reduction scales)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
 @pytest.mark.parametrize("lif, sites", [(False, "default"), (True, "default"), (False, "dense")])
 @pytest.mark.parametrize("T", [1, 7, 64, 300])
-def test_chunked_equals_token_by_token_recurrent(lif, sites, T):
+def test_chunked_equals_token_by_token_recurrent(lif, sites, T, float64):
     kw = {"spike": SpikeConfig(lif=lif)} if sites == "default" else {"spike_sites": ()}
     model = random_student(seed=T, **kw)
     ids = torch.randint(0, 512, (2, T), generator=torch.Generator().manual_seed(T))
@@ -92,20 +103,20 @@ def test_chunked_equals_token_by_token_recurrent(lif, sites, T):
         for t in range(T):
             out = model(ids[:, t : t + 1], state, mode="recurrent")
             state, steps = out.state, steps + [out.logits]
-    assert (whole - torch.cat(steps, 1)).abs().max() <= 1e-4
+    assert (whole - torch.cat(steps, 1)).abs().max() <= 1e-7
 
 
 @pytest.mark.parametrize("lif", [False, True])
-def test_two_halves_with_carried_state_equal_the_whole(lif):
+def test_two_halves_with_carried_state_equal_the_whole(lif, float64):
     model = random_student(spike=SpikeConfig(lif=lif))
     ids = torch.randint(0, 512, (2, 150))
     with torch.no_grad():
         whole = model(ids)
         first = model(ids[:, :67])
         second = model(ids[:, 67:], first.state)
-    assert (torch.cat([first.logits, second.logits], 1) - whole.logits).abs().max() <= 1e-4
+    assert (torch.cat([first.logits, second.logits], 1) - whole.logits).abs().max() <= 1e-7
     for a, b in zip(second.state[:-1], whole.state[:-1]):
-        assert (a["att"]["wkv"] - b["att"]["wkv"]).abs().max() <= 1e-4
+        assert (a["att"]["wkv"] - b["att"]["wkv"]).abs().max() <= 1e-7
     # the caller's state is not mutated by a forward
     before = first.state[0]["att"]["shift"].clone()
     model(ids[:, :5], first.state)
@@ -351,7 +362,7 @@ def test_centering_keeps_a_channel_with_an_offset_from_saturating():
     x = 3.0 + 0.5 * torch.randn(4, 64, 8, generator=torch.Generator().manual_seed(0))
     rates = {}
     for center in (False, True):
-        spike = TernarySpike(8, SpikeConfig(center=center))
+        spike = TernarySpike(8, SpikeConfig(center=center, stats_alpha=0.7))  # threshold 0.7 x mean|x|: 2.1
         spike.train()
         spike(x)  # data-dependent init
         spike.eval()
