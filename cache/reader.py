@@ -2,6 +2,11 @@
 
 Opened with mode "r", so any number of training runs can read one store at the same time and none can
 change it. Reads are whole windows; batches are gathered chunk by chunk because zarr reads whole chunks.
+
+Opening checks what is cheap to check (one listing of the store's keys): the attributes' checksum, sane
+tail temperatures, and that every stored object a reader needs is present, because zarr would read a
+missing chunk as its fill value without a word. A chunk that is present but cannot be decoded is named
+(array, chunk, windows, store) when it is read. Chunk checksums are compared by `goose cache verify`.
 """
 
 from __future__ import annotations
@@ -12,18 +17,22 @@ import numpy as np
 import zarr
 
 from ..errors import GooseError
+from .integrity import StoreFiles, array_keys, attrs_checksum, block_key
 from .schema import (
     EMBEDDING_ARRAY,
     GOOSE_ATTR,
     PROGRESS_ARRAY,
+    READABLE_VERSIONS,
     TOKENIZER_GROUP,
     StoreSpec,
-    SCHEMA_VERSION,
     decode_logprobs,
     hidden_channel_scale_name,
     hidden_name,
     hidden_scale_name,
+    tail_temperature_problem,
 )
+
+_REBUILD = "rebuild it (delete it and rerun goose cache-teacher)"
 
 
 def open_store_group(url: str, storage_options: dict | None = None):
@@ -52,20 +61,121 @@ def span_hash(ids: np.ndarray, n: int) -> np.ndarray:
 
 
 class CacheReader:
-    """A finished store, read-only. `allow_incomplete=True` is for `info` and `verify` only."""
+    """A finished store, read-only. `allow_incomplete=True` is for `info` and `verify` only.
 
-    def __init__(self, url: str, *, storage_options: dict | None = None, allow_incomplete: bool = False):
+    Refuses (GooseError) a store whose attributes fail their checksum, whose tail temperatures are unusable,
+    or that lacks a stored object it needs (only the blocks marked done when incomplete); `check=False`
+    (for `verify`, which reports them all) leaves the last two to `integrity_problems()`.
+    """
+
+    def __init__(self, url: str, *, storage_options: dict | None = None, allow_incomplete: bool = False,
+                 check: bool = True):
         self.url = url
+        self.storage_options = storage_options
         self.group, self.meta = open_store_group(url, storage_options)
         version = self.meta.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise GooseError(f"store {url} has schema version {version}; this goose reads version {SCHEMA_VERSION} "
-                             f"(v2 stores exact top-k log-probabilities and tail log-masses): rebuild it with "
-                             f"goose cache-teacher")
+        if version not in READABLE_VERSIONS:
+            raise GooseError(f"store {url} has schema version {version}; this goose reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))} (v2 and later store exact top-k "
+                             f"log-probabilities and tail log-masses): {_REBUILD}")
         if not self.meta.get("complete") and not allow_incomplete:
             raise GooseError(f"store {url} is not complete (cache-teacher was interrupted); rerun it to finish")
-        self.spec = StoreSpec.from_attrs(self.meta["spec"])
+        try:
+            self.spec = StoreSpec.from_attrs(self.meta["spec"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise GooseError(f"store {url} has a damaged spec attribute ({type(exc).__name__}: {exc}); {_REBUILD}") from None
+        problem = tail_temperature_problem(self.spec.tail_temperatures)
+        if problem:
+            raise GooseError(f"store {url} is unusable: {problem}; {_REBUILD} with valid --tail-temperatures")
         self.provenance = dict(self.meta.get("provenance", {}))
+        if check:
+            problems = self.integrity_problems()
+            if problems:
+                more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+                raise GooseError(f"store {url}: {problems[0]}{more}; run `goose cache verify` on it, and {_REBUILD}")
+
+    # ---- integrity ---------------------------------------------------------------------------
+    @property
+    def has_checksums(self) -> bool:
+        return "attrs_crc32" in self.meta
+
+    def integrity_problems(self) -> list[str]:
+        """What a listing of the store shows wrong: edited attributes, missing objects (for an incomplete
+        store, only those of blocks marked done). Each names the array and the chunk."""
+        problems = []
+        if self.has_checksums and attrs_checksum(self.meta) != self.meta["attrs_crc32"]:
+            problems.append("its attributes (schema, spec, provenance) do not match their checksum: edited or damaged")
+        problems += [f"{name} {what} is missing ({key})" for name, key, what in self.missing_objects()]
+        return problems
+
+    def missing_objects(self) -> list[tuple[str, str, str]]:
+        present = StoreFiles(self.url, self.storage_options).keys()
+        return [obj for obj in self.required_objects() if obj[1] not in present]
+
+    def required_objects(self) -> list[tuple[str, str, str]]:
+        """(array, store key, description) of every stored object a reader of this store needs."""
+        required = []
+        if self.complete:
+            blocks = range(self.spec.n_blocks)
+        else:
+            required.append((PROGRESS_ARRAY, f"{PROGRESS_ARRAY}/zarr.json", "metadata"))
+            blocks = [b for b in np.flatnonzero(self.blocks_done())] if PROGRESS_ARRAY in self.group else []
+        for name in self.spec.arrays():
+            if name not in self.group:
+                required.append((name, f"{name}/zarr.json", "metadata"))
+                continue
+            array = self.group[name]
+            required.append((name, f"{array.path}/zarr.json", "metadata"))
+            required += [(name, block_key(array, int(b)), self.where(int(b))) for b in blocks]
+        if self.complete:
+            once = (self.meta.get("checksums") or {}).get("once")
+            if once is not None:  # v3: the finalize recorded exactly which objects it wrote
+                required += [(key.split("/c/")[0], key, "chunk") for key in once]
+            else:  # v2: whatever the group lists
+                for array in self._once_arrays():
+                    required += [(array.path, key, "chunk") for key in array_keys(array)[1:]]
+        return required
+
+    def _once_arrays(self) -> list:
+        arrays = [self.group[EMBEDDING_ARRAY]] if EMBEDDING_ARRAY in self.group else []
+        if TOKENIZER_GROUP in self.group:
+            arrays += [arr for _, arr in self.group[TOKENIZER_GROUP].arrays()]
+        return arrays
+
+    def where(self, block: int) -> str:
+        """How messages name a block: a chunk, or a shard with --shard-chunks, with its windows."""
+        start, stop = self.spec.block_range(block)
+        return f"{'shard' if self.spec.shard_chunks > 1 else 'chunk'} {block} (windows {start}-{stop - 1})"
+
+    def _unreadable(self, name: str, chunks, exc: Exception) -> GooseError:
+        """A GooseError naming the first chunk of `name` among `chunks` that fails to read on its own."""
+        array = self.group[name]
+        cw = array.chunks[0] if array.ndim else 1
+        for c in chunks:
+            start, stop = c * cw, min((c + 1) * cw, array.shape[0])
+            try:
+                array[start:stop]
+            except Exception as chunk_exc:  # noqa: BLE001 - any codec error means a damaged chunk
+                unit = "windows" if name in self.spec.arrays() else "rows"
+                exc, where = chunk_exc, f"chunk {c} ({unit} {start}-{stop - 1})"
+                break
+        else:
+            where = f"chunks {min(chunks)}-{max(chunks)}" if len(chunks) else "a chunk"
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return GooseError(f"store {self.url}: {name} {where} cannot be read ({type(exc).__name__}: {first}); "
+                          f"the store is damaged: run `goose cache verify` on it, and {_REBUILD}")
+
+    def _get(self, name: str, rows, read):
+        """read(array), turning a codec error (truncated or corrupt chunk) into a GooseError naming it."""
+        array = self.group[name]
+        try:
+            return read(array)
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - zstd, blosc and shape errors all mean a damaged chunk
+            cw = array.chunks[0] if array.ndim else 1
+            chunks = sorted({int(r) // cw for r in rows}) if rows is not None else list(range(array.cdata_shape[0]))
+            raise self._unreadable(name, chunks, exc) from None
 
     # ---- metadata ----------------------------------------------------------------------------
     @property
@@ -96,14 +206,15 @@ class CacheReader:
     def teacher_embedding(self) -> np.ndarray:
         if EMBEDDING_ARRAY not in self.group:
             raise GooseError(f"store {self.url} has no teacher embedding (not complete?)")
-        return self.group[EMBEDDING_ARRAY][:]
+        return self._get(EMBEDDING_ARRAY, None, lambda a: a[:])
 
     def tokenizer_files(self) -> dict[str, bytes]:
         """The teacher tokenizer's files as stored at cache time (empty for stores made before this)."""
         if TOKENIZER_GROUP not in self.group:
             return {}
         group = self.group[TOKENIZER_GROUP]
-        return {name: bytes(arr[:].tobytes()) for name, arr in group.arrays()}
+        return {name: bytes(self._get(f"{TOKENIZER_GROUP}/{name}", None, lambda a: a[:]).tobytes())
+                for name, _ in group.arrays()}
 
     def save_tokenizer(self, folder) -> bool:
         """Write the stored tokenizer files into `folder` (loadable with AutoTokenizer); False if none."""
@@ -120,8 +231,13 @@ class CacheReader:
         """Windows [start, stop) as a dict of numpy arrays; top-k log-probabilities and int8 hidden states
         come back as float32 unless dequantize=False."""
         fields = list(fields) if fields is not None else self._default_fields()
-        out = {name: self.group[name][start:stop] for name in fields}
-        return self._dequantize(out, lambda name: self.group[name][start:stop]) if dequantize else out
+        rows = range(start, min(stop, self.n_windows))
+
+        def get(name):
+            return self._get(name, rows, lambda a: a[start:stop])
+
+        out = {name: get(name) for name in fields}
+        return self._dequantize(out, get) if dequantize else out
 
     def read_indices(self, indices: Sequence[int], fields: Sequence[str] | None = None, *, dequantize: bool = True):
         """Windows at arbitrary indices, in the order given (one orthogonal read per array)."""
@@ -134,7 +250,7 @@ class CacheReader:
         inverse[order] = np.arange(len(order))
 
         def get(name):
-            return self.group[name].oindex[sorted_idx][inverse]
+            return self._get(name, sorted_idx, lambda a: a.oindex[sorted_idx])[inverse]
 
         fields = list(fields) if fields is not None else self._default_fields()
         out = {name: get(name) for name in fields}

@@ -1,4 +1,4 @@
-"""Store schema, version 2: the only place that says which arrays a teacher cache holds and how.
+"""Store schema, version 3: the only place that says which arrays a teacher cache holds and how.
 
 A store holds N windows of L tokens. Every per-window array is chunked along windows only, so a chunk
 holds whole windows and a reader fetches a batch with a few large reads. Work is done (and resumed) in
@@ -9,18 +9,23 @@ one go.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # v1 kept raw fp16 top-k logits and the full logsumexp per T, and the tail bucket was their difference:
 # at GPT-2's logit scale (-60 to -100, fp16 step 0.0625) that difference is rounding noise for confident
 # tokens. v2 keeps what the loss needs directly: top-k log-probabilities and the tail log-mass per T.
+# v3 adds checksums (CHECKSUM_ARRAY, and the "checksums" and "attrs_crc32" attributes); its data arrays are
+# v2's, so v2 stores are still read (without checksums to verify against) but no longer written or resumed.
+READABLE_VERSIONS = (2, 3)
 GOOSE_ATTR = "goose"  # root attribute holding everything goose knows about a store
 PROGRESS_ARRAY = "blocks_done"  # one uint8 per block, set only after the block's data is written
 EMBEDDING_ARRAY = "teacher_embedding"
 TOKENIZER_GROUP = "tokenizer"  # the teacher tokenizer's files, one uint8 array each, so a store is self-contained
+CHECKSUM_ARRAY = "chunk_checksums"  # (n_blocks, n per-window arrays) int64: crc32 of each block's stored bytes
 COMPRESSIONS = ("zstd", "blosc", "none")
 HIDDEN_DTYPES = ("float16", "int8")
 
@@ -131,6 +136,41 @@ def encode_logprobs(logprobs: np.ndarray, step: float) -> np.ndarray:
 
 def decode_logprobs(q: np.ndarray, step: float) -> np.ndarray:
     return q.astype(np.float32) * np.float32(-step)
+
+
+def tail_temperature_problem(temps) -> str | None:
+    """Why these tail temperatures cannot serve the loss (None when they can). The loss interpolates the
+    tail in 1/T with Lagrange weights, which divide by differences of 1/T: equal (or nearly equal) nodes
+    make it divide by zero, and NaN, inf or T <= 0 make every interpolated value meaningless."""
+    temps = [float(t) for t in temps]
+    if not temps:
+        return "no tail temperatures"
+    if not all(math.isfinite(t) and t > 0 for t in temps):
+        return f"tail temperatures must be finite positive numbers, got {temps}"
+    if 1.0 not in temps:
+        return f"tail temperatures must include 1 (coverage, entropy and RS-KD are defined at T=1), got {temps}"
+    betas = sorted(1.0 / t for t in temps)
+    if any(b - a < MIN_BETA_GAP for a, b in zip(betas, betas[1:])):
+        return (f"tail temperatures repeat a temperature or are too close (1/T must differ by at least "
+                f"{MIN_BETA_GAP:g}), got {temps}")
+    return None
+
+
+# Levels each codec accepts (zarr checks only when it first writes, after the teacher has loaded).
+COMPRESSION_LEVELS = {"zstd": (1, 22), "blosc": (0, 9)}
+
+
+def compression_level_problem(compression: str, level: int) -> str | None:
+    if compression not in COMPRESSIONS:
+        return f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}"
+    lo, hi = COMPRESSION_LEVELS.get(compression, (level, level))
+    if not lo <= level <= hi:
+        return f"--compression-level for {compression} must be between {lo} and {hi}, got {level}"
+    return None
+
+
+# Lagrange weights scale like 1 / (gap in 1/T): below this the fp32 interpolation error grows past ~1e-3 nats.
+MIN_BETA_GAP = 1e-3
 
 
 def hidden_name(layer: int) -> str:

@@ -1,9 +1,11 @@
 """Create or resume a teacher-cache store and write it block by block.
 
-Crash safety: a block's data arrays are written first, then its byte in `blocks_done`. A kill between the
-two leaves the byte unset and the block is simply recomputed on resume, so a finished store is identical
-to an uninterrupted run's. `complete` is set in the root attributes only after the last block, the
-teacher embedding and the consolidated metadata are written.
+Crash safety: a block's data arrays are written first, then the checksums of their stored bytes, then
+its byte in `blocks_done`. A kill in between leaves the byte unset and the block is simply recomputed on
+resume, so a finished store is identical to an uninterrupted run's. The root group is created with its
+attributes in one write, so a kill during creation leaves either nothing or a store that resumes.
+`complete` is set in the root attributes only after the last block, the teacher embedding, the tokenizer
+files, their checksums and the consolidated metadata are written.
 """
 
 from __future__ import annotations
@@ -15,7 +17,17 @@ import numpy as np
 import zarr
 
 from ..errors import GooseError
+from .integrity import (
+    CHECKSUM_ALGORITHM,
+    CHECKSUMMED_BYTES,
+    StoreFiles,
+    array_keys,
+    attrs_checksum,
+    block_key,
+    checksum,
+)
 from .schema import (
+    CHECKSUM_ARRAY,
     EMBEDDING_ARRAY,
     GOOSE_ATTR,
     PROGRESS_ARRAY,
@@ -46,22 +58,31 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _open_group(url: str, mode: str, storage_options: dict | None):
+def _open_group(url: str, mode: str, storage_options: dict | None, attributes: dict | None = None):
     try:
-        return zarr.open_group(url, mode=mode, zarr_format=3, storage_options=storage_options or None)
+        return zarr.open_group(url, mode=mode, zarr_format=3, storage_options=storage_options or None,
+                               attributes=attributes)
     except (PermissionError, NotADirectoryError, OSError) as exc:
         raise GooseError(f"cannot write the store at {url}: {exc.strerror or exc}") from None
+
+
+def _writable(array):
+    # zarr skips (and deletes) a chunk equal to the fill value by default; every chunk is written here so
+    # that a missing chunk always means damage, and every chunk has stored bytes to checksum
+    return array.with_config({"write_empty_chunks": True})
 
 
 class CacheWriter:
     """Writes one store. Use `CacheWriter.open(url, spec, provenance)`, then `write_block`, `finalize`."""
 
-    def __init__(self, group, spec: StoreSpec, url: str):
+    def __init__(self, group, spec: StoreSpec, url: str, storage_options: dict | None = None):
         self.group = group
         self.spec = spec
         self.url = url
-        self._arrays = {name: group[name] for name in spec.arrays()}
+        self._arrays = {name: _writable(group[name]) for name in spec.arrays()}
         self._done = group[PROGRESS_ARRAY]
+        self._checksums = _writable(group[CHECKSUM_ARRAY])
+        self._files = StoreFiles(url, storage_options)
 
     # ---- opening -----------------------------------------------------------------------------
     @classmethod
@@ -74,14 +95,23 @@ class CacheWriter:
         package_version: str,
         storage_options: dict | None = None,
     ) -> "CacheWriter":
-        """Create a new store, or reopen an unfinished one made with exactly the same parameters."""
-        meta = {"schema_version": SCHEMA_VERSION, "spec": spec.to_attrs(), "provenance": provenance}
-        existing = _existing_goose_attrs(url, storage_options)
-        if existing is None:
-            group = _open_group(url, "w-", storage_options)
-            group.attrs.put(
-                {GOOSE_ATTR: {**meta, "package_version": package_version, "created_at": _now(), "complete": False}}
-            )
+        """Create a new store, or reopen an unfinished one made with exactly the same parameters.
+
+        An unfinished store with no block written yet holds nothing worth keeping: it is started afresh,
+        so a run that failed before its first block (bad option, no space) never blocks a corrected rerun.
+        """
+        meta = {
+            "schema_version": SCHEMA_VERSION, "spec": spec.to_attrs(), "provenance": provenance,
+            "checksums": {"algorithm": CHECKSUM_ALGORITHM, "bytes": CHECKSUMMED_BYTES, "arrays": list(spec.arrays())},
+        }
+        meta["attrs_crc32"] = attrs_checksum(meta)
+        state, existing = _store_state(url, storage_options)
+        if state == "goose" and not existing.get("complete") and _nothing_written(url, storage_options):
+            state = "restart"
+        if state != "goose":
+            attrs = {**meta, "package_version": package_version, "created_at": _now(), "complete": False}
+            # one write: the group appears together with its goose attributes ("w" replaces a leftover)
+            group = _open_group(url, "w-" if state == "absent" else "w", storage_options, {GOOSE_ATTR: attrs})
         else:
             _check_same(url, existing, meta)
             group = _open_group(url, "r+", storage_options)
@@ -92,8 +122,10 @@ class CacheWriter:
         # Arrays are (re)ensured on every open: a kill during creation leaves some missing.
         for name, array_spec in spec.arrays().items():
             _ensure_array(group, name, array_spec, spec)
+        _ensure_array(group, CHECKSUM_ARRAY, ArraySpec((spec.n_blocks, len(spec.arrays())), "int64", per_window=False),
+                      None, fill_value=-1)  # -1: no checksum recorded (a crc32 is never negative)
         _ensure_array(group, PROGRESS_ARRAY, ArraySpec((spec.n_blocks,), "uint8", per_window=False), None)
-        return cls(group, spec, url)
+        return cls(group, spec, url, storage_options)
 
     # ---- progress ----------------------------------------------------------------------------
     @property
@@ -117,7 +149,16 @@ class CacheWriter:
             if name == "topk_logprobs" and values.dtype.kind == "f":
                 values = encode_logprobs(values, self.spec.logprob_step)
             array[start:stop] = values.astype(array.dtype, copy=False)
+        # the stored bytes, read back: what a later verify reads, whatever the codecs did
+        self._checksums[block] = np.array([self._stored_checksum(block_key(array, block))
+                                           for array in self._arrays.values()], dtype=np.int64)
         self._done[block] = 1
+
+    def _stored_checksum(self, key: str) -> int:
+        data = self._files.read(key)
+        if data is None:
+            raise GooseError(f"store {self.url}: {key} was just written but is not in the store")
+        return checksum(data)
 
     def finalize(self, teacher_embedding: np.ndarray, tokenizer_files: dict[str, bytes] | None = None) -> None:
         """Write the once-per-store arrays (teacher embedding, tokenizer files) and mark the store complete
@@ -128,16 +169,22 @@ class CacheWriter:
         emb_spec = self.spec.embedding_spec()
         emb = _ensure_array(self.group, EMBEDDING_ARRAY, emb_spec, self.spec)
         emb[:] = teacher_embedding.astype(emb_spec.dtype)
+        once = [emb]
         for name, data in sorted((tokenizer_files or {}).items()):
             path = f"{TOKENIZER_GROUP}/{name}"
             if path in self.group:  # a finalize that was interrupted: rewrite from scratch
                 del self.group[path]
-            arr = self.group.create_array(path, shape=(len(data),), chunks=(max(len(data), 1),), dtype="uint8",
-                                          compressors=zarr.codecs.ZstdCodec(level=3), fill_value=0)
+            arr = _writable(self.group.create_array(
+                path, shape=(len(data),), chunks=(max(len(data), 1),), dtype="uint8",
+                compressors=zarr.codecs.ZstdCodec(level=3), fill_value=0))
             arr[:] = np.frombuffer(data, dtype=np.uint8)
+            once.append(arr)
+        # checksums of the once-per-store objects; their keys also tell the reader what must be present
+        once_checksums = {key: self._stored_checksum(key) for array in once for key in array_keys(array)[1:]}
         _consolidate(self.group.store)
         group = zarr.open_group(self.group.store, mode="r+", zarr_format=3)
         attrs = dict(group.attrs[GOOSE_ATTR])
+        attrs["checksums"] = {**attrs["checksums"], "once": once_checksums}
         attrs.update(complete=True, completed_at=_now())
         group.attrs.put({GOOSE_ATTR: attrs})
         _consolidate(self.group.store)  # so the consolidated attributes say complete too
@@ -151,31 +198,40 @@ def _consolidate(store) -> None:
         zarr.consolidate_metadata(store)
 
 
-def _existing_goose_attrs(url: str, storage_options: dict | None) -> dict | None:
-    """The goose attributes of an existing store at url; None if nothing is there."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+def _store_state(url: str, storage_options: dict | None) -> tuple[str, dict | None]:
+    """What is at url: ("absent", None), ("leftover", None) for the bare root group an interrupted creation
+    left behind (goose before schema v3 wrote the group, then its attributes), or ("goose", attributes)."""
+    files = StoreFiles(url, storage_options)
+    fs, path = files.fs, files.root
     if not fs.exists(path):
-        return None
+        return "absent", None
     if fs.isfile(path):
         raise GooseError(f"output {url} is a file, not a store")
-    if not fs.ls(path):
-        return None
+    keys = files.keys()
+    if not keys:
+        return "absent", None
     try:
         group = zarr.open_group(url, mode="r", zarr_format=3, storage_options=storage_options or None)
         attrs = group.attrs.asdict()
     except Exception:  # noqa: BLE001 - anything unreadable is "not a goose store"
         attrs = {}
-    if GOOSE_ATTR not in attrs:
-        raise GooseError(f"output {url} exists and is not a goose store; choose another path")
-    return dict(attrs[GOOSE_ATTR])
+    if GOOSE_ATTR in attrs:
+        return "goose", dict(attrs[GOOSE_ATTR])
+    if keys == {"zarr.json"} and not attrs:
+        return "leftover", None
+    raise GooseError(f"output {url} exists and is not a goose store; choose another path")
+
+
+def _nothing_written(url: str, storage_options: dict | None) -> bool:
+    group = zarr.open_group(url, mode="r", zarr_format=3, storage_options=storage_options or None)
+    return PROGRESS_ARRAY not in group or not group[PROGRESS_ARRAY][:].any()
 
 
 def _check_same(url: str, existing: dict, meta: dict) -> None:
     if existing.get("schema_version") != SCHEMA_VERSION:
         raise GooseError(
-            f"store {url} has schema version {existing.get('schema_version')}, this goose writes {SCHEMA_VERSION}"
+            f"store {url} has schema version {existing.get('schema_version')}, this goose writes {SCHEMA_VERSION}: "
+            f"rebuild it (delete it, or choose another --output)"
         )
     old = _flatten({"spec": existing.get("spec", {}), "provenance": existing.get("provenance", {})})
     new = _flatten({"spec": meta["spec"], "provenance": meta["provenance"]})
@@ -191,22 +247,22 @@ def _check_same(url: str, existing: dict, meta: dict) -> None:
         )
 
 
-def _ensure_array(group, name: str, array_spec: ArraySpec, spec: StoreSpec | None):
+def _ensure_array(group, name: str, array_spec: ArraySpec, spec: StoreSpec | None, fill_value=None):
     dtype = np.dtype(array_spec.dtype)
     if name in group:
         array = group[name]
         if tuple(array.shape) != array_spec.shape or array.dtype != dtype:
             raise GooseError(f"store array {name} has shape {array.shape} {array.dtype}, expected {array_spec.shape}")
-        return array
-    if spec is None:  # the progress array: tiny, one element a chunk so each mark is its own write
-        chunks, shards, comp = (1,), None, None
+        return _writable(array)
+    if spec is None:  # progress and checksums: tiny, one block a chunk so each block's mark is its own write
+        chunks, shards, comp = (1,) + array_spec.shape[1:], None, None
     elif array_spec.per_window:
         chunks = (spec.chunk_windows,) + array_spec.shape[1:]
         shards = (spec.block_windows,) + array_spec.shape[1:] if spec.shard_chunks > 1 else None
         comp = compressors(spec)
     else:
         chunks, shards, comp = array_spec.shape, None, compressors(spec)
-    fill = np.nan if dtype.kind == "f" else 0
-    return group.create_array(
+    fill = fill_value if fill_value is not None else np.nan if dtype.kind == "f" else 0
+    return _writable(group.create_array(
         name, shape=array_spec.shape, chunks=chunks, shards=shards, dtype=dtype, compressors=comp, fill_value=fill
-    )
+    ))

@@ -7,7 +7,7 @@ Batches never cross a block boundary, so a resumed run computes exactly what an 
 
 from __future__ import annotations
 
-import math
+import errno
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -17,7 +17,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..cache.schema import StoreSpec, hidden_channel_scale_name, hidden_name, hidden_scale_name
+from ..cache.schema import (
+    StoreSpec,
+    compression_level_problem,
+    hidden_channel_scale_name,
+    hidden_name,
+    hidden_scale_name,
+    tail_temperature_problem,
+)
 from ..cache.stats import store_nbytes
 from ..cache.writer import CacheWriter
 from ..errors import GooseError
@@ -51,27 +58,26 @@ class CacheTeacherConfig:
 
 
 def _check_args(cfg: CacheTeacherConfig) -> None:
+    """Every check that needs no teacher and no data, so bad input fails in a second and leaves no store."""
     if cfg.seq_len < 2:
         raise GooseError("--seq-len must be at least 2")
     if cfg.top_k < 1:
         raise GooseError("--top-k must be at least 1")
     if cfg.batch_size < 1 or cfg.chunk_windows < 1 or cfg.shard_chunks < 1:
         raise GooseError("--batch-size, --chunk-windows and --shard-chunks must be at least 1")
-    temps = list(cfg.tail_temperatures)
-    if not temps or not all(math.isfinite(t) and t > 0 for t in temps):
-        raise GooseError("--tail-temperatures must be finite positive numbers")
-    if len(set(temps)) != len(temps):
-        raise GooseError("--tail-temperatures repeats a temperature (interpolation needs distinct ones)")
-    if 1.0 not in cfg.tail_temperatures:
-        raise GooseError("--tail-temperatures must include 1 (coverage, entropy and RS-KD are defined at T=1)")
+    problem = tail_temperature_problem(cfg.tail_temperatures)
+    if problem:
+        raise GooseError(f"--tail-temperatures: {problem}")
     if not 0 <= cfg.samples <= 65535:
         raise GooseError("--samples must be between 0 and 65535")
-    if cfg.max_tokens is not None and cfg.max_tokens < 1:
-        raise GooseError("--max-tokens must be positive")
+    if cfg.max_tokens is not None and cfg.max_tokens < cfg.seq_len:
+        raise GooseError(f"--max-tokens must be at least one window of --seq-len {cfg.seq_len} tokens, "
+                         f"got {cfg.max_tokens}")
     if cfg.hidden_dtype not in ("float16", "int8"):
         raise GooseError("--hidden-dtype must be float16 or int8")
-    if cfg.compression not in ("zstd", "blosc", "none"):
-        raise GooseError("--compression must be zstd, blosc or none")
+    problem = compression_level_problem(cfg.compression, cfg.compression_level)
+    if problem:
+        raise GooseError(problem)
 
 
 def _check_against_teacher(cfg: CacheTeacherConfig, teacher: Teacher) -> tuple[int, ...]:
@@ -113,6 +119,10 @@ def compute_block(
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
 
+def _write_problem(exc: OSError) -> str:
+    return "disk full" if exc.errno == errno.ENOSPC else f"cannot write ({exc.strerror or exc})"
+
+
 def run_cache_teacher(cfg: CacheTeacherConfig) -> dict:
     """Build (or finish) the store described by cfg; returns a summary dict."""
     _check_args(cfg)
@@ -136,31 +146,46 @@ def run_cache_teacher(cfg: CacheTeacherConfig) -> dict:
         "max_tokens": cfg.max_tokens,
         "data_fingerprint": windows_fingerprint(windows),
         "seed": cfg.seed,
+        # the batch (and the device, in teacher.provenance) changes the float rounding of the forward pass,
+        # so a resume with another one would mix blocks that an uninterrupted run would not write
+        "batch_size": cfg.batch_size,
     }
-    writer = CacheWriter.open(
-        cfg.output, spec, provenance, package_version=__version__, storage_options=cfg.storage_options
-    )
+    try:
+        writer = CacheWriter.open(
+            cfg.output, spec, provenance, package_version=__version__, storage_options=cfg.storage_options
+        )
+    except OSError as exc:
+        raise GooseError(f"{_write_problem(exc)} while creating store {cfg.output}; free space (or fix the "
+                         f"cause) and rerun the same command") from None
     todo = writer.blocks_todo()
     already_complete = writer.complete
     tokens_todo = sum(np.subtract(*spec.block_range(b)[::-1]) for b in todo) * spec.seq_len
     t0 = time.perf_counter()
     bar = tqdm(total=int(tokens_todo), unit="tok", unit_scale=True, disable=not cfg.progress or not todo,
                desc="cache-teacher", dynamic_ncols=True)
-    # One block is written in the background while the next is computed; at most one write in flight.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = None
-        for block in todo:
-            start, stop = spec.block_range(block)
-            data = compute_block(teacher, windows[start:stop], start, spec, cfg)
+    try:
+        # One block is written in the background while the next is computed; at most one write in flight.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = None
+            for block in todo:
+                start, stop = spec.block_range(block)
+                data = compute_block(teacher, windows[start:stop], start, spec, cfg)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(writer.write_block, block, data)
+                bar.update((stop - start) * spec.seq_len)
             if pending is not None:
                 pending.result()
-            pending = pool.submit(writer.write_block, block, data)
-            bar.update((stop - start) * spec.seq_len)
-        if pending is not None:
-            pending.result()
-    bar.close()
-    if not already_complete:
-        writer.finalize(teacher.embedding_matrix(), teacher.tokenizer_files())
+        bar.close()
+        if not already_complete:
+            writer.finalize(teacher.embedding_matrix(), teacher.tokenizer_files())
+    except OSError as exc:
+        bar.close()
+        # blocks already marked done are whole and kept; the one being written is not marked, and the
+        # store is not marked complete, so a rerun of the same command continues from here
+        done = spec.n_blocks - len(writer.blocks_todo())
+        raise GooseError(f"{_write_problem(exc)} while writing store {cfg.output}: {done} of {spec.n_blocks} blocks are done "
+                         f"and kept; free space (or fix the cause) and rerun the same command to continue") from None
     elapsed = time.perf_counter() - t0
     nbytes = store_nbytes(cfg.output, cfg.storage_options)
     return {

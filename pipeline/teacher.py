@@ -89,6 +89,7 @@ class Teacher:
             "weights_hash": self.weights_hash,
             "tokenizer_hash": tokenizer_hash(self.tokenizer),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "device": device_name(self.device),  # another device type or GPU model rounds differently
         }
 
     def tokenizer_files(self) -> dict[str, bytes]:
@@ -104,6 +105,12 @@ class Teacher:
         return self.model.get_input_embeddings().weight.detach().float().cpu().numpy()
 
 
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
 def load_teacher(name: str, *, revision: str | None = None, dtype: str = "auto", device: str = "auto") -> Teacher:
     """AutoModelForCausalLM + AutoTokenizer from a hub name or a local folder, in eval mode."""
     import transformers
@@ -116,16 +123,35 @@ def load_teacher(name: str, *, revision: str | None = None, dtype: str = "auto",
     local = os.path.isdir(expanded)
     if not local and _looks_like_path(name):
         raise GooseError(f"teacher folder not found: {name}")
+    verbosity = transformers.utils.logging.get_verbosity()
+    # its multi-line load report would bury the one-line error below (and says nothing when all is well)
+    transformers.utils.logging.set_verbosity_error()
     try:
         tokenizer = AutoTokenizer.from_pretrained(expanded if local else name, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(expanded if local else name, revision=revision, dtype=torch_dtype)
-    except (OSError, ValueError) as exc:
-        if local:
-            raise GooseError(f"{name} is not a loadable model folder: {str(exc).splitlines()[0]}") from None
+        model, info = AutoModelForCausalLM.from_pretrained(expanded if local else name, revision=revision,
+                                                           dtype=torch_dtype, output_loading_info=True)
+    except Exception as exc:  # noqa: BLE001 - transformers/safetensors raise many types for a bad folder
+        if local:  # truncated weights (SafetensorError), config.json against the weights (RuntimeError), ...
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            if "mismatched_sizes" in first:  # its report (suppressed above) lists the shapes
+                raise GooseError(f"teacher {name}: its config.json does not match its weights "
+                                 f"(parameter shapes differ)") from None
+            raise GooseError(f"{name} is not a loadable model folder: {type(exc).__name__}: {first}") from None
+        if not isinstance(exc, (OSError, ValueError)):
+            raise
         raise GooseError(
             f"cannot load teacher {name!r} from the Hugging Face Hub (offline, or no such model): "
             f"download it where you have network and pass the local folder with --teacher"
         ) from None
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    # transformers initialises weights the checkpoint lacks at random, with only a log line: a config.json
+    # with more layers than the weights would silently cache a partly random teacher
+    bad = {kind: info.get(kind) or [] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(bad.values()):
+        detail = "; ".join(f"{kind.replace('_', ' ')}: {', '.join(sorted(map(str, keys))[:3])}"
+                           f"{' ...' if len(keys) > 3 else ''} ({len(keys)})" for kind, keys in bad.items() if keys)
+        raise GooseError(f"teacher {name}: its config.json does not match its weights ({detail})")
     weights = weights_hash(model)  # on the host, before the move: identifies the exact checkpoint
     model.to(dev).eval()
     # A local folder is recorded by absolute path so a resume from another working directory matches.

@@ -144,8 +144,9 @@ def test_verify_catches_corrupt_and_wrong_chunks(tmp_path, tiny_teacher, corpus_
     assert run_cli(base_args(tiny_teacher, corpus_file, out)).exit_code == 0
     _chunk_file(out, "topk_logprobs", 2).write_bytes(b"\x00garbage" * 10)
     result = run_cli(["cache", "verify", out])
-    assert result.exit_code == 1
-    assert "chunk 2 (windows 4-5): unreadable" in result.stderr
+    assert result.exit_code == 2
+    assert "chunk 2 (windows 4-5): topk_logprobs unreadable" in result.stderr
+    assert "topk_logprobs chunk 2 (windows 4-5): checksum differs" in result.stderr
     assert "chunk 1" not in result.stderr and "chunk 3" not in result.stderr
 
     out2 = tmp_path / "t.zarr"

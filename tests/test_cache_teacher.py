@@ -254,7 +254,7 @@ def test_sharded_blosc_store_round_trips(tmp_path, tiny_teacher, corpus_file):
     assert CacheReader(str(sharded.output)).spec.block_windows == 4
     a, b = store_arrays(plain.output), store_arrays(sharded.output)
     for name in a:
-        if name != "blocks_done":
+        if name not in ("blocks_done", "chunk_checksums"):  # bookkeeping per block: shards are blocks here
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     assert verify_store(sharded.output).ok
 
