@@ -3,7 +3,9 @@ chunks, worker processes, pinned memory, and a recorded position so a resumed ru
 batch.
 
 An epoch's plan (which windows form batch i) is a pure function of (seed, epoch, pool), so the loader's
-whole state is three numbers: the plan is rebuilt on resume and iteration restarts at `position`.
+whole state is three numbers (plus the batches to skip): the plan is rebuilt on resume and iteration
+restarts at `position`. A batch is named by its key (pool_id, epoch, index in the epoch's plan); the
+trainer marks batches that gave non-finite losses as skipped so a rollback does not replay them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..cache.reader import CacheReader
+from ..errors import GooseError
 
 
 def epoch_plan(pool: np.ndarray, chunk_windows: int, batch_size: int, seed: int, epoch: int,
@@ -92,6 +95,8 @@ class CacheLoader:
         self.pool_id = 0  # bumps when the pool changes (curriculum stage), so plans differ per stage
         self.epoch = 0
         self.position = 0  # batches of this epoch already handed out
+        self.skip: set[tuple[int, int, int]] = set()  # batch keys never to hand out (they gave non-finite losses)
+        self.last_key: tuple[int, int, int] | None = None  # key of the batch handed out last
         self._iter = None
 
     def set_pool(self, pool: np.ndarray, pool_id: int | None = None) -> None:
@@ -115,23 +120,49 @@ class CacheLoader:
             kw.update(prefetch_factor=self.prefetch, persistent_workers=False)
         self._iter = iter(DataLoader(_PlanDataset(self.url, plan, self.fields), **kw))
 
-    def next(self) -> dict[str, torch.Tensor]:
-        if self._iter is None:
-            self._start()
+    def _next_any(self) -> dict[str, torch.Tensor]:
         try:
-            batch = next(self._iter)
-        except StopIteration:
-            self.epoch, self.position = self.epoch + 1, 0
-            self._start()
-            batch = next(self._iter)
+            if self._iter is None:
+                self._start()
+            try:
+                batch = next(self._iter)
+            except StopIteration:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._start()
+                batch = next(self._iter)
+        except GooseError as exc:  # a worker process re-raises with its whole traceback as the message
+            raise GooseError(str(exc).strip().splitlines()[-1].removeprefix("goose.errors.GooseError: ")) from None
+        self.last_key = (self.pool_id, self.epoch, self.position)
         self.position += 1
         return batch
 
+    def next(self) -> dict[str, torch.Tensor]:
+        """The next batch, passing over skipped ones (keys name one epoch, so this always ends)."""
+        while True:
+            batch = self._next_any()
+            if self.last_key not in self.skip:
+                return batch
+
+    def windows_of(self, key: tuple[int, int, int]) -> list[int]:
+        """Window indices of the batch with this key (for error messages and logs)."""
+        pool_id, epoch, index = key
+        if pool_id != self.pool_id:
+            return []
+        saved = self.epoch
+        self.epoch = epoch
+        try:
+            plan = self._plan()
+        finally:
+            self.epoch = saved
+        return [int(w) for w in plan[index]] if index < len(plan) else []
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "pool_id": self.pool_id}
+        return {"epoch": self.epoch, "position": self.position, "pool_id": self.pool_id,
+                "skip": sorted(list(k) for k in self.skip)}
 
     def load_state_dict(self, d: dict) -> None:
         self.epoch, self.position, self.pool_id = int(d["epoch"]), int(d["position"]), int(d["pool_id"])
+        self.skip = {tuple(int(x) for x in k) for k in d.get("skip", [])}
         self._iter = None
 
 

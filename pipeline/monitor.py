@@ -122,3 +122,18 @@ class HealthMonitor:
 
     def summary(self) -> dict:
         return dict(self.events.counts)
+
+    def state_dict(self) -> dict:
+        """Everything the checks remember, so a resumed run warns exactly when the uninterrupted one would."""
+        return {"first_losses": list(self.first_losses), "recent_losses": list(self.recent_losses),
+                "grad_norms": list(self.grad_norms), "clipped": [bool(x) for x in self.clipped],
+                "align": list(self.align), "t_at_bound": self.t_at_bound, "last_fired": dict(self.last_fired)}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.first_losses = [float(x) for x in d["first_losses"]]
+        for name in ("recent_losses", "grad_norms", "clipped", "align"):
+            target = getattr(self, name)
+            target.clear()
+            target.extend(d[name])
+        self.t_at_bound = int(d["t_at_bound"])
+        self.last_fired = {str(k): int(v) for k, v in d["last_fired"].items()}

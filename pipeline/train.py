@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..cache.reader import CacheReader
-from ..errors import GooseError
+from ..errors import GooseError, RunFailed
 from ..student.model import Student, config_for_store, detach_state
 from ..student.spikes import firing_rate_loss
 from .config import TrainConfig, dump_config
@@ -47,6 +47,13 @@ from .teacher import resolve_device
 from .temperature import Temperature
 
 CKPT_FILE = "state.pt"
+LOCK_FILE = ".lock"
+
+# Config keys a resumed run may change: they steer how long it runs, what it logs and where, never what
+# it computes. Anything else differing from the checkpoint's config is refused on --resume.
+RESUMABLE_KEYS = {"out", "steps", "log_every", "val_every", "ckpt_every", "keep_checkpoints", "tensorboard",
+                  "profile_steps", "device", "num_workers", "cache", "val_cache", "nan_patience", "max_rollbacks",
+                  "rollback_lr_factor", "monitor"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +249,11 @@ def validate_model(model: Student, url: str, spec, windows: np.ndarray, batch_si
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state in types `torch.load(weights_only=True)` accepts (no numpy objects)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -250,7 +261,9 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -276,10 +289,89 @@ def save_checkpoint(run: Path, step: int, payload: dict, keep: int) -> Path:
     return final
 
 
+def checkpoints(run: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (a crash mid-write leaves only a .tmp folder, never listed)."""
+    return [p for p in sorted((run / "checkpoints").glob("step_*")) if (p / CKPT_FILE).exists()]
+
+
 def latest_checkpoint(run: Path) -> Path | None:
-    found = sorted((run / "checkpoints").glob("step_*"))
-    found = [p for p in found if (p / CKPT_FILE).exists()]
+    found = checkpoints(run)
     return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, device) -> dict:
+    """A checkpoint's payload. weights_only=True: unpickling runs no code from the file, only tensors and
+    plain containers are rebuilt (a crafted state.pt is refused, not executed)."""
+    try:
+        return torch.load(path / CKPT_FILE, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated zip, refused global, bad pickle: all one message
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GooseError(f"cannot load checkpoint {path / CKPT_FILE}: {first[:200]}") from None
+
+
+class RunLock:
+    """One training process per run folder: RUN/.lock holds the owner's pid. A lock whose pid is no
+    longer alive is stale (a killed run) and is taken over."""
+
+    def __init__(self, run: Path):
+        self.path = run / LOCK_FILE
+        self.held = False
+
+    def acquire(self) -> None:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid == os.getpid() or (pid > 0 and _alive(pid)):
+                    if pid == os.getpid():
+                        self.held = True
+                        return
+                    raise GooseError(f"run folder {self.path.parent} is in use by another training (pid {pid}); "
+                                     "wait for it or choose another --out") from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            self.held = True
+            return
+        raise GooseError(f"cannot lock run folder {self.path.parent}")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_identity(cfg: TrainConfig, reader: CacheReader) -> dict:
+    """What a checkpoint must agree with to be resumed: the config minus RESUMABLE_KEYS, and the store by
+    content (its fingerprint), not by path, so a moved store still resumes."""
+    config = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_KEYS}
+    p = reader.provenance
+    return {"config": config, "store": {"data_fingerprint": p.get("data_fingerprint"),
+                                        "config_hash": p.get("config_hash")}}
+
+
+def _differences(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _differences(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
 
 
 def _truncate_jsonl(path: Path, step: int) -> None:
@@ -305,6 +397,8 @@ class Trainer:
             raise GooseError(f"run folder {self.run} already has checkpoints; pass --resume or choose a new --out")
         if resume and latest_checkpoint(self.run) is None:
             raise GooseError(f"--resume: no checkpoint in {self.run}")
+        if cfg.nan_patience < 1 or cfg.max_rollbacks < 0:
+            raise GooseError("nan_patience must be >= 1 and max_rollbacks >= 0")
         try:
             self.run.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -395,8 +489,16 @@ class Trainer:
                                      if cfg.temperature.mode == "ctkd" else None)
         self.carry = None  # carry_state: the model state after the previous window of every row (detached)
         self.stop_signal = None
-        if resume:
-            self._load(latest_checkpoint(self.run))
+        self.identity = run_identity(cfg, self.reader)
+        self.failed_batches: list[dict] = []  # non-finite steps since the last rollback: step, batch key, windows
+        self.lock = RunLock(self.run)  # before anything is written to the run folder
+        self.lock.acquire()
+        try:
+            if resume:
+                self._resume()
+        except BaseException:
+            self.lock.release()
+            raise
         dump_config(cfg, self.run / "config.yaml", {
             "store_fingerprint": self.reader.provenance.get("data_fingerprint"),
             "store_teacher": self.reader.provenance.get("teacher"),
@@ -501,12 +603,17 @@ class Trainer:
         self._zero_grad()
         sums: dict[str, float] = {}
         finite = True
+        overflow = False  # fp16: gradients overflowed at the current loss scale (the scaler's business)
+        unscaled = False
         for _ in range(c.optim.accumulation):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in self.loader.next().items()}
             parts = self.compute_losses(batch, stage, progress)
             if not torch.isfinite(parts["total"]):
                 finite = False
                 self.carry = None  # never start the next windows from a state that produced a non-finite loss
+                key = self.loader.last_key
+                self.failed_batches = self.failed_batches[-999:] + [
+                    {"step": self.step, "batch": list(key), "windows": self.loader.windows_of(key)}]
                 break
             if c.carry_state:
                 self.carry = self._next_carry
@@ -514,28 +621,45 @@ class Trainer:
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(torch.as_tensor(v).detach()) / c.optim.accumulation
         grad_norm = float("nan")
+        t_live = False
         if finite:
             self.scaler.unscale_(self.opt)
+            unscaled = True
             t_live = self.t_opt is not None and self.distiller.temperature.theta.grad is not None
             if t_live:
                 self.scaler.unscale_(self.t_opt)
             params = [p for g in self.opt.param_groups for p in g["params"]]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.optim.grad_clip if c.optim.grad_clip > 0
                                                              else float("inf")))
-            finite = math.isfinite(grad_norm) and (
+            grads_finite = math.isfinite(grad_norm) and (
                 not t_live or bool(torch.isfinite(self.distiller.temperature.theta.grad).all()))
-        if finite:
-            self.scaler.step(self.opt)
+            # A finite loss with non-finite gradients under fp16 is an ordinary loss-scale overflow while the
+            # scale is still large: the scaler skips the step and lowers the scale; no rollback for it. Once
+            # the scale is below monitor.scaler_min the gradients are non-finite on their own.
+            overflow = not grads_finite and self.scaler.is_enabled() and \
+                self.scaler.get_scale() >= c.monitor.scaler_min
+            finite = grads_finite
+        if finite or overflow:
+            self.scaler.step(self.opt)  # skips the update itself when it found inf/NaN gradients
             if t_live:
                 self.scaler.step(self.t_opt)
-            self.scaler.update()
+        if unscaled:
+            self.scaler.update()  # only after unscale_: it needs the inf checks that unscale_ records
+        if finite:
             self.bad_steps = 0
+        elif overflow:
+            self._zero_grad()
+            self.skipped_steps += 1
+            self.events.emit(self.step, "amp_overflow", f"fp16 gradient overflow: step skipped, loss scale lowered "
+                             f"to {self.scaler.get_scale():g}", warn=False)
         else:
             self._zero_grad()
-            if self.scaler.is_enabled():
-                self.scaler.update()  # lets an fp16 scaler back off after an overflow
             self.bad_steps += 1
             self.skipped_steps += 1
+            if unscaled:  # the loss was finite: blame this step's batch for the gradients
+                key = self.loader.last_key
+                self.failed_batches = self.failed_batches[-999:] + [
+                    {"step": self.step, "batch": list(key), "windows": self.loader.windows_of(key)}]
             self.events.emit(self.step, "nonfinite_step", f"non-finite loss or gradient: step skipped "
                              f"({self.bad_steps} in a row)")
         self.step += 1
@@ -572,7 +696,9 @@ class Trainer:
             "lr_scale": self.lr_scale, "rewarm_from": self.rewarm_from, "best_val": self.best_val,
             "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
             "elapsed_s": self.elapsed_before + time.perf_counter() - getattr(self, "_start_time", time.perf_counter()),
-            "monitor_counts": dict(self.events.counts), "goose_version": __version__,
+            "monitor_counts": dict(self.events.counts), "monitor": self.monitor.state_dict(),
+            "bad_steps": self.bad_steps, "failed_batches": self.failed_batches, "identity": self.identity,
+            "goose_version": __version__,
         }
 
     def provenance(self) -> dict:
@@ -585,8 +711,34 @@ class Trainer:
     def checkpoint(self) -> Path:
         return save_checkpoint(self.run, self.step, self._payload(), self.cfg.keep_checkpoints)
 
-    def _load(self, path: Path, *, keep_lr_scale: bool = False) -> None:
-        d = torch.load(path / CKPT_FILE, map_location=self.device, weights_only=False)
+    def _resume(self) -> None:
+        """Load the newest readable checkpoint (a truncated newest one falls back to the one before, with a
+        warning) after checking that it belongs to this config and store."""
+        found = checkpoints(self.run)
+        for i, path in enumerate(reversed(found)):
+            try:
+                d = load_checkpoint(path, self.device)
+            except GooseError as exc:
+                if i == len(found) - 1:
+                    raise
+                self._warn(f"warning: {exc}; falling back to the previous checkpoint")
+                continue
+            self._check_identity(d, path)
+            self._load(path, payload=d)
+            return
+
+    def _check_identity(self, d: dict, path: Path) -> None:
+        saved = d.get("identity")
+        if saved is None:
+            raise GooseError(f"checkpoint {path} predates run identity checks; it cannot be resumed safely")
+        changed = _differences(saved, self.identity)
+        if changed:
+            shown = ", ".join(changed[:8]) + (f" (+{len(changed) - 8} more)" if len(changed) > 8 else "")
+            raise GooseError(f"--resume with a config or store that differs from the checkpoint in {shown}; "
+                             f"only {', '.join(sorted(RESUMABLE_KEYS))} may change (use a new --out otherwise)")
+
+    def _load(self, path: Path, *, keep_lr_scale: bool = False, payload: dict | None = None) -> None:
+        d = payload if payload is not None else load_checkpoint(path, self.device)
         self.model.load_state_dict(d["model"])
         self.distiller.load_state_dict(d["distiller"])
         self.opt.load_state_dict(d["optimizer"])
@@ -606,20 +758,36 @@ class Trainer:
         self.skipped_steps, self.rollbacks = int(d["skipped_steps"]), int(d["rollbacks"])
         self.elapsed_before = float(d.get("elapsed_s", 0.0))
         self.events.counts.update({k: v for k, v in d.get("monitor_counts", {}).items() if k not in self.events.counts})
+        self.monitor.load_state_dict(d["monitor"])
+        self.bad_steps = int(d["bad_steps"])
+        self.failed_batches = list(d["failed_batches"])
 
-    def rollback(self) -> bool:
-        """Back to the last good checkpoint with a lower learning rate. False if there is none."""
+    def rollback(self) -> None:
+        """Back to the last good checkpoint with a lower learning rate, never to replay the batches that
+        failed (they are marked as skipped in the loader, and logged). After `max_rollbacks` rollbacks the
+        run stops with exit status 1, naming the steps and windows."""
+        failed = self.failed_batches
+        where = "; ".join(f"step {f['step']} windows {f['windows'][:8]}{'...' if len(f['windows']) > 8 else ''}"
+                          for f in failed[-self.cfg.nan_patience:])
         path = latest_checkpoint(self.run)
-        if path is None:
-            return False
+        if path is None or self.rollbacks >= self.cfg.max_rollbacks:
+            why = (f"after {self.rollbacks} rollbacks (max_rollbacks {self.cfg.max_rollbacks})" if path is not None
+                   else "and no checkpoint to roll back to")
+            self.events.emit(self.step, "diverged", f"{self.bad_steps} non-finite steps in a row {why}: {where}",
+                             warn=False, failed=failed)
+            raise RunFailed(f"training stopped: {self.bad_steps} non-finite steps in a row {why} ({where}); "
+                            f"check those windows of the store (goose cache verify) or lower optim.lr")
         lowered = self.lr_scale * self.cfg.rollback_lr_factor
         skipped, rollbacks, elapsed = self.skipped_steps, self.rollbacks + 1, self.elapsed_before
+        skip = self.loader.skip | {tuple(f["batch"]) for f in failed}
         self._load(path, keep_lr_scale=True)
+        self.loader.skip = skip
         self.elapsed_before = elapsed
         self.lr_scale, self.skipped_steps, self.rollbacks, self.bad_steps = lowered, skipped, rollbacks, 0
+        self.failed_batches = []
         self.events.emit(self.step, "rollback", f"{self.cfg.nan_patience} non-finite steps in a row: rolled back to "
-                         f"{path.name}, learning-rate scale now {lowered:g}", lr_scale=lowered)
-        return True
+                         f"{path.name}, learning-rate scale now {lowered:g}; skipping the failed batches ({where})",
+                         lr_scale=lowered, skipped_batches=failed)
 
     def save_best(self, val: dict) -> None:
         tmp = self.run / ".best-tmp"
@@ -677,8 +845,7 @@ class Trainer:
                 if profiler is not None:
                     profiler.step()
                 if self.bad_steps >= c.nan_patience:
-                    if not self.rollback():
-                        raise GooseError(f"{self.bad_steps} non-finite steps in a row and no checkpoint to roll back to")
+                    self.rollback()
                     continue
                 tok_last += tokens_per_step
                 self.monitor.on_step(self.step, m)
@@ -707,6 +874,7 @@ class Trainer:
                     interrupted = True
                     break
         finally:
+            self.lock.release()
             bar.close()
             if profiler is not None:
                 profiler.stop()

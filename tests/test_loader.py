@@ -39,4 +39,4 @@ def test_loader_workers_and_resume_give_the_same_batches(store):
     resumed = make(0)
     resumed.load_state_dict(first.state_dict())
     assert all(torch.equal(a, resumed.next()["input_ids"]) for a in ref[6:])
-    assert resumed.state_dict() == {"epoch": 1, "position": 4, "pool_id": 0}
+    assert resumed.state_dict() == {"epoch": 1, "position": 4, "pool_id": 0, "skip": []}

@@ -72,6 +72,7 @@ def test_resume_after_sigterm_equals_uninterrupted_run(tmp_path, store, monkeypa
     assert torch.equal(straight.distiller.temperature.theta, resumed.distiller.temperature.theta)
     assert straight.loader.state_dict() == resumed.loader.state_dict()
     assert straight.curriculum.state_dict() == resumed.curriculum.state_dict()
+    assert straight.monitor.state_dict() == resumed.monitor.state_dict()  # warnings fire as if never stopped
     # the logs of the two runs agree step by step
     log_a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     log_b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
