@@ -12,14 +12,15 @@ from .errors import GooseError
 
 
 class _Group(click.Group):
-    """Turns a GooseError anywhere below into one 'error: ...' line on stderr and exit status 2."""
+    """Turns a GooseError anywhere below into one 'error: ...' line on stderr and its exit status (2 for bad
+    input, 1 for a run that failed)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except GooseError as exc:
             click.echo(f"error: {exc}", err=True)
-            ctx.exit(2)
+            ctx.exit(exc.exit_code)
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -215,25 +216,34 @@ def eval_cmd(student, teacher, tokenizer, dataset, dataset_config, split, data_f
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--tokenizer", default=None, help="Default: the student's store's teacher tokenizer.")
 @click.option("--device", default="cpu", show_default=True)
-def generate_cmd(student, prompt, max_new_tokens, temperature, top_k, top_p, seed, tokenizer, device):
-    """Sample from STUDENT (run folder or saved model) in its recurrent form."""
-    from .pipeline.evaluate import load_tokenizer, student_folder
-    from .pipeline.generate import generate
+@click.option("--ignore-eos", is_flag=True, help="Keep going past the end-of-text token.")
+def generate_cmd(student, prompt, max_new_tokens, temperature, top_k, top_p, seed, tokenizer, device, ignore_eos):
+    """Sample from STUDENT (run folder or saved model) in its recurrent form; text is printed as it comes."""
+    from .pipeline.evaluate import check_tokenizer, load_tokenizer, student_folder
+    from .pipeline.generate import TextStream, check_sampling, generate
     from .pipeline.teacher import resolve_device
     from .student.model import Student
 
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     folder, meta = student_folder(student)
     dev = resolve_device(device)
     model = Student.from_pretrained(folder, device=dev)
     tok = load_tokenizer(tokenizer, meta, folder)
+    check_tokenizer(tok, model.cfg.vocab_size)
     ids = tok(prompt)["input_ids"] if prompt else [tok.eos_token_id]
     click.echo(prompt, nl=False)
+    eos = None if ignore_eos else tok.eos_token_id
+    stream = TextStream(tok, lambda text: click.echo(text, nl=False), context=ids, skip_id=eos)
     r = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                 seed=seed, device=dev)
-    click.echo(tok.decode(r["new_tokens"]))
-    click.echo(f"\n[{len(r['new_tokens'])} tokens at {r['tokens_per_s'] or 0:.1f} tokens/s; state "
-               f"{r['state_bytes'] / 1024:.1f} KB; RSS {r['rss_mb_first'] or 0:.0f} -> {r['rss_mb_last'] or 0:.0f} MB]",
-               err=True)
+                 seed=seed, device=dev, eos_id=eos, on_token=stream,
+                 keep_tokens=False)
+    stream.flush()
+    click.echo("")
+    click.echo(f"\n[{r['n_new']} tokens at {r['tokens_per_s'] or 0:.1f} tokens/s; state "
+               f"{r['state_bytes'] / 1024:.1f} KB; RSS {r['rss_mb_first'] or 0:.0f} -> {r['rss_mb_last'] or 0:.0f} MB"
+               f"{'; interrupted' if r['interrupted'] else ''}]", err=True)
+    if r["interrupted"]:
+        sys.exit(130)
 
 
 @main.command("validate")
@@ -286,6 +296,10 @@ def ablate_cmd(cache, grid, out, parallel, overrides):
     if parallel < 1:
         raise GooseError("--parallel must be >= 1")
     r = run_ablation(cache, grid, out, parallel=parallel, extra_set=list(overrides), echo=click.echo)
+    if r["interrupted"]:
+        click.echo(f"interrupted by signal {r['signal']}: the running trainings checkpointed; rerun the same "
+                   f"command to resume", err=True)
+        sys.exit(128 + int(r["signal"]))
     if r["report"]:
         click.echo(r["report"]["table"])
         click.echo(f"report: {r['report']['report']}")
@@ -295,7 +309,8 @@ def ablate_cmd(cache, grid, out, parallel, overrides):
 
 
 @main.command("quickstart")
-@click.option("--out", "-o", default="runs/quickstart", show_default=True, help="A new or empty folder.")
+@click.option("--out", "-o", default="runs/quickstart", show_default=True,
+              help="A new or empty folder, or an interrupted quickstart's (it continues).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--teacher-steps", type=int, default=300, show_default=True)
 @click.option("--student-steps", type=int, default=150, show_default=True)
@@ -303,7 +318,12 @@ def quickstart_cmd(out, seed, teacher_steps, student_steps):
     """Offline end to end: corpus, teacher, cache, KD and CE students, eval, report (~2 min on 2 CPUs)."""
     from .pipeline.quickstart import run_quickstart
 
+    if teacher_steps < 1 or student_steps < 1:
+        raise GooseError("--teacher-steps and --student-steps must be >= 1")
     s = run_quickstart(out, seed=seed, teacher_steps=teacher_steps, student_steps=student_steps, echo=click.echo)
+    if s.get("interrupted"):
+        click.echo(f"interrupted by signal {s['signal']}: rerun the same command to continue in {s['out']}", err=True)
+        sys.exit(128 + int(s["signal"]))
     click.echo(f"done in {s['seconds']:.0f} s. Report: {s['report']}  Summary: {s['out']}/summary.json")
 
 
@@ -353,15 +373,18 @@ def cache_info(store, max_windows, as_json):
 @cache_group.command("verify")
 @click.argument("store")
 def cache_verify(store):
-    """Read every chunk of STORE and check schema and numeric invariants; exit 1 on any failure."""
+    """Check STORE: every object present and matching its checksum, every chunk readable and within the
+    schema's invariants; exit 2 on any failure (the store is unusable input)."""
     from .cache.stats import verify_store
 
     report = verify_store(store)
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
     for failure in report.failures:
         click.echo(f"FAIL {failure}", err=True)
     if not report.ok:
         click.echo(f"verify: {len(report.failures)} failure(s) in {store}", err=True)
-        sys.exit(1)
+        sys.exit(2)
     click.echo(f"verify: OK, {report.chunks_checked} chunks checked in {store}")
 
 

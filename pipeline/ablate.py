@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -59,26 +60,48 @@ def load_grid(grid: str) -> dict:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
         raise GooseError(f"cannot parse grid {grid}: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data.get("runs"), dict) or not data["runs"]:
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), dict) or not data["runs"]:
         raise GooseError(f"grid {grid} has no runs: mapping")
     return data
 
 
-def run_commands(grid: dict, cache: str, out: Path, extra_set: list[str] = ()) -> dict[str, list[str]]:
-    """The train-from-cache command line of every run in the grid."""
+def _run_overrides(grid: dict, extra_set: list[str] = ()) -> dict[str, tuple[str | None, list[str]]]:
+    """Per run: its config file (or None) and its --set overrides, in order."""
     common = [f"{k}={json.dumps(v)}" for k, v in grid.items() if k not in ("runs", "set")]
-    common += list(grid.get("set", [])) + list(extra_set)
-    cmds = {}
+    common += list(grid.get("set") or []) + list(extra_set)
+    out = {}
     for name, spec in grid["runs"].items():
         spec = spec or {}
+        if not isinstance(spec, dict):
+            raise GooseError(f"grid run {name!r} must be a mapping like {{config: kd, set: [...]}}")
+        config = resolve_config(spec["config"]) if spec.get("config") else None
+        out[str(name)] = (config, common + list(spec.get("set") or []))
+    return out
+
+
+def run_commands(grid: dict, cache: str, out: Path, extra_set: list[str] = ()) -> dict[str, list[str]]:
+    """The train-from-cache command line of every run in the grid."""
+    cmds = {}
+    for name, (config, overrides) in _run_overrides(grid, extra_set).items():
         cmd = [sys.executable, "-m", "goose.cli", "train-from-cache", "--cache", cache, "--out", str(out / name),
                "--no-progress"]
-        if spec.get("config"):
-            cmd += ["--config", resolve_config(spec["config"])]
-        for item in common + list(spec.get("set", [])):
+        if config:
+            cmd += ["--config", config]
+        for item in overrides:
             cmd += ["--set", item]
         cmds[name] = cmd
     return cmds
+
+
+def check_grid(grid: dict, cache: str, out: Path, extra_set: list[str] = ()) -> None:
+    """Every run's config resolves (types and ranges), so a bad --set fails once, before any run starts."""
+    from .config import load_config
+
+    for name, (config, overrides) in _run_overrides(grid, extra_set).items():
+        try:
+            load_config(config, overrides, cache=cache, out=str(out / name))
+        except GooseError as exc:
+            raise GooseError(f"grid run {name!r}: {exc}") from None
 
 
 def run_ablation(cache: str, grid_name: str, out: str, *, parallel: int = 1, extra_set: list[str] = (),
@@ -86,9 +109,10 @@ def run_ablation(cache: str, grid_name: str, out: str, *, parallel: int = 1, ext
     from ..cache.reader import CacheReader
     from .report import run_report
 
-    CacheReader(cache)  # fail now, not in every child, if the store is missing or unfinished
     grid = load_grid(grid_name)
     out_dir = Path(out)
+    check_grid(grid, cache, out_dir, extra_set)  # fail now, not in every child, on a bad config ...
+    CacheReader(cache)  # ... or a store that is missing or unfinished
     out_dir.mkdir(parents=True, exist_ok=True)
     cmds = run_commands(grid, cache, out_dir, extra_set)
     todo, done = [], []
@@ -105,27 +129,58 @@ def run_ablation(cache: str, grid_name: str, out: str, *, parallel: int = 1, ext
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     running: dict[str, tuple[subprocess.Popen, object]] = {}
     failed = []
+    stop: list[int] = []  # the signal that asked us to stop, once one has
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     t0 = time.perf_counter()
-    while todo or running:
-        while todo and len(running) < parallel:
-            name, cmd = todo.pop(0)
-            log = open(out_dir / f"{name}.log", "a")
-            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
-            echo(f"  started {name}")
-        time.sleep(0.5)
-        for name, (proc, log) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            log.close()
-            del running[name]
-            if proc.returncode == 0:
-                (out_dir / name / "DONE").write_text(json.dumps({"finished": time.time()}))
-                done.append(name)
-                echo(f"  finished {name}")
-            else:
-                failed.append(name)
-                echo(f"  FAILED {name} (exit {proc.returncode}; see {out_dir / (name + '.log')})")
+    try:
+        while (todo or running) and not stop:
+            while todo and len(running) < parallel:
+                name, cmd = todo.pop(0)
+                log = open(out_dir / f"{name}.log", "a")
+                running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+                echo(f"  started {name}")
+            time.sleep(0.5)
+            _reap(running, out_dir, done, failed, echo)
+        if stop:
+            _stop_children(running, stop[0], out_dir, done, failed, echo)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     finished = [n for n in cmds if (out_dir / n / "DONE").exists()]
+    if stop:  # no report: the grid is not finished; a rerun resumes the stopped runs
+        return {"out": str(out_dir), "runs": list(cmds), "finished": finished, "failed": failed,
+                "seconds": time.perf_counter() - t0, "report": None, "interrupted": True, "signal": stop[0]}
     report = run_report([str(out_dir / n) for n in finished], str(out_dir / "report")) if finished else None
     return {"out": str(out_dir), "runs": list(cmds), "finished": finished, "failed": failed,
-            "seconds": time.perf_counter() - t0, "report": report}
+            "seconds": time.perf_counter() - t0, "report": report, "interrupted": False, "signal": None}
+
+
+def _reap(running: dict, out_dir: Path, done: list, failed: list, echo, stopping: bool = False) -> None:
+    """Collect the runs that have exited: DONE for a clean exit, a failure otherwise (while stopping, a run
+    that exited on the forwarded signal is not a failure: it resumes on the next ablate)."""
+    for name, (proc, log) in list(running.items()):
+        if proc.poll() is None:
+            continue
+        log.close()
+        del running[name]
+        if proc.returncode == 0:
+            (out_dir / name / "DONE").write_text(json.dumps({"finished": time.time()}))
+            done.append(name)
+            echo(f"  finished {name}")
+        elif stopping and (proc.returncode < 0 or proc.returncode > 128):
+            echo(f"  stopped {name} (exit {proc.returncode}); rerun the same command to resume it")
+        else:
+            failed.append(name)
+            echo(f"  FAILED {name} (exit {proc.returncode}; see {out_dir / (name + '.log')})")
+
+
+def _stop_children(running: dict, signum: int, out_dir: Path, done: list, failed: list, echo) -> None:
+    """Forward the signal to every running training (each checkpoints and exits), and wait for them."""
+    echo(f"ablate: signal {signum}: stopping {len(running)} running training(s); they checkpoint, then exit")
+    for proc, _ in running.values():
+        if proc.poll() is None:
+            proc.send_signal(signum)
+    for proc, _ in running.values():
+        proc.wait()
+    _reap(running, out_dir, done, failed, echo, stopping=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +103,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     nan_patience: int = 3  # consecutive non-finite steps before rolling back
     rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3  # then the run stops with exit 1, naming the failed steps and windows
     spike_anneal_steps: int = 0  # > 0: spikes blend in from continuous over these steps
     activation_checkpointing: bool = False  # recompute blocks in backward: less memory, more time
     profile_steps: int = 0
@@ -116,29 +119,101 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _check_value(value, hint, key: str):
+    """`value` as the type `hint` names, or a GooseError naming the key. No silent coercions: a bool field
+    takes only true/false, a number field a finite number (YAML reads 3e-3 as a string; that one is read
+    as the number it means), a list field a list, a section a mapping."""
+    if value is None and (hint is type(None) or type(None) in typing.get_args(hint)):
+        return None
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args and typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = args[0] if len(args) == 1 else hint
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise GooseError(f"config key {key!r} must be true or false, got {value!r}")
+        return value
+    if hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise GooseError(f"config key {key!r} must be a number, got {value!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise GooseError(f"config key {key!r} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise GooseError(f"config key {key!r} must be a finite number, got {value!r}")
+        if hint is int:
+            if number != int(number):
+                raise GooseError(f"config key {key!r} must be a whole number, got {value!r}")
+            return int(number)
+        return number
+    if hint is str:
+        if not isinstance(value, str):
+            raise GooseError(f"config key {key!r} must be a string, got {value!r}")
+        return value
+    if hint in (list, dict):
+        if not isinstance(value, hint):
+            raise GooseError(f"config key {key!r} must be a {'list' if hint is list else 'mapping'}, got {value!r}")
+        return value
+    return value
+
+
 def from_dict(cls, data: dict, where: str = ""):
-    """Build dataclass `cls` from a nested dict; unknown keys are a GooseError naming the key."""
+    """Build dataclass `cls` from a nested dict; unknown keys and values of the wrong type are a GooseError
+    naming the key."""
     if not isinstance(data, dict):
-        raise GooseError(f"config {where or 'root'} must be a mapping, got {type(data).__name__}")
+        raise GooseError(f"config {where.rstrip('.') or 'root'} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            raise GooseError(f"unknown config key {where + key!r}")
+            raise GooseError(f"unknown config key {where + str(key)!r}")
         hint = hints[key]
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise GooseError(f"config key {where + key!r} is a section: give a mapping, got {value!r}")
             value = from_dict(hint, value, f"{where}{key}.")
-        elif hint in (float, int) and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            try:  # YAML reads 3e-3 (no dot) as a string; accept it as the number it means
-                value = hint(float(value)) if hint is int else float(value)
-            except ValueError:
-                raise GooseError(f"config key {where + key!r} must be a number, got {value!r}") from None
+        else:
+            value = _check_value(value, hint, where + key)
         kwargs[key] = value
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise GooseError(f"bad config {where.rstrip('.') or 'value'}: {exc}") from None
+
+
+# (key, lowest allowed, highest allowed, whether the lowest itself is allowed); None = no bound
+_RANGES = [
+    ("val_windows", 1, None, True), ("steps", 1, None, True), ("batch_size", 1, None, True),
+    ("log_every", 1, None, True), ("val_every", 1, None, True), ("ckpt_every", 1, None, True),
+    ("keep_checkpoints", 1, None, True), ("nan_patience", 1, None, True), ("max_rollbacks", 0, None, True),
+    ("num_workers", 0, None, True), ("buffer_chunks", 1, None, True), ("spike_anneal_steps", 0, None, True),
+    ("profile_steps", 0, None, True), ("val_fraction", 0, 1, False), ("rollback_lr_factor", 0, 1, False),
+    ("optim.lr", 0, None, False), ("optim.min_lr_ratio", 0, 1, True), ("optim.warmup_steps", 0, None, True),
+    ("optim.weight_decay", 0, None, True), ("optim.beta1", 0, 1, True), ("optim.beta2", 0, 1, True),
+    ("optim.eps", 0, None, False), ("optim.grad_clip", 0, None, True), ("optim.accumulation", 1, None, True),
+    ("optim.rewarm_steps_at_stage", 0, None, True),
+    ("loss.kd_weight", 0, None, True), ("loss.ce_weight", 0, None, True), ("loss.align_weight", 0, None, True),
+    ("loss.firing_rate_weight", 0, None, True), ("loss.align.last_k", 1, None, True),
+    ("loss.align.warmup_steps", 0, None, True), ("loss.align.ramp_steps", 0, None, True),
+]
+
+
+def validate_config(cfg: TrainConfig) -> TrainConfig:
+    """Ranges of the numeric keys (types are checked by from_dict): a bad value fails before any work."""
+    for key, lo, hi, lo_ok in _RANGES:
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        below = value < lo if lo_ok else value <= lo
+        above = hi is not None and (value >= hi if key.startswith("optim.beta") else value > hi)
+        if below or above:
+            low = f">= {lo}" if lo_ok else f"> {lo}"
+            high = "" if hi is None else (f" and < {hi}" if key.startswith("optim.beta") else f" and <= {hi}")
+            raise GooseError(f"config key {key!r} must be {low}{high}, got {value!r}")
+    if cfg.amp not in ("none", "bf16", "fp16"):
+        raise GooseError(f"config key 'amp' must be none, bf16 or fp16, got {cfg.amp!r}")
+    return cfg
 
 
 def _set(d: dict, dotted: str, value) -> None:
@@ -147,6 +222,8 @@ def _set(d: dict, dotted: str, value) -> None:
         d = d.setdefault(k, {})
         if not isinstance(d, dict):
             raise GooseError(f"override {dotted}: {k} is not a section")
+    if not all(keys):
+        raise GooseError(f"override {dotted!r}: empty key")
     d[keys[-1]] = value
 
 
@@ -158,20 +235,28 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = (), **to
         p = Path(path)
         if not p.is_file():
             raise GooseError(f"config file not found: {path}")
-        text = p.read_text()
         try:
-            data = json.loads(text) if p.suffix == ".json" else (yaml.safe_load(text) or {})
-        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            text = p.read_text()
+            data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
             raise GooseError(f"cannot parse config {path}: {str(exc).splitlines()[0]}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise GooseError(f"config {path} must be a mapping of keys at its root, got a {type(data).__name__}")
     for item in overrides:
         if "=" not in item:
             raise GooseError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
-        _set(data, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise GooseError(f"override {item!r}: cannot parse the value: {str(exc).splitlines()[0]}") from None
+        _set(data, key.strip(), value)
     for key, value in top.items():
         if value is not None:
             _set(data, key, value)
-    return from_dict(TrainConfig, data)
+    return validate_config(from_dict(TrainConfig, data))
 
 
 def dump_config(cfg: TrainConfig, path: Path, extra: dict | None = None) -> None:

@@ -122,14 +122,18 @@ def nll_stream(scorer: Scorer, tokens: np.ndarray, L: int) -> tuple[float, int]:
 def evaluate_stream(scorer: Scorer, tokens: np.ndarray, protocol: str, L: int, stride: int | None = None) -> dict:
     if protocol not in PROTOCOLS:
         raise GooseError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}")
+    if protocol == "sliding" and stride is None:
+        stride = max(1, L // 2)
     t0 = time.perf_counter()
     if protocol == "windows":
         total, n = nll_windows(scorer, tokens, L)
     elif protocol == "sliding":
-        total, n = nll_sliding(scorer, tokens, L, stride or L // 2)
+        total, n = nll_sliding(scorer, tokens, L, stride)
     else:
         total, n = nll_stream(scorer, tokens, L)
     seconds = time.perf_counter() - t0
+    if n == 0:
+        raise GooseError(f"the text has {len(tokens)} tokens: too few to score (need at least 2)")
     return {"protocol": protocol, "seq_len": L, "stride": stride if protocol == "sliding" else None,
             "tokens_scored": n, "nll": total / n, "ppl": math.exp(total / n), "seconds": seconds,
             "tokens_per_s": len(tokens) / seconds if seconds > 0 else None}
@@ -143,7 +147,15 @@ def student_folder(path: str) -> tuple[Path, dict]:
     p = Path(path)
     for cand in (p / "best", p):
         if (cand / "config.json").is_file() and (cand / "model.safetensors").is_file():
-            meta = json.loads((cand / "goose.json").read_text()) if (cand / "goose.json").is_file() else {}
+            meta = {}
+            if (cand / "goose.json").is_file():
+                try:
+                    meta = json.loads((cand / "goose.json").read_text())
+                except (ValueError, UnicodeDecodeError) as exc:
+                    raise GooseError(f"{cand / 'goose.json'} is not valid JSON ({exc}); the saved student is "
+                                     f"damaged") from None
+                if not isinstance(meta, dict):
+                    raise GooseError(f"{cand / 'goose.json'} is not a JSON object; the saved student is damaged")
             return cand, meta
     raise GooseError(f"no saved student in {path} (expected best/ or config.json + model.safetensors)")
 
@@ -153,14 +165,25 @@ def load_tokenizer(name: str | None, meta: dict, folder: Path | None = None):
     from transformers import AutoTokenizer
 
     if name is None and folder is not None and (folder / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(str(folder))
+        try:
+            return AutoTokenizer.from_pretrained(str(folder))
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception on a damaged file
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise GooseError(f"the tokenizer saved in {folder} is damaged ({reason}); pass --tokenizer") from None
     source = name or meta.get("teacher")
     if not source:
         raise GooseError("cannot tell which tokenizer this student uses; pass --tokenizer")
     try:
         return AutoTokenizer.from_pretrained(source, revision=None if name else meta.get("revision"))
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001 - OSError, ValueError, or tokenizers' plain Exception on a damaged file
         raise GooseError(f"cannot load tokenizer {source!r}; pass --tokenizer with a local folder") from None
+
+
+def check_tokenizer(tokenizer, vocab_size: int, what: str = "the student") -> None:
+    """A tokenizer whose ids run past the model's vocabulary belongs to another model."""
+    if len(tokenizer) > vocab_size:
+        raise GooseError(f"the tokenizer has {len(tokenizer)} tokens but {what} has a vocabulary of {vocab_size}: "
+                         f"they do not belong together (pass the --tokenizer the student was trained with)")
 
 
 @dataclass
@@ -177,6 +200,20 @@ class EvalConfig:
     cache_windows: int = 64
     device: str = "auto"
     dtype: str = "auto"
+
+    def check(self) -> None:
+        """Bad numbers fail here, before any model or text is loaded."""
+        if self.seq_len < 2:
+            raise GooseError(f"--seq-len must be >= 2 (a window scores its tokens 2..L), got {self.seq_len}")
+        if self.stride is not None and not 1 <= self.stride <= self.seq_len:
+            raise GooseError(f"--stride must be in 1..{self.seq_len} (the --seq-len), got {self.stride}")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise GooseError(f"--max-tokens must be >= 2, got {self.max_tokens}")
+        if self.cache_windows < 1:
+            raise GooseError(f"--cache-windows must be >= 1, got {self.cache_windows}")
+        for p in self.protocols:
+            if p not in PROTOCOLS:
+                raise GooseError(f"unknown protocol {p!r}; choose from {PROTOCOLS}")
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
@@ -245,12 +282,15 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     if bool(cfg.student) == bool(cfg.teacher):
         raise GooseError("give exactly one of a student (run folder or saved model) or --teacher")
+    cfg.check()
     device = resolve_device(cfg.device)
     result: dict = {}
     if cfg.student:
         folder, meta = student_folder(cfg.student)
         model = Student.from_pretrained(folder, device=device).eval()
         tokenizer = load_tokenizer(cfg.tokenizer, meta, folder) if cfg.data else None
+        if tokenizer is not None:
+            check_tokenizer(tokenizer, model.cfg.vocab_size)
         scorer = StudentScorer(model, device)
         result["model"] = {"kind": "student", "path": str(folder), "parameters": model.parameter_report()}
     else:
@@ -266,6 +306,10 @@ def run_eval(cfg: EvalConfig) -> dict:
         tokens = tokenize_and_pack(ds, tokenizer, text_column=cfg.data.text_column, seq_len=1,
                                    max_tokens=cfg.max_tokens).reshape(-1)
         result["data"] = {**cfg.data.describe(), "tokens": int(len(tokens))}
+        vocab = model.cfg.vocab_size if model is not None else None
+        if vocab is not None and len(tokens) and int(tokens.max()) >= vocab:
+            raise GooseError(f"the text has token id {int(tokens.max())}, outside the student's vocabulary of {vocab}: "
+                             f"wrong --tokenizer")
         stores = {cfg.cache} | ({meta.get("store")} if cfg.student else set())
         for url in sorted(u for u in stores if u):
             try:

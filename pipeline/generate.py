@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -42,15 +43,65 @@ def _state_bytes(state) -> int:
     return state.numel() * state.element_size() if isinstance(state, torch.Tensor) else 0
 
 
+def check_sampling(*, max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    """Bad sampling arguments fail before any model is loaded."""
+    if max_new_tokens < 1:
+        raise GooseError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise GooseError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise GooseError(f"--top-k must be >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise GooseError(f"--top-p must be in (0, 1], got {top_p}")
+
+
+class TextStream:
+    """Turns tokens into text as they are generated and hands each piece to `write` at once.
+
+    Each new piece is decoded together with the token before it and only the new text is written, so a
+    tokenizer that joins words with spaces keeps them; a piece that ends inside a multi-byte character
+    (byte-level BPE) waits for the token that completes it."""
+
+    def __init__(self, tokenizer, write, context: list[int] | None = None, skip_id: int | None = None):
+        self.tokenizer, self.write, self.skip_id = tokenizer, write, skip_id
+        self.prev = list(context[-1:]) if context else []
+        self.pending: list[int] = []
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, clean_up_tokenization_spaces=False) if ids else ""
+
+    def __call__(self, token: int) -> None:
+        if token == self.skip_id:  # the end-of-text token that stops generation is not printed
+            return
+        self.pending.append(token)
+        base, full = self._decode(self.prev), self._decode(self.prev + self.pending)
+        if full.endswith("\ufffd") and len(self.pending) < 8:
+            return  # half a character: wait for the rest
+        self.write(full[len(base):] if full.startswith(base) else self._decode(self.pending))
+        self.prev, self.pending = self.pending[-1:], []
+
+    def flush(self) -> None:
+        if self.pending:
+            base, full = self._decode(self.prev), self._decode(self.prev + self.pending)
+            self.write(full[len(base):] if full.startswith(base) else self._decode(self.pending))
+            self.prev, self.pending = self.pending[-1:], []
+
+
 @torch.no_grad()
 def generate(model: Student, prompt_ids: list[int], *, max_new_tokens: int = 100, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, device="cpu", eos_id: int | None = None,
-             on_token=None) -> dict:
-    """Prompt through the chunked form, then one token per call through the recurrent form."""
+             on_token=None, keep_tokens: bool = True) -> dict:
+    """Prompt through the chunked form, then one token per call through the recurrent form.
+
+    `on_token(id)` is called for every new token as soon as it is sampled; generation stops after
+    `eos_id` (when given; it is kept in `new_tokens`) or after `max_new_tokens` tokens, or at Ctrl-C
+    (`interrupted`). keep_tokens=False keeps only the count (`n_new`), for very long streamed runs."""
     if not prompt_ids:
         raise GooseError("the prompt is empty (give at least one token)")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 0:
-        raise GooseError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 0")
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    if max(prompt_ids) >= model.cfg.vocab_size or min(prompt_ids) < 0:
+        raise GooseError(f"the prompt has token ids outside the student's vocabulary of {model.cfg.vocab_size}: "
+                         f"wrong --tokenizer")
     model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
@@ -58,26 +109,31 @@ def generate(model: Student, prompt_ids: list[int], *, max_new_tokens: int = 100
     out = model(ids)
     state, logits = out.state, out.logits[:, -1]
     prompt_s = time.perf_counter() - t0
-    new, rss = [], []
+    new, rss, n_new, interrupted = [], [], 0, False
     t1 = time.perf_counter()
-    for i in range(max_new_tokens):
-        if temperature == 0:
-            nxt = logits.argmax(-1)
-        else:
-            probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), -1)
-            nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
-        token = int(nxt)
-        new.append(token)
-        if on_token is not None:
-            on_token(token)
-        if eos_id is not None and token == eos_id:
-            break
-        out = model(nxt.view(1, 1), state, mode="recurrent")
-        state, logits = out.state, out.logits[:, -1]
-        if i % 32 == 0:
-            rss.append(_rss_mb())
+    try:
+        for i in range(max_new_tokens):
+            if temperature == 0:
+                nxt = logits.argmax(-1)
+            else:
+                probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), -1)
+                nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
+            token = int(nxt)
+            n_new += 1
+            if keep_tokens:
+                new.append(token)
+            if on_token is not None:
+                on_token(token)
+            if eos_id is not None and token == eos_id:
+                break
+            out = model(nxt.view(1, 1), state, mode="recurrent")
+            state, logits = out.state, out.logits[:, -1]
+            if i % 32 == 0:
+                rss.append(_rss_mb())
+    except KeyboardInterrupt:
+        interrupted = True
     gen_s = time.perf_counter() - t1
-    return {"prompt_tokens": len(prompt_ids), "new_tokens": new, "prompt_seconds": prompt_s,
-            "seconds": gen_s, "tokens_per_s": len(new) / gen_s if gen_s > 0 else None,
+    return {"prompt_tokens": len(prompt_ids), "new_tokens": new, "n_new": n_new, "interrupted": interrupted,
+            "prompt_seconds": prompt_s, "seconds": gen_s, "tokens_per_s": n_new / gen_s if gen_s > 0 else None,
             "state_bytes": _state_bytes(state), "rss_mb_first": rss[0] if rss else None,
             "rss_mb_last": rss[-1] if rss else None}

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -108,12 +111,15 @@ def save_tokenizer(folder: Path):
 
 
 def train_teacher(folder: Path, docs: list[str], *, steps: int, seq_len: int, seed: int) -> dict:
-    """A small GPT-2 trained from scratch on the corpus (plain PyTorch loop), saved as a HF folder."""
+    """A small GPT-2 trained from scratch on the corpus (plain PyTorch loop), saved as a HF folder. It is
+    written to FOLDER.partial and renamed into place at the end, so an interrupted run leaves no teacher."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from .data import tokenize_and_pack
 
-    tok = save_tokenizer(folder)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    tok = save_tokenizer(partial)
     torch.manual_seed(seed)
     import datasets
 
@@ -141,35 +147,94 @@ def train_teacher(folder: Path, docs: list[str], *, steps: int, seq_len: int, se
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
-    model.save_pretrained(folder)
-    return {"parameters": sum(p.numel() for p in model.parameters()), "final_loss": float(loss.detach()),
+    model.save_pretrained(partial)
+    info = {"parameters": sum(p.numel() for p in model.parameters()), "final_loss": float(loss.detach()),
             "seconds": time.perf_counter() - t0, "tokens": steps * 16 * seq_len}
+    (partial / "quickstart_teacher.json").write_text(json.dumps(info))
+    os.replace(partial, folder)
+    return info
+
+
+class _Interrupted(BaseException):
+    """SIGTERM or SIGINT outside student training (which checkpoints and returns on its own). A
+    BaseException, like KeyboardInterrupt, so no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):  # noqa: ARG001
+    raise _Interrupted(signum)
+
+
+def _open_out(root: Path, params: dict, echo) -> None:
+    """A new or empty --out, or one this quickstart started with the same settings (then it continues)."""
+    marker = root / "quickstart.json"
+    if root.exists() and any(root.iterdir()):
+        if not marker.is_file():
+            raise GooseError(f"{root} exists, is not empty and is not a quickstart folder; choose a new --out")
+        try:
+            previous = json.loads(marker.read_text())
+        except ValueError:
+            raise GooseError(f"{marker} is damaged; choose a new --out") from None
+        if previous != params:
+            changed = ", ".join(f"{k} {previous.get(k)} -> {v}" for k, v in params.items() if previous.get(k) != v)
+            raise GooseError(f"{root} holds a quickstart with other settings ({changed}); choose a new --out "
+                             f"or rerun with the same settings to continue it")
+        echo(f"continuing the quickstart in {root}")
+    root.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(params))
 
 
 def run_quickstart(out: str, *, seed: int = 0, teacher_steps: int = 300, student_steps: int = 150,
                    train_docs: int = 4000, cache_tokens: int = 400_000, echo=print) -> dict:
+    """Every stage in order; a rerun on the same --out continues where an interrupted one stopped (the
+    teacher is kept once saved, the store resumes, students resume from their last checkpoint).
+
+    SIGTERM or Ctrl-C returns {"interrupted": True, "signal": N} instead of the summary."""
+    root = Path(out)
+    params = {"seed": seed, "teacher_steps": teacher_steps, "student_steps": student_steps,
+              "train_docs": train_docs, "cache_tokens": cache_tokens}
+    _open_out(root, params, echo)
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _run_stages(root, echo=echo, **params)
+    except _Interrupted as exc:
+        return {"interrupted": True, "signal": exc.signum, "out": str(root)}
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _run_stages(root: Path, *, seed: int, teacher_steps: int, student_steps: int, train_docs: int,
+                cache_tokens: int, echo) -> dict:
     from .cache_teacher import CacheTeacherConfig, run_cache_teacher
     from .config import load_config
     from .data import DataSpec
     from .evaluate import EvalConfig, run_eval
     from .report import run_report
-    from .train import run_train
+    from .train import latest_checkpoint, run_train
 
-    root = Path(out)
-    if root.exists() and any(root.iterdir()):
-        raise GooseError(f"{out} exists and is not empty; choose a new --out")
     t_start = time.perf_counter()
-    (root / "data").mkdir(parents=True)
+    (root / "data").mkdir(parents=True, exist_ok=True)
     train_docs, valid_docs = make_corpus(train_docs, seed), make_corpus(300, seed + 1)
     for name, docs in (("train", train_docs), ("valid", valid_docs)):
-        with open(root / "data" / f"{name}.jsonl", "w") as f:
+        tmp = root / "data" / f"{name}.jsonl.tmp"
+        with open(tmp, "w") as f:
             f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+        os.replace(tmp, root / "data" / f"{name}.jsonl")
     echo(f"[1/5] corpus: {len(train_docs)} training and {len(valid_docs)} validation documents -> {root / 'data'}")
 
     teacher_dir = root / "teacher"
-    teacher = train_teacher(teacher_dir, train_docs, steps=teacher_steps, seq_len=128, seed=seed)
-    echo(f"[2/5] teacher: GPT-2 architecture, {teacher['parameters']:,} parameters, {teacher['tokens']:,} tokens "
-         f"in {teacher['seconds']:.0f} s (final loss {teacher['final_loss']:.3f}) -> {teacher_dir}")
+    if (teacher_dir / "quickstart_teacher.json").is_file():
+        teacher = json.loads((teacher_dir / "quickstart_teacher.json").read_text())
+        echo(f"[2/5] teacher: already trained -> {teacher_dir}")
+    else:
+        shutil.rmtree(teacher_dir, ignore_errors=True)
+        teacher = train_teacher(teacher_dir, train_docs, steps=teacher_steps, seq_len=128, seed=seed)
+        echo(f"[2/5] teacher: GPT-2 architecture, {teacher['parameters']:,} parameters, {teacher['tokens']:,} tokens "
+             f"in {teacher['seconds']:.0f} s (final loss {teacher['final_loss']:.3f}) -> {teacher_dir}")
 
     store = root / "cache.zarr"
     cache = run_cache_teacher(CacheTeacherConfig(
@@ -183,14 +248,23 @@ def run_quickstart(out: str, *, seed: int = 0, teacher_steps: int = 300, student
     for name, overrides in (("student_kd", ["loss.kd=topk", "loss.kd_weight=0.9", "loss.ce_weight=0.1",
                                             "temperature.mode=fixed", "temperature.value=1.5"]),
                             ("student_ce", ["loss.kd=none", "loss.kd_weight=0", "loss.ce_weight=1"])):
+        done = root / name / "DONE.json"
+        if done.is_file():
+            runs[name] = json.loads(done.read_text())
+            echo(f"[4/5] {name}: already trained")
+            continue
         cfg = load_config(None, ["model.preset=tiny", "model.overrides={d_model: 128, head_size: 32}",
                                  "batch_size=8", "val_every=50", "val_windows=32", "optim.lr=3e-3",
                                  "optim.warmup_steps=20"] + overrides,
                           cache=str(store), out=str(root / name), steps=student_steps, seed=seed)
-        runs[name] = run_train(cfg)
-        v = runs[name]["last_val"]
-        echo(f"[4/5] {name}: {runs[name]['tokens']:,} tokens in {runs[name]['seconds']:.0f} s, validation PPL "
-             f"{v['val_ppl']:.2f} (teacher {v['teacher_ppl']:.2f} on the same windows)")
+        r = run_train(cfg, resume=latest_checkpoint(root / name) is not None)
+        if r["interrupted"]:
+            return {"interrupted": True, "signal": r["signal"], "out": str(root)}
+        runs[name] = {"tokens": r["tokens"], "seconds": r["seconds"], "last_val": r["last_val"]}
+        done.write_text(json.dumps(runs[name], default=float))
+        v = r["last_val"] or {}
+        echo(f"[4/5] {name}: {r['tokens']:,} tokens in {r['seconds']:.0f} s, validation PPL "
+             f"{v.get('val_ppl', float('nan')):.2f} (teacher {v.get('teacher_ppl', float('nan')):.2f} on the same windows)")
 
     valid = DataSpec(data_files=(str(root / "data" / "valid.jsonl"),))
     evals = {"teacher": run_eval(EvalConfig(teacher=str(teacher_dir), data=valid, seq_len=128, device="cpu"))}
@@ -206,7 +280,9 @@ def run_quickstart(out: str, *, seed: int = 0, teacher_steps: int = 300, student
         "zero_fraction": {n: evals[n]["spikes"]["zero_fraction"] for n in runs},
         "report": report["report"],
     }
-    (root / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    tmp = root / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=float))
+    os.replace(tmp, root / "summary.json")
     echo(f"[5/5] held-out perplexity (non-overlapping 128-token windows): teacher {ppl['teacher']:.2f}, "
          f"KD student {ppl['student_kd']:.2f}, CE-only student {ppl['student_ce']:.2f}")
     return summary

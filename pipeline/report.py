@@ -4,11 +4,29 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import yaml
 
 from ..errors import GooseError
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSON-lines log; a torn last line (a run killed mid-write) is dropped, other damage is an error."""
+    lines = [x for x in path.read_text(errors="replace").splitlines() if x.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:
+                break
+            raise GooseError(f"{path} line {i + 1} is not JSON: the log is damaged") from None
+        if not isinstance(row, dict):
+            raise GooseError(f"{path} line {i + 1} is not a JSON object: the log is damaged")
+        rows.append(row)
+    return rows
 
 
 def read_run(path: str) -> dict:
@@ -17,10 +35,13 @@ def read_run(path: str) -> dict:
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
         raise GooseError(f"{path} is not a run folder (no metrics.jsonl)")
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = _read_jsonl(metrics)
     events_file = run / "events.jsonl"
-    events = [json.loads(x) for x in events_file.read_text().splitlines() if x.strip()] if events_file.is_file() else []
-    config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    events = _read_jsonl(events_file) if events_file.is_file() else []
+    try:
+        config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise GooseError(f"cannot parse {run / 'config.yaml'}: {str(exc).splitlines()[0]}") from None
     return {
         "name": run.name, "path": str(run),
         "train": [r for r in rows if r.get("kind") != "val"],
@@ -160,12 +181,17 @@ def run_report(paths: list[str], out: str) -> dict:
         raise GooseError("give at least one run folder")
     runs = [read_run(p) for p in paths]
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     summaries = [summarize(r) for r in runs]
-    plots = plot_runs(runs, out_dir)
     table = markdown_table(summaries)
-    md = ["# goose report", "", table, ""] + [f"![{p.stem}]({p.name})" for p in plots]
-    (out_dir / "report.md").write_text("\n".join(md) + "\n")
-    (out_dir / "summary.json").write_text(json.dumps(summaries, indent=2, default=float))
+    try:  # report.md is written last, under a temporary name, so a failed report never looks finished
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plots = plot_runs(runs, out_dir)
+        md = ["# goose report", "", table, ""] + [f"![{p.stem}]({p.name})" for p in plots]
+        (out_dir / "summary.json").write_text(json.dumps(summaries, indent=2, default=float))
+        tmp = out_dir / "report.md.tmp"
+        tmp.write_text("\n".join(md) + "\n")
+        os.replace(tmp, out_dir / "report.md")
+    except OSError as exc:
+        raise GooseError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
     return {"out": str(out_dir), "report": str(out_dir / "report.md"), "plots": [str(p) for p in plots],
             "summaries": summaries, "table": table}

@@ -44,11 +44,22 @@ def run_validate(cfg: ValidateConfig) -> list[Check]:
     best = run / "best"
     if not (run / "config.yaml").is_file() or not (best / "config.json").is_file():
         raise GooseError(f"{run} is not a finished run folder (needs config.yaml and best/)")
-    raw = yaml.safe_load((run / "config.yaml").read_text())
+    try:
+        raw = yaml.safe_load((run / "config.yaml").read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise GooseError(f"cannot parse {run / 'config.yaml'}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict) or not raw:
+        raise GooseError(f"{run / 'config.yaml'} is empty or not a mapping: not the config of a finished run")
     raw.pop("_resolved", None)
     tcfg: TrainConfig = from_dict(TrainConfig, raw)
     tcfg.device = cfg.device
-    logged = json.loads((best / "metrics.json").read_text())
+    if not (best / "metrics.json").is_file():
+        raise GooseError(f"{best / 'metrics.json'} is missing: the best model's logged validation is needed")
+    try:
+        logged = json.loads((best / "metrics.json").read_text())
+        float(logged["val_ppl"])
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise GooseError(f"{best / 'metrics.json'} is damaged (no readable val_ppl: {exc})") from None
     checks: list[Check] = []
 
     # 1. the checkpoint loads and reproduces its logged validation perplexity

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -348,20 +349,39 @@ class Student(nn.Module):
         self.emb.weight.copy_(emb)
 
     def save_pretrained(self, folder) -> None:
+        """config.json and model.safetensors, each written to a temporary name and renamed into place."""
         from safetensors.torch import save_model
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
-        save_model(self, str(folder / "model.safetensors"))
+        tmp = folder / "model.safetensors.tmp"
+        save_model(self, str(tmp))
+        os.replace(tmp, folder / "model.safetensors")
+        tmp = folder / "config.json.tmp"
+        tmp.write_text(json.dumps(self.cfg.to_dict(), indent=2))
+        os.replace(tmp, folder / "config.json")
 
     @classmethod
     def from_pretrained(cls, folder, device="cpu") -> "Student":
+        """Load a saved student; a damaged config.json or model.safetensors is a GooseError naming the file."""
         from safetensors.torch import load_model
 
+        from ..errors import GooseError
+
         folder = Path(folder)
-        model = cls(StudentConfig.from_dict(json.loads((folder / "config.json").read_text())))
-        load_model(model, str(folder / "model.safetensors"), device=str(device))
+        try:
+            raw = json.loads((folder / "config.json").read_text())
+            if not isinstance(raw, dict):
+                raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
+            cfg = StudentConfig.from_dict(raw)
+            model = cls(cfg)
+        except (OSError, ValueError, TypeError, UnicodeDecodeError) as exc:
+            raise GooseError(f"cannot read the student config {folder / 'config.json'}: {_one_line(exc)}") from None
+        try:
+            load_model(model, str(folder / "model.safetensors"), device=str(device))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError, torch RuntimeError
+            raise GooseError(f"cannot load the student weights {folder / 'model.safetensors'} (damaged, truncated "
+                             f"or from another config): {_one_line(exc)}") from None
         return model.to(device)
 
     def parameter_report(self) -> dict[str, int]:
@@ -468,6 +488,11 @@ class _SiteStats:
         if self.stats is None:
             return None
         return self.stats.setdefault(f"{self.layer}.{site}", SpikeStats())
+
+
+def _one_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0][:300] if text else type(exc).__name__)
 
 
 def copy_state(state: list) -> list:

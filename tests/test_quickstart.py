@@ -45,8 +45,57 @@ def test_quickstart_wires_every_stage(tmp_path):
     assert set(s["held_out_ppl"]) == {"teacher", "student_kd", "student_ce"}
     assert all(1 < p < len(vocabulary()) * 2 for p in s["held_out_ppl"].values())
     assert json.loads((out / "summary.json").read_text())["held_out_ppl"] == pytest.approx(s["held_out_ppl"])
-    with pytest.raises(GooseError, match="not empty"):
+    with pytest.raises(GooseError, match="other settings"):  # a finished quickstart is not mixed with another
         run_quickstart(str(out), echo=lambda line: None)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(GooseError, match="not a quickstart folder"):
+        run_quickstart(str(tmp_path / "mine"), echo=lambda line: None)
+
+
+def test_quickstart_interrupted_exits_128_plus_signal_and_a_rerun_continues(tmp_path, monkeypatch):
+    """SIGTERM while a student trains: exit 143 (it was a TypeError traceback on `last_val` None), no
+    summary; the same command again resumes that student from its checkpoint and finishes."""
+    import functools
+    import os
+    import signal
+
+    from click.testing import CliRunner
+
+    from goose.cli import main
+    from goose.pipeline import quickstart
+    from goose.pipeline.train import Trainer
+
+    small = functools.partial(run_quickstart, train_docs=300, cache_tokens=16384)
+    monkeypatch.setattr(quickstart, "run_quickstart", small)
+    real_step, sent = Trainer.train_step, []
+
+    def step_then_sigterm(self):
+        m = real_step(self)
+        if self.step == 2 and not sent:
+            sent.append(self.run)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return m
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_sigterm)
+    out = tmp_path / "qs"
+    args = ["quickstart", "--out", str(out), "--teacher-steps", "10", "--student-steps", "4"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 128 + signal.SIGTERM, (first.output, first.exception)
+    assert first.stderr.strip().splitlines()[-1].startswith("interrupted by signal 15")
+    assert "Traceback" not in first.output and not (out / "summary.json").exists()
+    assert sent == [out / "student_kd"] and not (out / "student_kd" / "DONE.json").exists()
+    assert any((out / "student_kd" / "checkpoints").glob("step_*"))
+    teacher_stamp = (out / "teacher" / "model.safetensors").stat().st_mtime_ns
+
+    second = CliRunner().invoke(main, args)
+    assert second.exit_code == 0, (second.output, second.exception)
+    assert "continuing the quickstart" in second.stdout and "teacher: already trained" in second.stdout
+    assert (out / "teacher" / "model.safetensors").stat().st_mtime_ns == teacher_stamp  # kept, not retrained
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["held_out_ppl"]) == {"teacher", "student_kd", "student_ce"}
+    metrics = [json.loads(x) for x in (out / "student_kd" / "metrics.jsonl").read_text().splitlines()]
+    assert max(m["step"] for m in metrics) == 4  # resumed to the end
 
 
 @pytest.mark.slow
