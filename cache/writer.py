@@ -6,11 +6,23 @@ resume, so a finished store is identical to an uninterrupted run's. The root gro
 attributes in one write, so a kill during creation leaves either nothing or a store that resumes.
 `complete` is set in the root attributes only after the last block, the teacher embedding, the tokenizer
 files, their checksums and the consolidated metadata are written.
+
+Concurrent writers (torchrun ranks, `--shard I/N` jobs) are safe because no two of them ever write one
+stored object: a block's data is one chunk (or shard) per array, and its progress byte and checksum row
+are chunks of their own (`blocks_done` and `chunk_checksums` are chunked one block a chunk). A shared
+writer (`shared=True`) never rewrites the root attributes; it creates a missing store atomically (built
+beside the target, then renamed into place) and otherwise opens the existing one and checks its spec.
+Only the finaliser (one process: rank 0, or `goose cache finalize`) writes store-level attributes.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import os
+import shutil
+import tempfile
+import time
+import uuid
 import warnings
 
 import numpy as np
@@ -94,17 +106,27 @@ class CacheWriter:
         *,
         package_version: str,
         storage_options: dict | None = None,
+        shared: bool = False,
+        once: dict | None = None,
     ) -> "CacheWriter":
         """Create a new store, or reopen an unfinished one made with exactly the same parameters.
 
         An unfinished store with no block written yet holds nothing worth keeping: it is started afresh,
         so a run that failed before its first block (bad option, no space) never blocks a corrected rerun.
+
+        `shared=True` is for one of several writers of the same store (a `--shard` job, a torchrun rank):
+        nothing is restarted or rewritten, a missing store is created atomically (with `once`, the
+        teacher embedding and tokenizer files, already in it, so that `finalize_store` needs no teacher),
+        and an existing one must match exactly.
         """
         meta = {
             "schema_version": SCHEMA_VERSION, "spec": spec.to_attrs(), "provenance": provenance,
             "checksums": {"algorithm": CHECKSUM_ALGORITHM, "bytes": CHECKSUMMED_BYTES, "arrays": list(spec.arrays())},
         }
         meta["attrs_crc32"] = attrs_checksum(meta)
+        if shared:
+            attrs = {**meta, "package_version": package_version, "created_at": _now(), "complete": False}
+            return cls._open_shared(url, spec, meta, attrs, storage_options, once)
         state, existing = _store_state(url, storage_options)
         if state == "goose" and not existing.get("complete") and _nothing_written(url, storage_options):
             state = "restart"
@@ -119,12 +141,42 @@ class CacheWriter:
                 attrs = dict(existing)
                 attrs["resumed"] = int(attrs.get("resumed", 0)) + 1
                 group.attrs.put({GOOSE_ATTR: attrs})
-        # Arrays are (re)ensured on every open: a kill during creation leaves some missing.
-        for name, array_spec in spec.arrays().items():
-            _ensure_array(group, name, array_spec, spec)
-        _ensure_array(group, CHECKSUM_ARRAY, ArraySpec((spec.n_blocks, len(spec.arrays())), "int64", per_window=False),
-                      None, fill_value=-1)  # -1: no checksum recorded (a crc32 is never negative)
-        _ensure_array(group, PROGRESS_ARRAY, ArraySpec((spec.n_blocks,), "uint8", per_window=False), None)
+        _ensure_arrays(group, spec)  # (re)ensured on every open: a kill during creation leaves some missing
+        return cls(group, spec, url, storage_options)
+
+    @classmethod
+    def _open_shared(cls, url, spec, meta, attrs, storage_options, once) -> "CacheWriter":
+        files = StoreFiles(url, storage_options)
+        state, existing = _store_state_settled(url, storage_options, files.local)
+        if state == "absent":
+            _create_atomically(files, attrs, spec, once)  # or another writer won the race: fine either way
+            state, existing = _store_state_settled(url, storage_options, files.local)
+        if state != "goose":
+            raise GooseError(f"store {url} was left half-created by an older goose; run goose cache-teacher once "
+                             f"without --shard, or delete it")
+        _check_same(url, existing, meta)
+        group = _open_group(url, "r+", storage_options)
+        missing = [name for name in [*spec.arrays(), CHECKSUM_ARRAY, PROGRESS_ARRAY] if name not in group]
+        if missing:
+            raise GooseError(f"store {url} lacks {', '.join(missing[:3])} (its creation was interrupted); finish it "
+                             f"with goose cache-teacher without --shard, or delete it")
+        for name in (PROGRESS_ARRAY, CHECKSUM_ARRAY):
+            if group[name].chunks[0] != 1:  # concurrent writers would lose each other's marks
+                raise GooseError(f"store {url} keeps {name} of several blocks in one chunk, which concurrent "
+                                 f"writers would corrupt; finish it with one goose cache-teacher process")
+        return cls(group, spec, url, storage_options)
+
+    @classmethod
+    def reopen(cls, url: str, storage_options: dict | None = None) -> "CacheWriter":
+        """An existing store of this schema version, as its own attributes describe it (for finalize_store)."""
+        state, existing = _store_state(url, storage_options)
+        if state != "goose":
+            raise GooseError(f"no goose store at {url}")
+        if existing.get("schema_version") != SCHEMA_VERSION:
+            raise GooseError(f"store {url} has schema version {existing.get('schema_version')}, this goose "
+                             f"finalizes version {SCHEMA_VERSION}: rebuild it")
+        spec = StoreSpec.from_attrs(existing["spec"])
+        group = _open_group(url, "r+", storage_options)
         return cls(group, spec, url, storage_options)
 
     # ---- progress ----------------------------------------------------------------------------
@@ -160,25 +212,26 @@ class CacheWriter:
             raise GooseError(f"store {self.url}: {key} was just written but is not in the store")
         return checksum(data)
 
-    def finalize(self, teacher_embedding: np.ndarray, tokenizer_files: dict[str, bytes] | None = None) -> None:
+    def finalize(self, teacher_embedding: np.ndarray | None = None,
+                 tokenizer_files: dict[str, bytes] | None = None) -> None:
         """Write the once-per-store arrays (teacher embedding, tokenizer files) and mark the store complete
-        (the very last write)."""
+        (the very last write). Without a teacher embedding, the store must already hold them (a store
+        created by a shared writer): they are checksummed as they are."""
         todo = self.blocks_todo()
         if todo:
-            raise RuntimeError(f"cannot finalize: {len(todo)} blocks not written")
-        emb_spec = self.spec.embedding_spec()
-        emb = _ensure_array(self.group, EMBEDDING_ARRAY, emb_spec, self.spec)
-        emb[:] = teacher_embedding.astype(emb_spec.dtype)
-        once = [emb]
-        for name, data in sorted((tokenizer_files or {}).items()):
-            path = f"{TOKENIZER_GROUP}/{name}"
-            if path in self.group:  # a finalize that was interrupted: rewrite from scratch
-                del self.group[path]
-            arr = _writable(self.group.create_array(
-                path, shape=(len(data),), chunks=(max(len(data), 1),), dtype="uint8",
-                compressors=zarr.codecs.ZstdCodec(level=3), fill_value=0))
-            arr[:] = np.frombuffer(data, dtype=np.uint8)
-            once.append(arr)
+            shown = ", ".join(map(str, todo[:12])) + (f" ... ({len(todo)} in all)" if len(todo) > 12 else "")
+            raise GooseError(f"cannot finalize {self.url}: {len(todo)} of {self.spec.n_blocks} blocks are not done "
+                             f"(blocks {shown}; block b belongs to shard b mod N): run or rerun the shards that "
+                             f"own them, then finalize again")
+        if teacher_embedding is not None:
+            once = _write_once(self.group, self.spec, teacher_embedding, tokenizer_files)
+        elif EMBEDDING_ARRAY in self.group:
+            once = [self.group[EMBEDDING_ARRAY]]
+            if TOKENIZER_GROUP in self.group:
+                once += [arr for _, arr in sorted(self.group[TOKENIZER_GROUP].arrays())]
+        else:
+            raise GooseError(f"cannot finalize {self.url}: it has no teacher embedding (it was started by "
+                             f"goose cache-teacher without --shard); rerun that command to finish it")
         # checksums of the once-per-store objects; their keys also tell the reader what must be present
         once_checksums = {key: self._stored_checksum(key) for array in once for key in array_keys(array)[1:]}
         _consolidate(self.group.store)
@@ -196,6 +249,89 @@ def _consolidate(store) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
         zarr.consolidate_metadata(store)
+
+
+def _write_once(group, spec: StoreSpec, teacher_embedding: np.ndarray, tokenizer_files: dict[str, bytes] | None):
+    """Write the teacher embedding and the tokenizer files; returns their arrays."""
+    emb_spec = spec.embedding_spec()
+    emb = _ensure_array(group, EMBEDDING_ARRAY, emb_spec, spec)
+    emb[:] = teacher_embedding.astype(emb_spec.dtype)
+    once = [emb]
+    for name, data in sorted((tokenizer_files or {}).items()):
+        path = f"{TOKENIZER_GROUP}/{name}"
+        if path in group:  # a finalize that was interrupted: rewrite from scratch
+            del group[path]
+        arr = _writable(group.create_array(
+            path, shape=(len(data),), chunks=(max(len(data), 1),), dtype="uint8",
+            compressors=zarr.codecs.ZstdCodec(level=3), fill_value=0))
+        arr[:] = np.frombuffer(data, dtype=np.uint8)
+        once.append(arr)
+    return once
+
+
+def finalize_store(url: str, storage_options: dict | None = None) -> dict:
+    """`goose cache finalize`: mark a store written by `--shard` jobs complete once every block is done."""
+    writer = CacheWriter.reopen(url, storage_options)
+    if writer.complete:
+        return {"output": url, "already_complete": True, "blocks": writer.spec.n_blocks}
+    writer.finalize()
+    return {"output": url, "already_complete": False, "blocks": writer.spec.n_blocks}
+
+
+def _ensure_arrays(group, spec: StoreSpec) -> None:
+    """Every array a store holds besides the once-per-store ones; progress and checksums one block a chunk."""
+    for name, array_spec in spec.arrays().items():
+        _ensure_array(group, name, array_spec, spec)
+    _ensure_array(group, CHECKSUM_ARRAY, ArraySpec((spec.n_blocks, len(spec.arrays())), "int64", per_window=False),
+                  None, fill_value=-1)  # -1: no checksum recorded (a crc32 is never negative)
+    _ensure_array(group, PROGRESS_ARRAY, ArraySpec((spec.n_blocks,), "uint8", per_window=False), None)
+
+
+def _create_atomically(files: StoreFiles, attrs: dict, spec: StoreSpec, once: dict | None) -> bool:
+    """Build the whole empty store (attributes, arrays, and `once` if given) away from the target, then put it
+    in place in one step: a local folder is renamed (which fails if another writer's store got there
+    first); on an object store the objects are uploaded with the root group last (a concurrent creator
+    uploads the same array metadata, and its root differs only in created_at). False if another won."""
+    local = files.local
+    build = (f"{files.root}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}" if local
+             else tempfile.mkdtemp(prefix="goose-store-"))
+    try:
+        if local:
+            os.makedirs(os.path.dirname(files.root) or ".", exist_ok=True)
+        group = _open_group(build, "w", None, {GOOSE_ATTR: attrs})
+        _ensure_arrays(group, spec)
+        if once is not None:
+            _write_once(group, spec, once["teacher_embedding"], once.get("tokenizer_files"))
+        if local:
+            try:
+                os.rename(build, files.root)  # replaces an empty folder, fails on a non-empty one
+            except OSError as exc:
+                if os.path.exists(os.path.join(files.root, "zarr.json")):
+                    return False  # another writer's store is there
+                raise GooseError(f"cannot write the store at {files.url}: {exc.strerror or exc}") from None
+            return True
+        keys = StoreFiles(build).keys()
+        for key in sorted(keys - {"zarr.json"}):
+            files.fs.pipe_file(f"{files.root}/{key}", StoreFiles(build).read(key))
+        if files.read("zarr.json") is not None:
+            return False
+        files.fs.pipe_file(f"{files.root}/zarr.json", StoreFiles(build).read("zarr.json"))
+        return True
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+
+
+def _store_state_settled(url: str, storage_options: dict | None, local: bool):
+    """_store_state, but on an object store give a concurrent creator's upload (root object last) up to a
+    minute to land before calling its half-uploaded objects "not a goose store"."""
+    for attempt in range(1 if local else 30):
+        try:
+            return _store_state(url, storage_options)
+        except GooseError:
+            if attempt == 29 or local:
+                raise
+            time.sleep(2)
+    return _store_state(url, storage_options)
 
 
 def _store_state(url: str, storage_options: dict | None) -> tuple[str, dict | None]:

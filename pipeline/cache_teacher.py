@@ -3,11 +3,19 @@
 Recipe: load teacher -> check arguments against it -> load, tokenise and pack the data -> open (create or
 resume) the store -> for each unfinished block: teacher forward in batches, targets, write -> finalize.
 Batches never cross a block boundary, so a resumed run computes exactly what an uninterrupted one does.
+
+Several writers (docs/SCALING.md): under torchrun (WORLD_SIZE > 1) every rank computes a disjoint share
+of the blocks into one store; rank 0 creates or resumes the store while the others wait, and finalizes
+it after a barrier. With `--shard I/N`, independent jobs (a SLURM array) each compute the blocks b with
+b mod N == I into the same store and leave it unfinished; `goose cache finalize STORE` completes it.
+Every block is computed exactly as one process computes it, so the stores are identical.
 """
 
 from __future__ import annotations
 
+import datetime
 import errno
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -29,7 +37,7 @@ from ..cache.stats import store_nbytes
 from ..cache.writer import CacheWriter
 from ..errors import GooseError
 from .data import DataSpec, load_texts, tokenize_and_pack, windows_fingerprint
-from .teacher import Teacher, load_teacher, quantize_int8, resolve_hidden_layers, teacher_targets
+from .teacher import Teacher, load_teacher, quantize_int8, resolve_device, resolve_hidden_layers, teacher_targets
 
 
 @dataclass
@@ -55,6 +63,81 @@ class CacheTeacherConfig:
     compression_level: int = 3
     storage_options: dict | None = None
     progress: bool = True
+    shard: tuple[int, int] | None = None  # (I, N): compute only blocks b with b % N == I; do not finalize
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """'I/N' -> (I, N), with 0 <= I < N."""
+    if text is None:
+        return None
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise GooseError(f"--shard must be I/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= index < count:
+        raise GooseError(f"--shard I/N needs 0 <= I < N, got {text!r}")
+    return index, count
+
+
+@dataclass
+class Ranks:
+    """This process's place among torchrun's ranks (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def join(cls, device_type: str) -> "Ranks":
+        """Join torchrun's process group when WORLD_SIZE > 1: nccl on CUDA, gloo on CPU."""
+        import torch.distributed as dist
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        ranks = cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(ranks.local_rank)
+        if not dist.is_initialized():
+            try:  # long timeout: after its share a rank waits at the barrier for the slowest one
+                dist.init_process_group(backend, timeout=datetime.timedelta(hours=6))
+            except (RuntimeError, ValueError) as exc:
+                raise GooseError(f"cannot join the torchrun process group ({backend}): "
+                                 f"{str(exc).splitlines()[0]}") from None
+        return ranks
+
+    def device(self, device: str) -> str:
+        """cuda (or auto on a CUDA machine) means this rank's own GPU, cuda:LOCAL_RANK."""
+        if self.world > 1 and device in ("auto", "cuda") and resolve_device(device).type == "cuda":
+            return f"cuda:{self.local_rank}"
+        return device
+
+    def broadcast(self, obj):
+        """Rank 0's obj on every rank (also a barrier)."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def total(self, value: int) -> int:
+        """Sum over ranks (also a barrier)."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        values = [None] * self.world
+        dist.all_gather_object(values, value)
+        return sum(values)
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _check_args(cfg: CacheTeacherConfig) -> None:
@@ -78,6 +161,8 @@ def _check_args(cfg: CacheTeacherConfig) -> None:
     problem = compression_level_problem(cfg.compression, cfg.compression_level)
     if problem:
         raise GooseError(problem)
+    if cfg.shard is not None and not 0 <= cfg.shard[0] < cfg.shard[1]:
+        raise GooseError(f"--shard I/N needs 0 <= I < N, got {cfg.shard[0]}/{cfg.shard[1]}")
 
 
 def _check_against_teacher(cfg: CacheTeacherConfig, teacher: Teacher) -> tuple[int, ...]:
@@ -123,10 +208,58 @@ def _write_problem(exc: OSError) -> str:
     return "disk full" if exc.errno == errno.ENOSPC else f"cannot write ({exc.strerror or exc})"
 
 
+def _open_writer(cfg: CacheTeacherConfig, spec: StoreSpec, provenance: dict, teacher: Teacher,
+                 ranks: Ranks) -> CacheWriter:
+    """One process: create or resume the store. Under torchrun rank 0 does that alone (and may restart or
+    count a resume, as one process would) while the others wait, then they open it as shared writers.
+    Shard jobs are shared writers from the start: the store they create already holds the teacher
+    embedding and tokenizer, so `goose cache finalize` needs no teacher."""
+    shared = cfg.shard is not None
+    once = None
+    if shared:
+        once = {"teacher_embedding": teacher.embedding_matrix(), "tokenizer_files": teacher.tokenizer_files()}
+
+    def open_(shared_now: bool) -> CacheWriter:
+        try:
+            return CacheWriter.open(cfg.output, spec, provenance, package_version=__version__,
+                                    storage_options=cfg.storage_options, shared=shared_now, once=once)
+        except OSError as exc:
+            raise GooseError(f"{_write_problem(exc)} while creating store {cfg.output}; free space (or fix the "
+                             f"cause) and rerun the same command") from None
+
+    if ranks.world == 1:
+        return open_(shared)
+    writer, problem = None, None
+    if ranks.rank == 0:
+        try:
+            writer = open_(shared)
+        except GooseError as exc:
+            problem = str(exc)
+    problem = ranks.broadcast(problem)
+    if problem:
+        raise GooseError(problem if ranks.rank == 0 else f"rank 0 could not open the store: {problem}")
+    return writer or open_(True)
+
+
+def my_blocks(todo: list[int], shard: tuple[int, int] | None, ranks: Ranks) -> list[int]:
+    """This process's share: the shard's blocks (b mod N == I), dealt round-robin over the ranks."""
+    index, count = shard or (0, 1)
+    return [b for b in todo if b % count == index][ranks.rank :: ranks.world]
+
+
 def run_cache_teacher(cfg: CacheTeacherConfig) -> dict:
-    """Build (or finish) the store described by cfg; returns a summary dict."""
+    """Build (or finish) the store described by cfg; returns a summary dict (of this rank's work, with the
+    ranks' total in tokens_computed, under torchrun)."""
     _check_args(cfg)
-    teacher = load_teacher(cfg.teacher, revision=cfg.revision, dtype=cfg.dtype, device=cfg.device)
+    ranks = Ranks.join(resolve_device(cfg.device).type)
+    try:
+        return _run(cfg, ranks)
+    finally:
+        ranks.close()
+
+
+def _run(cfg: CacheTeacherConfig, ranks: Ranks) -> dict:
+    teacher = load_teacher(cfg.teacher, revision=cfg.revision, dtype=cfg.dtype, device=ranks.device(cfg.device))
     layers = _check_against_teacher(cfg, teacher)
     ds = load_texts(cfg.data)
     windows = tokenize_and_pack(
@@ -150,19 +283,17 @@ def run_cache_teacher(cfg: CacheTeacherConfig) -> dict:
         # so a resume with another one would mix blocks that an uninterrupted run would not write
         "batch_size": cfg.batch_size,
     }
-    try:
-        writer = CacheWriter.open(
-            cfg.output, spec, provenance, package_version=__version__, storage_options=cfg.storage_options
-        )
-    except OSError as exc:
-        raise GooseError(f"{_write_problem(exc)} while creating store {cfg.output}; free space (or fix the "
-                         f"cause) and rerun the same command") from None
-    todo = writer.blocks_todo()
+    writer = _open_writer(cfg, spec, provenance, teacher, ranks)
+    # every rank deals from rank 0's list, read before any rank writes
+    all_todo = ranks.broadcast(writer.blocks_todo())
+    todo = my_blocks(all_todo, cfg.shard, ranks)
     already_complete = writer.complete
     tokens_todo = sum(np.subtract(*spec.block_range(b)[::-1]) for b in todo) * spec.seq_len
     t0 = time.perf_counter()
-    bar = tqdm(total=int(tokens_todo), unit="tok", unit_scale=True, disable=not cfg.progress or not todo,
-               desc="cache-teacher", dynamic_ncols=True)
+    desc = "cache-teacher" + (f" shard {cfg.shard[0]}/{cfg.shard[1]}" if cfg.shard else "")
+    desc += f" (rank 0 of {ranks.world})" if ranks.world > 1 else ""
+    bar = tqdm(total=int(tokens_todo), unit="tok", unit_scale=True, desc=desc, dynamic_ncols=True,
+               disable=not cfg.progress or not todo or ranks.rank > 0)
     try:
         # One block is written in the background while the next is computed; at most one write in flight.
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -177,7 +308,8 @@ def run_cache_teacher(cfg: CacheTeacherConfig) -> dict:
             if pending is not None:
                 pending.result()
         bar.close()
-        if not already_complete:
+        tokens_computed = ranks.total(int(tokens_todo))  # waits for every rank's share
+        if not already_complete and cfg.shard is None and ranks.rank == 0:
             writer.finalize(teacher.embedding_matrix(), teacher.tokenizer_files())
     except OSError as exc:
         bar.close()
@@ -187,17 +319,22 @@ def run_cache_teacher(cfg: CacheTeacherConfig) -> dict:
         raise GooseError(f"{_write_problem(exc)} while writing store {cfg.output}: {done} of {spec.n_blocks} blocks are done "
                          f"and kept; free space (or fix the cause) and rerun the same command to continue") from None
     elapsed = time.perf_counter() - t0
-    nbytes = store_nbytes(cfg.output, cfg.storage_options)
+    nbytes = store_nbytes(cfg.output, cfg.storage_options) if ranks.rank == 0 else 0
     return {
         "output": cfg.output,
         "windows": spec.n_windows,
         "tokens": spec.n_tokens,
-        "tokens_computed": int(tokens_todo),
-        "blocks_resumed_from": spec.n_blocks - len(todo),
+        "tokens_computed": tokens_computed,
+        "blocks_resumed_from": spec.n_blocks - len(all_todo),
         "already_complete": already_complete,
+        "rank": ranks.rank,
+        "ranks": ranks.world,
+        "shard": cfg.shard,
+        "blocks_computed": len(todo),
+        "blocks_left": len(writer.blocks_todo()) if cfg.shard else 0,
         "bytes_on_disk": nbytes,
         "bytes_per_token": nbytes / spec.n_tokens,
         "seconds": elapsed,
-        "tokens_per_s": tokens_todo / elapsed if elapsed > 0 else float("nan"),
+        "tokens_per_s": tokens_computed / elapsed if elapsed > 0 else float("nan"),
         "spec": asdict(spec),
     }
