@@ -86,8 +86,13 @@ class CacheLoader:
 
     def __init__(self, url: str, fields: list[str], *, batch_size: int, chunk_windows: int, seed: int = 0,
                  buffer_chunks: int = 4, num_workers: int = 0, pin_memory: bool = False, prefetch: int = 2,
-                 streams: bool = False):
+                 streams: bool = False, rank: int = 0, world: int = 1):
         self.url, self.fields, self.streams = url, list(fields), streams
+        # data parallelism: `batch_size` is the global batch; rank r reads rows [r * b, (r + 1) * b) of every
+        # global batch of the one seeded plan, so N ranks see exactly what one process would
+        if batch_size % world:
+            raise ValueError(f"the global batch_size {batch_size} does not split evenly over {world} ranks")
+        self.rank, self.world = rank, world
         self.batch_size, self.chunk_windows, self.seed = batch_size, chunk_windows, seed
         self.buffer_chunks, self.num_workers, self.pin_memory, self.prefetch = (
             buffer_chunks, num_workers, pin_memory, prefetch)
@@ -114,7 +119,8 @@ class CacheLoader:
                           self.epoch, self.buffer_chunks)
 
     def _start(self):
-        plan = self._plan()[self.position :]
+        per = self.batch_size // self.world
+        plan = [b[self.rank * per : (self.rank + 1) * per] for b in self._plan()[self.position :]]
         kw = dict(batch_size=None, shuffle=False, num_workers=self.num_workers, pin_memory=self.pin_memory)
         if self.num_workers > 0:
             kw.update(prefetch_factor=self.prefetch, persistent_workers=False)

@@ -11,6 +11,7 @@ the student tail is an fp32 masked logsumexp over the non-top-k logits, never lo
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -178,11 +179,22 @@ def ce_loss(student_logits, input_ids, mask=None) -> torch.Tensor:
 # ---- hidden-state alignment -----------------------------------------------------------------
 
 
+def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Under data parallelism, the mean over ranks (equal shares: the global batch's statistic)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
 def standardize_channels(h: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Per-channel standardisation over all tokens of the batch (tames GPT-2's outlier channels)."""
+    """Per-channel standardisation over all tokens of the (global) batch (tames GPT-2's outlier channels).
+    Two passes (mean, then mean square deviation) rather than E[x^2] - mean^2, which cancels badly on
+    outlier channels."""
     flat = h.float().reshape(-1, h.shape[-1])
-    mean = flat.mean(0)
-    std = flat.std(0, unbiased=False)
+    mean = _mean_over_ranks(flat.mean(0))
+    std = _mean_over_ranks((flat - mean).square().mean(0)).sqrt()
     return ((h.float() - mean) / (std + eps)).detach()
 
 

@@ -30,6 +30,7 @@ from ..student.model import Student, config_for_store, detach_state
 from ..student.spikes import firing_rate_loss
 from .config import TrainConfig, dump_config
 from .curriculum import Curriculum, difficulty_order
+from .distributed import DistEnv
 from .loader import CacheLoader, read_windows
 from .losses import (
     cka_align,
@@ -404,6 +405,12 @@ class Trainer:
         except OSError as exc:
             raise GooseError(f"cannot create run folder {self.run}: {exc.strerror}") from None
         self.device = resolve_device(cfg.device)
+        self.dist = DistEnv.from_env(self.device.type)  # torchrun: one rank per device, rank 0 writes
+        if self.dist.active and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if cfg.batch_size % self.dist.world:
+            raise GooseError(f"batch_size is the global batch: {cfg.batch_size} does not split over "
+                             f"{self.dist.world} ranks")
         self._seed(cfg.seed)
         spec = self.reader.spec
 
@@ -442,6 +449,12 @@ class Trainer:
                 raise GooseError(f"alignment pairs {self.pairs} name student layers outside 0..{scfg.n_layer}")
         self.distiller = Distiller(cfg, self.pairs, scfg.d_model, spec.hidden_size).to(self.device)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
+        if self.dist.active:
+            # running spike statistics are all-reduced inside the model (global-batch statistics), so the
+            # buffers agree on every rank without DDP broadcasting them
+            self.forward = nn.parallel.DistributedDataParallel(
+                self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
         fused = self.device.type == "cuda"
         self.opt = torch.optim.AdamW(param_groups(cfg, self.model, self.distiller), lr=cfg.optim.lr,
                                      betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
@@ -471,7 +484,8 @@ class Trainer:
             self.curriculum = Curriculum(cfg.curriculum, self.train_windows[order])
         self.loader = CacheLoader(cfg.cache, self.fields, batch_size=cfg.batch_size, chunk_windows=spec.chunk_windows,
                                   seed=cfg.seed, buffer_chunks=cfg.buffer_chunks, num_workers=cfg.num_workers,
-                                  pin_memory=self.device.type == "cuda", streams=cfg.carry_state)
+                                  pin_memory=self.device.type == "cuda", streams=cfg.carry_state,
+                                  rank=self.dist.rank, world=self.dist.world)
         self.loader.set_pool(self.curriculum.pool() if self.curriculum else self.train_windows, 0)
 
         # bookkeeping
@@ -483,7 +497,9 @@ class Trainer:
         self.rollbacks = 0
         self.best_val = float("inf")
         self.elapsed_before = 0.0  # training seconds of earlier processes of this run (resume)
-        self.events = EventLog(self.run / "events.jsonl", echo=self._warn)
+        main = self.dist.is_main
+        self.events = EventLog(self.run / "events.jsonl" if main else None,
+                               echo=self._warn if main else (lambda line: None))
         self.monitor = HealthMonitor(cfg.monitor, self.events, grad_clip=cfg.optim.grad_clip,
                                      t_bounds=(cfg.temperature.t_min, cfg.temperature.t_max)
                                      if cfg.temperature.mode == "ctkd" else None)
@@ -492,20 +508,24 @@ class Trainer:
         self.identity = run_identity(cfg, self.reader)
         self.failed_batches: list[dict] = []  # non-finite steps since the last rollback: step, batch key, windows
         self.lock = RunLock(self.run)  # before anything is written to the run folder
-        self.lock.acquire()
+        if main:
+            self.lock.acquire()
         try:
             if resume:
                 self._resume()
         except BaseException:
             self.lock.release()
             raise
+        self.dist.barrier()  # every rank has checked the folder before rank 0 writes its first checkpoint
+        if not main:
+            return
         dump_config(cfg, self.run / "config.yaml", {
             "store_fingerprint": self.reader.provenance.get("data_fingerprint"),
             "store_teacher": self.reader.provenance.get("teacher"),
             "store_config_hash": self.reader.provenance.get("config_hash"),
             "student": scfg.to_dict(), "align_pairs": [list(p) for p in self.pairs],
             "train_windows": int(len(self.train_windows)), "val_windows": int(len(self.val_windows)),
-            "goose_version": __version__,
+            "goose_version": __version__, "world_size": self.dist.world,
         })
 
     # ---- helpers -------------------------------------------------------------------------------
@@ -605,10 +625,18 @@ class Trainer:
         finite = True
         overflow = False  # fp16: gradients overflowed at the current loss scale (the scaler's business)
         unscaled = False
-        for _ in range(c.optim.accumulation):
+        for micro in range(c.optim.accumulation):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in self.loader.next().items()}
-            parts = self.compute_losses(batch, stage, progress)
-            if not torch.isfinite(parts["total"]):
+            # DDP: gradients are all-reduced in the last micro-batch's backward only
+            last = micro == c.optim.accumulation - 1
+            sync = self.forward.no_sync() if self.dist.active and not last else contextlib.nullcontext()
+            with sync:
+                parts = self.compute_losses(batch, stage, progress)
+                # every rank skips together (a rank leaving out a backward would hang the all-reduce)
+                loss_finite = self.dist.all_true(bool(torch.isfinite(parts["total"])), self.device)
+                if loss_finite:
+                    self.scaler.scale(parts["total"] / c.optim.accumulation).backward()
+            if not loss_finite:
                 finite = False
                 self.carry = None  # never start the next windows from a state that produced a non-finite loss
                 key = self.loader.last_key
@@ -617,12 +645,16 @@ class Trainer:
                 break
             if c.carry_state:
                 self.carry = self._next_carry
-            self.scaler.scale(parts["total"] / c.optim.accumulation).backward()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(torch.as_tensor(v).detach()) / c.optim.accumulation
+        if sums and self.dist.active:  # logged losses are global-batch means, as in one process
+            keys = sorted(sums)
+            means = self.dist.mean(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device))
+            sums = dict(zip(keys, means.tolist()))
         grad_norm = float("nan")
         t_live = False
         if finite:
+            self.dist.sync_grads(self.distiller.parameters())  # outside the DDP module: CTKD theta, projectors
             self.scaler.unscale_(self.opt)
             unscaled = True
             t_live = self.t_opt is not None and self.distiller.temperature.theta.grad is not None
@@ -678,17 +710,23 @@ class Trainer:
 
     # ---- validation ----------------------------------------------------------------------------
     def validate(self) -> dict:
-        """Perplexity, KL to the teacher at T=1 and top-1 agreement on the fixed validation windows."""
-        val, summaries = validate_model(self.model, self.val_url, self.val_spec, self.val_windows,
-                                        self.cfg.batch_size, self.device, self._autocast)
-        self.monitor.on_spikes(self.step, summaries)
-        return {"step": self.step, **val}
+        """Perplexity, KL to the teacher at T=1 and top-1 agreement on the fixed validation windows. Under
+        torchrun rank 0 validates once and every rank gets its result (the curriculum decides on it)."""
+        out = None
+        if self.dist.is_main:
+            val, summaries = validate_model(self.model, self.val_url, self.val_spec, self.val_windows,
+                                            self.cfg.batch_size, self.device, self._autocast)
+            self.monitor.on_spikes(self.step, summaries)
+            out = {"step": self.step, **val}
+        return self.dist.broadcast(out)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _payload(self) -> dict:
         return {
             "step": self.step, "model": self.model.state_dict(), "distiller": self.distiller.state_dict(),
-            "optimizer": self.opt.state_dict(), "carry": self.carry,
+            "optimizer": self.opt.state_dict(),
+            # each rank carries the state of its own rows: rank 0 saves all of them
+            "carry": self.carry if not self.dist.active else self.dist.gather(self.carry), "world_size": self.dist.world,
             "temperature_optimizer": self.t_opt.state_dict() if self.t_opt is not None else None,
             "scaler": self.scaler.state_dict(), "rng": _rng_state(),
             "loader": self.loader.state_dict(),
@@ -709,7 +747,12 @@ class Trainer:
                 "goose_version": __version__}
 
     def checkpoint(self) -> Path:
-        return save_checkpoint(self.run, self.step, self._payload(), self.cfg.keep_checkpoints)
+        payload = self._payload()  # on every rank: it gathers the carried states
+        path = self.run / "checkpoints" / f"step_{self.step:07d}"
+        if self.dist.is_main:
+            path = save_checkpoint(self.run, self.step, payload, self.cfg.keep_checkpoints)
+        self.dist.barrier()  # a rollback on any rank finds it
+        return path
 
     def _resume(self) -> None:
         """Load the newest readable checkpoint (a truncated newest one falls back to the one before, with a
@@ -742,7 +785,16 @@ class Trainer:
         self.model.load_state_dict(d["model"])
         self.distiller.load_state_dict(d["distiller"])
         self.opt.load_state_dict(d["optimizer"])
-        self.carry = d.get("carry")
+        saved_world = int(d.get("world_size", 1))
+        carry = d.get("carry")
+        if saved_world != self.dist.world:
+            if self.dist.is_main:
+                self._warn(f"warning: checkpoint {path.name} was written by {saved_world} ranks, this run has "
+                           f"{self.dist.world}: the same global batches continue, per-rank state is restarted")
+            carry = None
+        elif self.dist.active:
+            carry = carry[self.dist.rank]
+        self.carry = carry
         if self.t_opt is not None:
             self.t_opt.load_state_dict(d["temperature_optimizer"])
         self.scaler.load_state_dict(d["scaler"])
@@ -811,10 +863,11 @@ class Trainer:
     def fit(self) -> dict:
         c = self.cfg
         metrics_path = self.run / "metrics.jsonl"
-        _truncate_jsonl(metrics_path, self.step)
-        _truncate_jsonl(self.run / "events.jsonl", self.step)
+        if self.dist.is_main:
+            _truncate_jsonl(metrics_path, self.step)
+            _truncate_jsonl(self.run / "events.jsonl", self.step)
         tb = None
-        if c.tensorboard:
+        if c.tensorboard and self.dist.is_main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -830,14 +883,14 @@ class Trainer:
             profiler = profile(activities=acts, schedule=schedule(wait=1, warmup=1, active=c.profile_steps, repeat=1),
                                on_trace_ready=tensorboard_trace_handler(str(self.run / "profile")))
             profiler.start()
-        bar = tqdm(total=c.steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
+        bar = tqdm(total=c.steps, initial=self.step, desc="train", unit="step", disable=not self.progress or not self.dist.is_main,
                    dynamic_ncols=True)
         t_last, tok_last, start_time = time.perf_counter(), 0, time.perf_counter()
         self._start_time = start_time
         tokens_per_step = c.batch_size * c.optim.accumulation * self.reader.seq_len
         last_val = None
         interrupted = False
-        if latest_checkpoint(self.run) is None:
+        if self.dist.all_true(latest_checkpoint(self.run) is None, self.device):
             self.checkpoint()  # step 0: a rollback target even if the first steps go non-finite
         try:
             while self.step < c.steps:
@@ -867,7 +920,9 @@ class Trainer:
                 if self.step % c.ckpt_every == 0 or self.step == c.steps:
                     self.checkpoint()
                 bar.update(1)
-                if self.stop_signal is not None:
+                # torchrun signals every rank, but not at the same step: stop together at the first one
+                if self.dist.any_true(self.stop_signal is not None, self.device):
+                    self.stop_signal = self.stop_signal or signal.SIGTERM
                     self.checkpoint()
                     self.events.emit(self.step, "interrupted", f"signal {self.stop_signal}: checkpoint written, "
                                      "resume with --resume", warn=True)
@@ -889,6 +944,7 @@ class Trainer:
             "last_val": last_val, "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
             "events": self.monitor.summary(), "parameters": self.model.parameter_report(),
             "val_windows": int(len(self.val_windows)), "seq_len": int(self.val_spec.seq_len),
+            "rank": self.dist.rank, "world_size": self.dist.world,
         }
 
     def _stage_changed(self) -> None:
@@ -905,7 +961,8 @@ class Trainer:
         val = self.validate()
         if val["val_loss"] < self.best_val:
             self.best_val = val["val_loss"]
-            self.save_best(val)
+            if self.dist.is_main:
+                self.save_best(val)
         val["best_val_ppl"] = math.exp(self.best_val)
         self._log(metrics_path, tb, val | {"kind": "val"})
         if tb is not None:
@@ -914,6 +971,8 @@ class Trainer:
         return val
 
     def _log(self, path: Path, tb, m: dict) -> None:
+        if not self.dist.is_main:
+            return
         with open(path, "a") as f:
             f.write(json.dumps(m, default=float) + "\n")
         if tb is not None:
@@ -924,5 +983,9 @@ class Trainer:
 
 
 def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, echo=print) -> dict:
-    trainer = Trainer(cfg, resume=resume, progress=progress, echo=echo)
-    return trainer.fit()
+    try:
+        trainer = Trainer(cfg, resume=resume, progress=progress, echo=echo)
+        return trainer.fit()
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -46,6 +47,22 @@ def surrogate_grad(z: torch.Tensor, kind: str, scale: float) -> torch.Tensor:
     if kind == "superspike":
         return 1.0 / (1 + scale * z.abs()) ** 2
     raise ValueError(f"unknown surrogate {kind!r}; choose from {SURROGATES}")
+
+
+def _global_sum_(t: torch.Tensor) -> torch.Tensor:
+    """In place: the sum over ranks under data parallelism, so running statistics are those of the global
+    batch (as SyncBatchNorm does) and N ranks train exactly as one process with the same global batch."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def _global_mean_(t: torch.Tensor) -> torch.Tensor:
+    """In place: the mean over ranks (every rank holds an equal share of the global batch)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
 
 
 class _Heaviside(torch.autograd.Function):
@@ -181,21 +198,21 @@ class TernarySpike(nn.Module):
         |x - offset|, threshold = stats_alpha * scale, amplitudes = mean magnitude of what fires."""
         flat = x.detach().to(self.scale.dtype).reshape(-1, x.shape[-1])
         if self.centered:
-            self.offset.copy_(flat.mean(0))
+            self.offset.copy_(_global_mean_(flat.mean(0)))
             flat = flat - self.offset
-        self.scale.copy_(flat.abs().mean(0).clamp_min(1e-6))
+        self.scale.copy_(_global_mean_(flat.abs().mean(0)).clamp_min(1e-6))
         if self.cfg.threshold == "learned":
             rel = torch.full_like(self.scale, self.cfg.stats_alpha)
             self.threshold_raw.copy_(rel + torch.log(-torch.expm1(-rel)))  # inverse softplus
         theta = self.threshold(flat)  # per channel (C,) or per token (N, 1)
         fallback = 2 * (theta if theta.dim() == 1 else theta.mean())  # a channel that never crossed
         above = flat > theta
-        self.amp_pos.copy_(torch.where(above.any(0), (flat * above).sum(0) / above.sum(0).clamp_min(1), fallback)
-                           / self.scale)
+        total, count = _global_sum_((flat * above).sum(0)), _global_sum_(above.sum(0).to(flat.dtype))
+        self.amp_pos.copy_(torch.where(count > 0, total / count.clamp_min(1), fallback) / self.scale)
         if self.signed:
             below = flat < -theta
-            self.amp_neg.copy_(torch.where(below.any(0), (-flat * below).sum(0) / below.sum(0).clamp_min(1), fallback)
-                               / self.scale)
+            total, count = _global_sum_((-flat * below).sum(0)), _global_sum_(below.sum(0).to(flat.dtype))
+            self.amp_neg.copy_(torch.where(count > 0, total / count.clamp_min(1), fallback) / self.scale)
         self.initialized.fill_(True)
 
     def init_state(self, batch: int, device, dtype=torch.float32) -> dict:
@@ -223,7 +240,8 @@ class TernarySpike(nn.Module):
             s = s + self.offset
         if self.training and update_scale:
             with torch.no_grad():  # a new tensor, not in place: autograd saved the old scale for backward
-                batch_scale = xc.detach().float().abs().mean(dim=tuple(range(xc.dim() - 1))).clamp_min(1e-6)
+                batch_scale = _global_mean_(xc.detach().float().abs().mean(dim=tuple(range(xc.dim() - 1))))
+                batch_scale = batch_scale.clamp_min(1e-6)
                 batch_scale = batch_scale.to(self.scale.dtype)
                 self.scale = torch.lerp(self.scale, batch_scale, self.scale_momentum)
         if stats is not None:
