@@ -72,10 +72,14 @@ def main():
 @click.option("--compression", type=click.Choice(["zstd", "blosc", "none"]), default="zstd", show_default=True)
 @click.option("--compression-level", type=int, default=3, show_default=True)
 @click.option("--storage-options", default=None, help="JSON dict passed to fsspec for remote URLs.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Compute only blocks b with b mod N == I (one job of N sharing the store; no finalize: "
+                   "run `goose cache finalize STORE` after all N).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def cache_teacher(**kw):
-    """Run the teacher once over a corpus and write its targets into a Zarr v3 store (resumable)."""
-    from .pipeline.cache_teacher import CacheTeacherConfig, run_cache_teacher
+    """Run the teacher once over a corpus and write its targets into a Zarr v3 store (resumable).
+    Under torchrun, the ranks share the work (docs/SCALING.md)."""
+    from .pipeline.cache_teacher import CacheTeacherConfig, parse_shard, run_cache_teacher
     from .pipeline.data import DataSpec
 
     data = DataSpec(dataset=kw.pop("dataset"), dataset_config=kw.pop("dataset_config"), split=kw.pop("split"),
@@ -87,9 +91,18 @@ def cache_teacher(**kw):
         raise GooseError(f"--storage-options is not valid JSON: {exc}") from None
     cfg = CacheTeacherConfig(
         data=data, tail_temperatures=_floats(kw.pop("tail_temperatures")), storage_options=storage,
-        progress=not kw.pop("no_progress"), **kw,
+        progress=not kw.pop("no_progress"), shard=parse_shard(kw.pop("shard")), **kw,
     )
     s = run_cache_teacher(cfg)
+    if s["rank"] > 0:  # under torchrun, rank 0 reports for all
+        return
+    if s["shard"] and not s["already_complete"]:
+        index, count = s["shard"]
+        click.echo(f"shard {index}/{count}: computed {s['blocks_computed']} blocks ({s['tokens_computed']:,} "
+                   f"tokens) in {s['seconds']:.1f} s -> {s['output']}; {s['blocks_left']} blocks of the store left "
+                   f"in all\n"
+                   f"  not finalized: once every shard is done, run `goose cache finalize {s['output']}`")
+        return
     if s["already_complete"]:
         click.echo(f"store {s['output']} is already complete; nothing to do")
     click.echo(
@@ -127,6 +140,8 @@ def train_from_cache(cache, out, config_file, overrides, val_cache, steps, batch
     if not cfg.cache:
         raise GooseError("no store given: pass --cache STORE (or set cache: in the config)")
     s = run_train(cfg, resume=resume, progress=not no_progress)
+    if s["rank"] != 0:  # under torchrun rank 0 speaks for the run
+        sys.exit(128 + int(s["signal"]) if s["interrupted"] else 0)
     val = s["last_val"] or {}
     lines = [
         f"{'interrupted' if s['interrupted'] else 'trained'}: {s['steps']} steps, {s['tokens']:,} tokens in "
@@ -327,9 +342,23 @@ def quickstart_cmd(out, seed, teacher_steps, student_steps):
     click.echo(f"done in {s['seconds']:.0f} s. Report: {s['report']}  Summary: {s['out']}/summary.json")
 
 
+@main.command("export")
+@click.argument("student")
+@click.option("--out", "-o", required=True, help="New folder for the transformers model (must not exist or be empty).")
+@click.option("--tokenizer", default=None, help="Default: the tokenizer saved beside the student, else its teacher's.")
+@click.option("--push-to-hub", default=None, metavar="REPO", help="Also upload the folder to this hub repo (network).")
+@click.option("--private", is_flag=True, help="Create the hub repo as private (with --push-to-hub).")
+def export_cmd(student, out, tokenizer, push_to_hub, private):
+    """Write STUDENT (run folder or saved model) as a transformers folder that loads without goose:
+    AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)."""
+    from .pipeline.export import describe, run_export
+
+    click.echo(describe(run_export(student, out, tokenizer=tokenizer, push_to_hub=push_to_hub, private=private)))
+
+
 @main.group("cache")
 def cache_group():
-    """Inspect and check teacher-cache stores."""
+    """Inspect, check and finalize teacher-cache stores."""
 
 
 @cache_group.command("info")
@@ -368,6 +397,25 @@ def cache_info(store, max_windows, as_json):
         f"teacher PPL over the store's windows (training text, not a test figure)  {info['teacher_ppl']:.3f}  (mean gold NLL {info['teacher_mean_nll']:.4f})",
     ]
     click.echo("\n".join(lines))
+
+
+@cache_group.command("finalize")
+@click.argument("store")
+@click.option("--storage-options", default=None, help="JSON dict passed to fsspec for remote URLs.")
+def cache_finalize(store, storage_options):
+    """Mark STORE complete once every block is done (after `cache-teacher --shard I/N` jobs); refuses,
+    naming the missing blocks, while some are not."""
+    from .cache.writer import finalize_store
+
+    try:
+        options = json.loads(storage_options) if storage_options else None
+    except json.JSONDecodeError as exc:
+        raise GooseError(f"--storage-options is not valid JSON: {exc}") from None
+    r = finalize_store(store, options)
+    if r["already_complete"]:
+        click.echo(f"store {store} is already complete; nothing to do")
+    else:
+        click.echo(f"finalized {store}: all {r['blocks']} blocks done, marked complete")
 
 
 @cache_group.command("verify")
