@@ -105,7 +105,7 @@ def evaluate_run(run: Path, store: Path, point_tokens: int, final_tokens: int) -
         step = int(ck.name.split("_")[1])
         if step == 0:
             continue
-        state = torch.load(ck / "state.pt", map_location="cpu", weights_only=False)["model"]
+        state = torch.load(ck / "state.pt", map_location="cpu", weights_only=True)["model"]
         model.load_state_dict(state)
         scorer = StudentScorer(model.eval(), torch.device("cpu"))
         row = {"step": step, "tokens": step * tokens_per_step,

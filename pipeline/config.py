@@ -38,6 +38,12 @@ class AlignConfig:
     ramp_steps: int = 200  # ... then rises linearly to align_weight
     feature_deltas: bool = False  # align layer deltas h[l] - h[l-1] (FDD) instead of states
 
+    def __post_init__(self):
+        if not all(isinstance(p, (list, tuple)) and len(p) == 2 and all(type(v) is int for v in p)
+                   for p in self.pairs):
+            raise ValueError(f"loss.align.pairs must be [[student_layer, teacher_layer], ...] integers, "
+                             f"got {self.pairs!r}")
+
 
 @dataclass
 class LossConfig:

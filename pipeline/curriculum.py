@@ -10,6 +10,8 @@ values over `transition_steps`.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +35,12 @@ class CurriculumConfig:
         n = self.buckets
         if n < 1:
             raise ValueError("curriculum buckets must be >= 1")
+        for name in ("temperatures", "kd_weights", "ce_weights", "stage_ends"):
+            values = getattr(self, name)
+            if values is not None and not all(_finite_number(v) for v in values):
+                raise ValueError(f"curriculum {name} must be a list of finite numbers, got {values!r}")
+        if any(t <= 0 for t in self.temperatures):
+            raise ValueError(f"curriculum temperatures must be > 0, got {self.temperatures!r}")
         for name in ("temperatures", "kd_weights"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"curriculum {name} needs {n} values (one per bucket)")
@@ -42,6 +50,10 @@ class CurriculumConfig:
             self.stage_ends = [(s + 1) / n for s in range(n)]
         if len(self.stage_ends) != n or sorted(self.stage_ends) != list(self.stage_ends):
             raise ValueError("curriculum stage_ends must be n increasing fractions")
+
+
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def rank(x: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ fires at most once per `cooldown_steps`. `summary()` counts events by kind for t
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import Counter, deque
 from pathlib import Path
@@ -63,7 +64,7 @@ class HealthMonitor:
                                f"loss has not dropped over the first {step} steps ({start:.4f} -> {now:.4f})",
                                start=start, now=now)
         g = m.get("grad_norm")
-        if g is not None:
+        if g is not None and math.isfinite(g):  # a skipped step (fp16 overflow, non-finite) has its own event
             if len(self.grad_norms) >= 10 and g > c.grad_explode_factor * statistics.median(self.grad_norms):
                 self._fire(step, "grad_explode", f"gradient norm {g:.3g} is {g / statistics.median(self.grad_norms):.1f}x "
                            "its running median", grad_norm=g)

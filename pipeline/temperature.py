@@ -52,6 +52,17 @@ class TemperatureConfig:
         modes = ("fixed", "linear", "cosine", "step", "stage", "ctkd")
         if self.mode not in modes:
             raise ValueError(f"temperature mode must be one of {modes}, got {self.mode!r}")
+        pairs_ok = isinstance(self.steps, list) and len(self.steps) > 0 and all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in pair)
+            for pair in self.steps)
+        if not pairs_ok:
+            raise ValueError(f"temperature.steps must be a list of [fraction, T] pairs of numbers, got {self.steps!r}")
+        for name in ("value", "start", "end", "t_min", "t_max"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"temperature.{name} must be > 0, got {getattr(self, name)!r}")
+        if any(t <= 0 for _, t in self.steps):
+            raise ValueError(f"temperature.steps temperatures must be > 0, got {self.steps!r}")
         if self.mode == "ctkd" and not self.t_min < self.value < self.t_max:
             raise ValueError(f"CTKD initial T (temperature.value) {self.value} must lie strictly inside "
                              f"({self.t_min}, {self.t_max}): set temperature.value, e.g. 1.25")

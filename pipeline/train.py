@@ -277,11 +277,18 @@ def save_checkpoint(run: Path, step: int, payload: dict, keep: int) -> Path:
     final = ckdir / f"step_{step:07d}"
     tmp = ckdir / f".tmp-step_{step:07d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    with open(tmp / CKPT_FILE, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        tmp.mkdir()
+        with open(tmp / CKPT_FILE, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:120]
+        kept = [p.name for p in checkpoints(run)]
+        raise GooseError(f"cannot write checkpoint {final} ({why}; is the disk full?); finished checkpoints are "
+                         f"kept: {', '.join(kept) or 'none'}") from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -307,7 +314,8 @@ def load_checkpoint(path: Path, device) -> dict:
         return torch.load(path / CKPT_FILE, map_location=device, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated zip, refused global, bad pickle: all one message
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GooseError(f"cannot load checkpoint {path / CKPT_FILE}: {first[:200]}") from None
+        first = first if len(first) <= 240 else first[:237] + "..."
+        raise GooseError(f"cannot load checkpoint {path / CKPT_FILE}: {first}") from None
 
 
 class RunLock:
@@ -324,10 +332,14 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 try:
-                    pid = int(self.path.read_text().strip() or 0)
+                    pid, _, started = self.path.read_text().strip().partition(" ")
+                    pid = int(pid or 0)
                 except (OSError, ValueError):
-                    pid = 0
-                if pid == os.getpid() or (pid > 0 and _alive(pid)):
+                    pid, started = 0, ""
+                # a live pid is the owner only if it also started when the owner did (pids are reused,
+                # e.g. after a container restart)
+                same = pid > 0 and _alive(pid) and (not started or started == _start_time(pid))
+                if pid == os.getpid() or same:
                     if pid == os.getpid():
                         self.held = True
                         return
@@ -336,7 +348,7 @@ class RunLock:
                 self.path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
             with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
+                f.write(f"{os.getpid()} {_start_time(os.getpid())}")
             self.held = True
             return
         raise GooseError(f"cannot lock run folder {self.path.parent}")
@@ -345,6 +357,14 @@ class RunLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux /proc), or "" where unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
 
 
 def _alive(pid: int) -> bool:
@@ -754,21 +774,27 @@ class Trainer:
         self.dist.barrier()  # a rollback on any rank finds it
         return path
 
-    def _resume(self) -> None:
-        """Load the newest readable checkpoint (a truncated newest one falls back to the one before, with a
-        warning) after checking that it belongs to this config and store."""
+    def _newest_readable(self) -> tuple[Path, dict] | None:
+        """The newest checkpoint that loads, with its payload. One that does not (truncated) is moved aside to
+        checkpoints/.broken-step_N with a warning, so neither pruning nor a later rollback picks it again;
+        with none left readable, the last error is raised."""
         found = checkpoints(self.run)
         for i, path in enumerate(reversed(found)):
             try:
-                d = load_checkpoint(path, self.device)
+                return path, load_checkpoint(path, self.device)
             except GooseError as exc:
                 if i == len(found) - 1:
                     raise
-                self._warn(f"warning: {exc}; falling back to the previous checkpoint")
-                continue
-            self._check_identity(d, path)
-            self._load(path, payload=d)
-            return
+                if self.dist.is_main:
+                    os.replace(path, path.parent / f".broken-{path.name}")
+                self._warn(f"warning: {exc}; moved it to .broken-{path.name} and fell back to the previous checkpoint")
+        return None
+
+    def _resume(self) -> None:
+        """Load the newest readable checkpoint after checking that it belongs to this config and store."""
+        path, d = self._newest_readable()
+        self._check_identity(d, path)
+        self._load(path, payload=d)
 
     def _check_identity(self, d: dict, path: Path) -> None:
         saved = d.get("identity")
@@ -821,7 +847,8 @@ class Trainer:
         failed = self.failed_batches
         where = "; ".join(f"step {f['step']} windows {f['windows'][:8]}{'...' if len(f['windows']) > 8 else ''}"
                           for f in failed[-self.cfg.nan_patience:])
-        path = latest_checkpoint(self.run)
+        newest = self._newest_readable() if latest_checkpoint(self.run) is not None else None
+        path = newest[0] if newest else None
         if path is None or self.rollbacks >= self.cfg.max_rollbacks:
             why = (f"after {self.rollbacks} rollbacks (max_rollbacks {self.cfg.max_rollbacks})" if path is not None
                    else "and no checkpoint to roll back to")
@@ -832,7 +859,7 @@ class Trainer:
         lowered = self.lr_scale * self.cfg.rollback_lr_factor
         skipped, rollbacks, elapsed = self.skipped_steps, self.rollbacks + 1, self.elapsed_before
         skip = self.loader.skip | {tuple(f["batch"]) for f in failed}
-        self._load(path, keep_lr_scale=True)
+        self._load(path, keep_lr_scale=True, payload=newest[1])
         self.loader.skip = skip
         self.elapsed_before = elapsed
         self.lr_scale, self.skipped_steps, self.rollbacks, self.bad_steps = lowered, skipped, rollbacks, 0
@@ -844,10 +871,15 @@ class Trainer:
     def save_best(self, val: dict) -> None:
         tmp = self.run / ".best-tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)
-        (tmp / "metrics.json").write_text(json.dumps(val, indent=2, default=float))
-        (tmp / "goose.json").write_text(json.dumps(self.provenance(), indent=2))
-        self.reader.save_tokenizer(tmp)  # the student folder is self-contained: eval/generate need nothing else
+        try:
+            self.model.save_pretrained(tmp)
+            (tmp / "metrics.json").write_text(json.dumps(val, indent=2, default=float))
+            (tmp / "goose.json").write_text(json.dumps(self.provenance(), indent=2))
+            self.reader.save_tokenizer(tmp)  # the student folder is self-contained: eval/generate need nothing else
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise GooseError(f"cannot write {self.run / 'best'} ({exc.strerror or exc}; is the disk full?); the "
+                             f"previous best model and the checkpoints are kept") from None
         best = self.run / "best"
         old = self.run / ".best-old"
         if best.exists():
@@ -890,9 +922,9 @@ class Trainer:
         tokens_per_step = c.batch_size * c.optim.accumulation * self.reader.seq_len
         last_val = None
         interrupted = False
-        if self.dist.all_true(latest_checkpoint(self.run) is None, self.device):
-            self.checkpoint()  # step 0: a rollback target even if the first steps go non-finite
         try:
+            if self.dist.all_true(latest_checkpoint(self.run) is None, self.device):
+                self.checkpoint()  # step 0: a rollback target even if the first steps go non-finite
             while self.step < c.steps:
                 m = self.train_step()
                 if profiler is not None:

@@ -57,6 +57,11 @@ class StudentConfig:
         unknown = set(self.spike_sites) - set(ALL_SITES)
         if unknown:
             raise ValueError(f"unknown spike sites {sorted(unknown)}; choose from {ALL_SITES}")
+        for name in ("vocab_size", "d_model", "n_layer", "head_size", "chunk_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not self.ffn_mult > 0:
+            raise ValueError(f"ffn_mult must be > 0, got {self.ffn_mult!r}")
         if self.d_model % self.head_size:
             raise ValueError(f"d_model {self.d_model} is not a multiple of head_size {self.head_size}")
 
