@@ -22,11 +22,24 @@ def checksum(data: bytes) -> int:
     return zlib.crc32(data)
 
 
+# What `attrs_crc32` covers. 1 (stores finalized before this): schema_version, spec, provenance and
+# checksums.arrays. 2: also the whole checksum record (algorithm, bytes, arrays and `once`, the crc32s of the
+# teacher embedding and tokenizer files) and `complete`; the finalize rewrites it with them in one write.
+ATTRS_CHECKSUM_VERSION = 2
+
+
 def attrs_checksum(meta: dict) -> int:
-    """crc32 of the attributes that say what the store is (schema, layout, provenance, checksummed
-    arrays), canonically serialised; an edit to any of them (e.g. tail_temperatures) changes it."""
+    """crc32 of the attributes that say what the store is (schema, layout, provenance, the checksum record
+    and, from version 2, whether it is complete), canonically serialised; an edit to any of them (e.g.
+    tail_temperatures, a recorded crc32) changes it. Which fields it covers is `attrs_crc32_version`
+    (absent: 1), so stores written before version 2 still check against what they recorded."""
     fixed = {key: meta.get(key) for key in ("schema_version", "spec", "provenance")}
-    fixed["checksum_arrays"] = (meta.get("checksums") or {}).get("arrays")
+    if meta.get("attrs_crc32_version") == 2:
+        fixed["checksums"] = meta.get("checksums")
+        fixed["complete"] = bool(meta.get("complete"))
+        fixed["attrs_crc32_version"] = meta.get("attrs_crc32_version")
+    else:
+        fixed["checksum_arrays"] = (meta.get("checksums") or {}).get("arrays")
     return checksum(json.dumps(fixed, sort_keys=True, separators=(",", ":")).encode())
 
 

@@ -3,21 +3,29 @@
 Opened with mode "r", so any number of training runs can read one store at the same time and none can
 change it. Reads are whole windows; batches are gathered chunk by chunk because zarr reads whole chunks.
 
-Opening checks what is cheap to check (one listing of the store's keys): the attributes' checksum, sane
-tail temperatures, and that every stored object a reader needs is present, because zarr would read a
-missing chunk as its fill value without a word. A chunk that is present but cannot be decoded is named
-(array, chunk, windows, store) when it is read. Chunk checksums are compared by `goose cache verify`.
+Opening checks what is cheap to check: the attributes' checksum, sane tail temperatures, and (from one
+listing of the store's keys) that every stored object a reader needs is present, because zarr would read
+a missing chunk as its fill value without a word. The listing costs ~0.7 s per 24k objects locally and far
+more on an object store, and readers are opened per loader worker, epoch and validation, so a complete
+store that passed it is remembered for the rest of the process (keyed by its URL, its attributes and, on a
+local disk, the identity of its root metadata file): later opens of it do not list it again. A chunk that
+is present but cannot be decoded is named (array, chunk, windows, store) when it is read. Per-block chunk
+checksums are compared by `goose cache verify`; the once-per-store objects (teacher embedding, tokenizer
+files) are small, so their checksums are compared whenever they are read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import json
+import os
+
 import numpy as np
 import zarr
 
 from ..errors import GooseError
-from .integrity import StoreFiles, array_keys, attrs_checksum, block_key
+from .integrity import StoreFiles, array_keys, attrs_checksum, block_key, checksum
 from .schema import (
     EMBEDDING_ARRAY,
     GOOSE_ATTR,
@@ -33,6 +41,10 @@ from .schema import (
 )
 
 _REBUILD = "rebuild it (delete it and rerun goose cache-teacher)"
+
+# Complete stores whose every required object was found present by a listing in this process (see the
+# module docstring): keys from CacheReader._presence_key. Forked loader workers inherit it.
+_PRESENT: set[tuple] = set()
 
 
 def open_store_group(url: str, storage_options: dict | None = None):
@@ -89,7 +101,7 @@ class CacheReader:
             raise GooseError(f"store {url} is unusable: {problem}; {_REBUILD} with valid --tail-temperatures")
         self.provenance = dict(self.meta.get("provenance", {}))
         if check:
-            problems = self.integrity_problems()
+            problems = self._open_problems()
             if problems:
                 more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
                 raise GooseError(f"store {url}: {problems[0]}{more}; run `goose cache verify` on it, and {_REBUILD}")
@@ -102,11 +114,42 @@ class CacheReader:
     def integrity_problems(self) -> list[str]:
         """What a listing of the store shows wrong: edited attributes, missing objects (for an incomplete
         store, only those of blocks marked done). Each names the array and the chunk."""
-        problems = []
-        if self.has_checksums and attrs_checksum(self.meta) != self.meta["attrs_crc32"]:
-            problems.append("its attributes (schema, spec, provenance) do not match their checksum: edited or damaged")
+        problems = self._attrs_problems()
         problems += [f"{name} {what} is missing ({key})" for name, key, what in self.missing_objects()]
         return problems
+
+    def _attrs_problems(self) -> list[str]:
+        if self.has_checksums and attrs_checksum(self.meta) != self.meta["attrs_crc32"]:
+            return ["its attributes (schema, spec, provenance, checksums) do not match their checksum: "
+                    "edited or damaged"]
+        return []
+
+    def _open_problems(self) -> list[str]:
+        """integrity_problems(), without the listing for a complete store that passed it in this process."""
+        key = self._presence_key()
+        if key is not None and key in _PRESENT:
+            return self._attrs_problems()  # (the key holds the attributes: they passed when it was added)
+        problems = self.integrity_problems()
+        if not problems and key is not None:
+            _PRESENT.add(key)
+        return problems
+
+    def _presence_key(self) -> tuple | None:
+        """What identifies this store's present state to the per-process cache: None (always list) for an
+        incomplete store, whose required objects grow as blocks are done."""
+        if not self.complete:
+            return None
+        files = StoreFiles(self.url, self.storage_options)
+        root = None
+        if files.local:  # a store rebuilt at the same path has a new root zarr.json
+            try:
+                st = os.stat(os.path.join(files.root, "zarr.json"))
+                root = (os.path.abspath(files.root), st.st_ino, st.st_mtime_ns, st.st_size)
+            except OSError:
+                return None
+        attrs = json.dumps(self.meta, sort_keys=True, default=str)
+        options = json.dumps(self.storage_options, sort_keys=True, default=str)
+        return self.url, options, root, attrs
 
     def missing_objects(self) -> list[tuple[str, str, str]]:
         present = StoreFiles(self.url, self.storage_options).keys()
@@ -203,18 +246,49 @@ class CacheReader:
     def blocks_done(self) -> np.ndarray:
         return self.group[PROGRESS_ARRAY][:]
 
-    def teacher_embedding(self) -> np.ndarray:
+    def teacher_embedding(self, *, check: bool = True) -> np.ndarray:
+        """The teacher's input embedding, after checking its stored bytes against their recorded crc32
+        (`check=False` for `verify`, which reports checksums on its own)."""
         if EMBEDDING_ARRAY not in self.group:
             raise GooseError(f"store {self.url} has no teacher embedding (not complete?)")
+        if check:
+            self._check_once(EMBEDDING_ARRAY)
         return self._get(EMBEDDING_ARRAY, None, lambda a: a[:])
 
     def tokenizer_files(self) -> dict[str, bytes]:
-        """The teacher tokenizer's files as stored at cache time (empty for stores made before this)."""
+        """The teacher tokenizer's files as stored at cache time (empty for stores made before this), each
+        checked against its recorded crc32 first: a damaged file that still decodes would otherwise be copied
+        into every student saved from this store."""
         if TOKENIZER_GROUP not in self.group:
             return {}
         group = self.group[TOKENIZER_GROUP]
-        return {name: bytes(self._get(f"{TOKENIZER_GROUP}/{name}", None, lambda a: a[:]).tobytes())
-                for name, _ in group.arrays()}
+        out = {}
+        for name, _ in sorted(group.arrays()):
+            path = f"{TOKENIZER_GROUP}/{name}"
+            self._check_once(path)
+            out[name] = bytes(self._get(path, None, lambda a: a[:]).tobytes())
+        return out
+
+    def _check_once(self, name: str) -> None:
+        """Compare each stored object of once-per-store array `name` with the crc32 the finalize recorded
+        (`checksums.once`); a GooseError naming the array and object if one is missing or differs. Stores
+        with no record (schema v2, or not finalized) are read unchecked, as before."""
+        once = (self.meta.get("checksums") or {}).get("once")
+        if not self.complete or once is None:
+            return
+        files = StoreFiles(self.url, self.storage_options)
+        for key in array_keys(self.group[name])[1:]:
+            data = files.read(key)
+            if data is None:
+                what = "is missing"
+            elif key not in once:
+                what = "has no recorded checksum (added after the store was finalized)"
+            elif checksum(data) != once[key]:
+                what = "does not match its checksum (its stored bytes changed since writing)"
+            else:
+                continue
+            raise GooseError(f"store {self.url}: {name} ({key}) {what}; the store is damaged: run "
+                             f"`goose cache verify` on it, and {_REBUILD}")
 
     def save_tokenizer(self, folder) -> bool:
         """Write the stored tokenizer files into `folder` (loadable with AutoTokenizer); False if none."""

@@ -30,6 +30,7 @@ import zarr
 
 from ..errors import GooseError
 from .integrity import (
+    ATTRS_CHECKSUM_VERSION,
     CHECKSUM_ALGORITHM,
     CHECKSUMMED_BYTES,
     StoreFiles,
@@ -111,8 +112,10 @@ class CacheWriter:
     ) -> "CacheWriter":
         """Create a new store, or reopen an unfinished one made with exactly the same parameters.
 
-        An unfinished store with no block written yet holds nothing worth keeping: it is started afresh,
-        so a run that failed before its first block (bad option, no space) never blocks a corrected rerun.
+        An unfinished store with no block written yet holds nothing worth keeping: made with other
+        parameters, it is started afresh, so a run that failed before its first block (bad option, no space)
+        never blocks a corrected rerun; made with the same ones, it is simply continued (never wiped). A
+        one-process run holds the store's writer lock (`cache/lock.py`, taken by the caller) meanwhile.
 
         `shared=True` is for one of several writers of the same store (a `--shard` job, a torchrun rank):
         nothing is restarted or rewritten, a missing store is created atomically (with `once`, the
@@ -122,14 +125,16 @@ class CacheWriter:
         meta = {
             "schema_version": SCHEMA_VERSION, "spec": spec.to_attrs(), "provenance": provenance,
             "checksums": {"algorithm": CHECKSUM_ALGORITHM, "bytes": CHECKSUMMED_BYTES, "arrays": list(spec.arrays())},
+            "attrs_crc32_version": ATTRS_CHECKSUM_VERSION, "complete": False,
         }
-        meta["attrs_crc32"] = attrs_checksum(meta)
+        meta["attrs_crc32"] = attrs_checksum(meta)  # covers complete (False here): the finalize recomputes it
         if shared:
             attrs = {**meta, "package_version": package_version, "created_at": _now(), "complete": False}
             return cls._open_shared(url, spec, meta, attrs, storage_options, once)
         state, existing = _store_state(url, storage_options)
-        if state == "goose" and not existing.get("complete") and _nothing_written(url, storage_options):
-            state = "restart"
+        if (state == "goose" and not existing.get("complete") and _nothing_written(url, storage_options)
+                and not _is_same(existing, meta)):
+            state = "restart"  # other parameters, nothing computed: start afresh (same ones: just continue)
         if state != "goose":
             attrs = {**meta, "package_version": package_version, "created_at": _now(), "complete": False}
             # one write: the group appears together with its goose attributes ("w" replaces a leftover)
@@ -238,7 +243,8 @@ class CacheWriter:
         group = zarr.open_group(self.group.store, mode="r+", zarr_format=3)
         attrs = dict(group.attrs[GOOSE_ATTR])
         attrs["checksums"] = {**attrs["checksums"], "once": once_checksums}
-        attrs.update(complete=True, completed_at=_now())
+        attrs.update(complete=True, completed_at=_now(), attrs_crc32_version=ATTRS_CHECKSUM_VERSION)
+        attrs["attrs_crc32"] = attrs_checksum(attrs)  # now covering the once checksums and complete too
         group.attrs.put({GOOSE_ATTR: attrs})
         _consolidate(self.group.store)  # so the consolidated attributes say complete too
 
@@ -271,6 +277,9 @@ def _write_once(group, spec: StoreSpec, teacher_embedding: np.ndarray, tokenizer
 
 def finalize_store(url: str, storage_options: dict | None = None) -> dict:
     """`goose cache finalize`: mark a store written by `--shard` jobs complete once every block is done."""
+    if storage_options is not None and not isinstance(storage_options, dict):
+        raise GooseError(f"--storage-options must be a JSON object (e.g. '{{\"anon\": true}}'), "
+                         f"got {type(storage_options).__name__}")
     writer = CacheWriter.reopen(url, storage_options)
     if writer.complete:
         return {"output": url, "already_complete": True, "blocks": writer.spec.n_blocks}
@@ -361,6 +370,14 @@ def _store_state(url: str, storage_options: dict | None) -> tuple[str, dict | No
 def _nothing_written(url: str, storage_options: dict | None) -> bool:
     group = zarr.open_group(url, mode="r", zarr_format=3, storage_options=storage_options or None)
     return PROGRESS_ARRAY not in group or not group[PROGRESS_ARRAY][:].any()
+
+
+def _is_same(existing: dict, meta: dict) -> bool:
+    try:
+        _check_same("", existing, meta)
+    except GooseError:
+        return False
+    return True
 
 
 def _check_same(url: str, existing: dict, meta: dict) -> None:

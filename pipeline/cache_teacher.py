@@ -33,6 +33,7 @@ from ..cache.schema import (
     hidden_scale_name,
     tail_temperature_problem,
 )
+from ..cache.lock import StoreLock, check_unlocked
 from ..cache.stats import store_nbytes
 from ..cache.writer import CacheWriter
 from ..errors import GooseError
@@ -142,6 +143,9 @@ class Ranks:
 
 def _check_args(cfg: CacheTeacherConfig) -> None:
     """Every check that needs no teacher and no data, so bad input fails in a second and leaves no store."""
+    if cfg.storage_options is not None and not isinstance(cfg.storage_options, dict):
+        raise GooseError(f"--storage-options must be a JSON object (e.g. '{{\"anon\": true}}'), "
+                         f"got a JSON {type(cfg.storage_options).__name__}")
     if cfg.seq_len < 2:
         raise GooseError("--seq-len must be at least 2")
     if cfg.top_k < 1:
@@ -253,9 +257,30 @@ def run_cache_teacher(cfg: CacheTeacherConfig) -> dict:
     _check_args(cfg)
     ranks = Ranks.join(resolve_device(cfg.device).type)
     try:
-        return _run(cfg, ranks)
+        with _writer_lock(cfg, ranks):
+            return _run(cfg, ranks)
     finally:
         ranks.close()
+
+
+def _writer_lock(cfg: CacheTeacherConfig, ranks: Ranks) -> StoreLock:
+    """Before the teacher loads: a single-writer run (one process, or rank 0 for all ranks under torchrun)
+    takes the store's writer lock, so a second run on the same --output cannot wipe a store this one is
+    creating; a `--shard` job takes none (the jobs write concurrently) but refuses while a single writer
+    holds it. Local stores only (cache/lock.py)."""
+    lock, problem = StoreLock(None), None
+    if ranks.rank == 0:
+        try:
+            if cfg.shard is None:
+                lock = StoreLock.acquire(cfg.output, cfg.storage_options)
+            else:
+                check_unlocked(cfg.output, cfg.storage_options)
+        except GooseError as exc:
+            problem = str(exc)
+    problem = ranks.broadcast(problem)
+    if problem:
+        raise GooseError(problem if ranks.rank == 0 else f"rank 0 could not lock the store: {problem}")
+    return lock
 
 
 def _run(cfg: CacheTeacherConfig, ranks: Ranks) -> dict:

@@ -396,3 +396,232 @@ def test_kill_9_at_several_points_then_resume_equals_uninterrupted(tmp_path, tin
     assert result.exit_code == 0, result.output
     assert_same_store(ref, out)
     assert run_cli(["cache", "verify", out]).exit_code == 0
+
+
+# ---- review: once-per-store objects checked when read, the checksum record covered --------------------
+def _zero_tokenizer(store) -> None:
+    """Zero tokenizer.json in place, keeping its chunk: it still decodes (to NUL bytes), and is present."""
+    group = zarr.open_group(str(store), mode="r+")
+    tok = group["tokenizer/tokenizer.json"].with_config({"write_empty_chunks": True})  # else zarr deletes it
+    tok[:] = np.zeros(tok.shape, dtype=np.uint8)
+
+
+def test_zeroed_tokenizer_is_refused_when_read_naming_the_array(copy, tmp_path):
+    _zero_tokenizer(copy)
+    reader = CacheReader(str(copy))  # present, so opening passes; reading it must not
+    pattern = r"tokenizer/tokenizer.json \(tokenizer/tokenizer.json/c/0\) does not match its checksum"
+    with pytest.raises(GooseError, match=pattern):
+        reader.tokenizer_files()
+    with pytest.raises(GooseError, match=pattern):
+        reader.save_tokenizer(tmp_path / "tok")
+    assert not (tmp_path / "tok" / "tokenizer.json").exists()
+    assert reader.teacher_embedding().shape[1] == 32  # the embedding is intact
+
+
+def test_changed_teacher_embedding_is_refused_when_read(copy):
+    group = zarr.open_group(str(copy), mode="r+")
+    emb = group["teacher_embedding"]
+    emb[0, 0] = emb[0, 0] + 1  # still finite, still decodes
+    reader = CacheReader(str(copy))
+    with pytest.raises(GooseError, match=r"teacher_embedding \(teacher_embedding/c/0/0\) does not match its checksum"):
+        reader.teacher_embedding()
+    assert len(reader.tokenizer_files()) > 0  # the tokenizer is intact
+    result = run_cli(["cache", "verify", copy])  # reported once, as a checksum failure
+    assert result.exit_code == 2 and result.stderr.count("FAIL") == 1, result.stderr
+    assert "teacher_embedding (teacher_embedding/c/0/0): checksum differs" in result.stderr
+
+
+def test_training_on_a_store_with_a_zeroed_tokenizer_fails_and_saves_no_nul_tokenizer(copy, tmp_path):
+    _zero_tokenizer(copy)
+    run = tmp_path / "run"
+    result = run_cli(["train-from-cache", "--cache", copy, "-o", run, "--no-progress", "--steps", "2",
+                      "--set", "model.preset=tiny", "--set", "batch_size=2", "--set", "val_every=1",
+                      "--set", "val_windows=2", "--set", "tensorboard=false", "--device", "cpu"])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "tokenizer/tokenizer.json" in result.stderr and "does not match its checksum" in result.stderr
+    saved = run / "best" / "tokenizer.json"
+    assert not saved.exists() or saved.read_bytes().strip(b"\0"), "a NUL tokenizer was saved"
+
+
+@pytest.mark.parametrize("edit", ["once", "complete-on-verify"])
+def test_the_attributes_checksum_covers_the_checksum_record_and_complete(copy, edit):
+    key = "tokenizer/tokenizer.json/c/0"
+    if edit == "once":  # e.g. to make a damaged tokenizer "match" again
+        _edit_attrs(copy, lambda a: a["checksums"]["once"].update({key: a["checksums"]["once"][key] ^ 1}))
+        with pytest.raises(GooseError, match="attributes .* do not match their checksum"):
+            CacheReader(str(copy))
+    else:
+        _edit_attrs(copy, lambda a: a.update(complete=False))
+        with pytest.raises(GooseError, match="attributes .* do not match their checksum"):
+            CacheReader(str(copy), allow_incomplete=True)
+    result = run_cli(["cache", "verify", copy])
+    assert result.exit_code == 2 and "do not match their checksum" in result.stderr
+
+
+def test_a_store_finalized_by_the_older_goose_still_checks_against_what_it_recorded(copy):
+    from goose.cache.integrity import attrs_checksum
+
+    def to_v1(attrs):  # the attributes checksum as goose wrote it before it covered the record
+        del attrs["attrs_crc32_version"]
+        attrs["attrs_crc32"] = attrs_checksum(attrs)
+    _edit_attrs(copy, to_v1)
+    assert CacheReader(str(copy)).tokenizer_files()
+    _edit_attrs(copy, lambda a: a["provenance"].update(teacher="gpt2"))
+    with pytest.raises(GooseError, match="do not match their checksum"):
+        CacheReader(str(copy))
+
+
+# ---- review: one listing of a store per process -------------------------------------------------------
+def _count_listings(monkeypatch) -> dict:
+    from goose.cache import integrity
+
+    real, calls = integrity.StoreFiles.keys, {"n": 0}
+
+    def keys(self):
+        calls["n"] += 1
+        return real(self)
+
+    monkeypatch.setattr(integrity.StoreFiles, "keys", keys)
+    return calls
+
+
+def test_a_second_open_of_a_complete_store_does_not_list_it_again(copy, monkeypatch):
+    calls = _count_listings(monkeypatch)
+    CacheReader(str(copy))
+    assert calls["n"] == 1
+    for _ in range(3):  # loader workers, epochs, validation
+        CacheReader(str(copy)).read_indices([0, 7])
+    assert calls["n"] == 1
+    # a chunk that goes missing afterwards is still caught where silence would hurt: the once-per-store
+    # objects are checked when read, and `verify` always lists
+    (copy / "tokenizer" / "tokenizer.json" / "c" / "0").unlink()
+    with pytest.raises(GooseError, match=r"tokenizer/tokenizer.json \(tokenizer/tokenizer.json/c/0\) is missing"):
+        CacheReader(str(copy)).save_tokenizer(copy.parent / "tok")
+    result = run_cli(["cache", "verify", copy])
+    assert result.exit_code == 2 and "tokenizer/tokenizer.json chunk is missing" in result.stderr
+
+
+def test_a_rebuilt_or_other_store_is_listed_again_and_a_missing_chunk_refused(copy, reference, monkeypatch):
+    calls = _count_listings(monkeypatch)
+    CacheReader(str(copy))
+    CacheReader(str(reference))  # another store: its own listing
+    assert calls["n"] == 2
+    # the same path, rebuilt damaged: a new root zarr.json, so it is listed (and refused) again
+    shutil.rmtree(copy)
+    shutil.copytree(reference, copy, copy_function=shutil.copy)
+    (copy / "input_ids" / "c" / "1" / "0").unlink()
+    with pytest.raises(GooseError, match=r"input_ids chunk 1 \(windows 2-3\) is missing"):
+        CacheReader(str(copy))
+    assert calls["n"] == 3
+
+
+def test_an_incomplete_store_is_listed_on_every_open(tmp_path, tiny_teacher, corpus_file, monkeypatch):
+    out = tmp_path / "s.zarr"
+    real = _interrupt_after(monkeypatch, 2, _Killed())
+    with pytest.raises(_Killed):
+        run_cli_raising(base_args(tiny_teacher, corpus_file, out))
+    monkeypatch.setattr(CacheWriter, "write_block", real)
+    calls = _count_listings(monkeypatch)
+    CacheReader(str(out), allow_incomplete=True)
+    CacheReader(str(out), allow_incomplete=True)
+    assert calls["n"] == 2
+
+
+# ---- review: --storage-options that is JSON but not an object ----------------------------------------
+@pytest.mark.parametrize("value", ["[1]", "3", '"anon"', "true"])
+def test_storage_options_that_is_not_a_json_object_is_one_line(tmp_path, corpus_file, value):
+    out = tmp_path / "s.zarr"
+    result = run_cli(base_args("./no/such/teacher", corpus_file, out, "--storage-options", value))
+    assert_one_line_error(result, "--storage-options must be a JSON object", out)
+    assert not out.exists()
+
+
+def test_finalize_storage_options_that_is_not_a_json_object_is_one_line(copy):
+    assert_one_line_error(run_cli(["cache", "finalize", copy, "--storage-options", "[1]"]),
+                          "--storage-options must be a JSON object")
+
+
+# ---- review: the writer lock ------------------------------------------------------------------------
+def _lock_of(store: Path) -> Path:
+    return store.parent / (store.name + ".lock")
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_creates_it(tmp_path, reference, tiny_teacher,
+                                                                               corpus_file, monkeypatch):
+    out = tmp_path / "s.zarr"
+    real = CacheWriter.write_block
+    seen = {}
+
+    def write_block(self, block, data):
+        if not seen:  # the first run has created the store and written nothing yet: what the old code wiped
+            seen["lock"] = json.loads(_lock_of(out).read_text())
+            seen["second"] = run_cli(base_args(tiny_teacher, corpus_file, out))
+            seen["shard"] = run_cli(base_args(tiny_teacher, corpus_file, out, "--shard", "0/2"))
+        return real(self, block, data)
+
+    monkeypatch.setattr(CacheWriter, "write_block", write_block)
+    result = run_cli(base_args(tiny_teacher, corpus_file, out))
+    assert result.exit_code == 0, result.output
+    assert seen["lock"]["pid"] == os.getpid() and seen["lock"]["host"]
+    assert_one_line_error(seen["second"], f"is being written by another goose cache-teacher (pid {os.getpid()}")
+    assert_one_line_error(seen["shard"], "is being written by a one-process goose cache-teacher")
+    assert_same_store(reference, out)
+    assert not _lock_of(out).exists()  # released
+
+
+def test_a_live_lock_is_refused_and_the_store_is_untouched(tmp_path, tiny_teacher, corpus_file):
+    import socket
+
+    out = tmp_path / "s.zarr"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        _lock_of(out).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": "x"}))
+        assert_one_line_error(run_cli(base_args(tiny_teacher, corpus_file, out)),
+                              f"(pid {holder.pid} on host {socket.gethostname()}", out)
+        assert not out.exists()
+        assert json.loads(_lock_of(out).read_text())["pid"] == holder.pid  # not taken
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("content", ["stale", "damaged"])
+def test_a_stale_lock_is_taken_over(tmp_path, reference, tiny_teacher, corpus_file, content):
+    import socket
+
+    out = tmp_path / "s.zarr"
+    text = json.dumps({"pid": _dead_pid(), "host": socket.gethostname()}) if content == "stale" else "{\"pi"
+    _lock_of(out).write_text(text)
+    if content == "damaged":  # an unreadable lock is taken as being written for a few seconds
+        old = time.time() - 60
+        os.utime(_lock_of(out), (old, old))
+    result = run_cli(base_args(tiny_teacher, corpus_file, out))
+    assert result.exit_code == 0, result.output
+    assert_same_store(reference, out)
+    assert not _lock_of(out).exists()
+
+
+def test_lock_is_released_after_a_failed_run_and_shards_take_none(tmp_path, tiny_teacher, corpus_file, monkeypatch):
+    out = tmp_path / "s.zarr"
+    real = _interrupt_after(monkeypatch, 1, OSError(errno.ENOSPC, "No space left on device"))
+    assert_one_line_error(run_cli(base_args(tiny_teacher, corpus_file, out)), "disk full", out)
+    assert not _lock_of(out).exists()
+    monkeypatch.setattr(CacheWriter, "write_block", real)
+    shared = tmp_path / "shared.zarr"
+    seen = []
+
+    def write_block(self, block, data):
+        seen.append(_lock_of(shared).exists())
+        return real(self, block, data)
+
+    monkeypatch.setattr(CacheWriter, "write_block", write_block)
+    for index in range(2):
+        assert run_cli(base_args(tiny_teacher, corpus_file, shared, "--shard", f"{index}/2")).exit_code == 0
+    assert seen and not any(seen) and not _lock_of(shared).exists()
+    assert run_cli(["cache", "finalize", shared]).exit_code == 0

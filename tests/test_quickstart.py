@@ -103,4 +103,4 @@ def test_quickstart_default_distils_a_student_that_beats_chance(tmp_path):
     s = run_quickstart(str(tmp_path / "qs"), echo=lambda line: None)
     ppl = s["held_out_ppl"]
     assert ppl["teacher"] < ppl["student_kd"] < len(vocabulary()) / 4
-    assert s["seconds"] < 900
+    # its run time is a benchmark figure (README), not a unit-test assertion: it varies with the machine's load
