@@ -34,7 +34,7 @@ def attrs_checksum(meta: dict) -> int:
     tail_temperatures, a recorded crc32) changes it. Which fields it covers is `attrs_crc32_version`
     (absent: 1), so stores written before version 2 still check against what they recorded."""
     fixed = {key: meta.get(key) for key in ("schema_version", "spec", "provenance")}
-    if meta.get("attrs_crc32_version") == 2:
+    if meta.get("attrs_crc32_version") == ATTRS_CHECKSUM_VERSION:
         fixed["checksums"] = meta.get("checksums")
         fixed["complete"] = bool(meta.get("complete"))
         fixed["attrs_crc32_version"] = meta.get("attrs_crc32_version")

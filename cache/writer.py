@@ -279,7 +279,7 @@ def finalize_store(url: str, storage_options: dict | None = None) -> dict:
     """`goose cache finalize`: mark a store written by `--shard` jobs complete once every block is done."""
     if storage_options is not None and not isinstance(storage_options, dict):
         raise GooseError(f"--storage-options must be a JSON object (e.g. '{{\"anon\": true}}'), "
-                         f"got {type(storage_options).__name__}")
+                         f"got a JSON {type(storage_options).__name__}")
     writer = CacheWriter.reopen(url, storage_options)
     if writer.complete:
         return {"output": url, "already_complete": True, "blocks": writer.spec.n_blocks}

@@ -591,17 +591,27 @@ def test_a_live_lock_is_refused_and_the_store_is_untouched(tmp_path, tiny_teache
         holder.wait()
 
 
-@pytest.mark.parametrize("content", ["stale", "damaged"])
+@pytest.mark.parametrize("content", ["stale", "reused-pid", "damaged"])
 def test_a_stale_lock_is_taken_over(tmp_path, reference, tiny_teacher, corpus_file, content):
     import socket
 
     out = tmp_path / "s.zarr"
-    text = json.dumps({"pid": _dead_pid(), "host": socket.gethostname()}) if content == "stale" else "{\"pi"
-    _lock_of(out).write_text(text)
-    if content == "damaged":  # an unreadable lock is taken as being written for a few seconds
-        old = time.time() - 60
-        os.utime(_lock_of(out), (old, old))
-    result = run_cli(base_args(tiny_teacher, corpus_file, out))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        if content == "stale":
+            text = json.dumps({"pid": _dead_pid(), "host": socket.gethostname()})
+        elif content == "reused-pid":  # a live pid, but not the process that took the lock
+            text = json.dumps({"pid": other.pid, "pid_start": "1", "host": socket.gethostname()})
+        else:
+            text = "{\"pi"
+        _lock_of(out).write_text(text)
+        if content == "damaged":  # an unreadable lock is taken as being written for a few seconds
+            old = time.time() - 60
+            os.utime(_lock_of(out), (old, old))
+        result = run_cli(base_args(tiny_teacher, corpus_file, out))
+    finally:
+        other.kill()
+        other.wait()
     assert result.exit_code == 0, result.output
     assert_same_store(reference, out)
     assert not _lock_of(out).exists()
