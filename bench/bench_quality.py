@@ -46,6 +46,7 @@ RUNS = {
     "kd_dense": ("kd", ["model.overrides={spike_sites: []}"], "short"),
     "ce_dense": ("ce_only", ["model.overrides={spike_sites: []}"], "short"),
     "kd_carry": ("kd", ["carry_state=true"], "short"),  # stateful training (truncated BPTT over windows)
+    "kd_anneal": ("kd", ["spike_anneal_steps=60"], "short"),  # spikes blended in over the first half
 }
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 def wkv_recurrent(r, log_w, k, v, a, b, state):
@@ -34,16 +35,61 @@ def wkv_recurrent(r, log_w, k, v, a, b, state):
     return torch.stack(outs, dim=1), S
 
 
-def _pairwise2(x, E, y1, y2):
-    """(sum_j x[t,j] E[t,s,j] y1[s,j], same with y2) -> two (..., t, s) tensors.
+def _decay_pairs(L):
+    """E[..., s, t, j] = exp(Lambda_t[j] - Lambda_s[j]) for s <= t, else 0: the (C x C x N) decay tensor.
 
-    One broadcast multiply (x * E) and one batched matmul over s for both right-hand sides: several
-    times faster on CPU than two einsums, which each materialise the (t, s, j) product separately.
+    Laid out (s, t, j) so that x_t * E is already the left operand of a matmul batched over s.
     """
-    xE = (x.unsqueeze(-2) * E).transpose(-3, -2)  # (..., s, t, j)
-    y = torch.stack([y1, y2], dim=-1)  # (..., s, j, 2)
-    out = (xE @ y).transpose(-3, -2)  # (..., t, s, 2)
-    return out[..., 0], out[..., 1]
+    C = L.shape[-2]
+    upper = torch.ones(C, C, dtype=torch.bool, device=L.device).triu()  # s <= t
+    return (L.unsqueeze(-3) - L.unsqueeze(-2)).masked_fill(~upper[..., None], float("-inf")).exp()
+
+
+class _WithinChunk(torch.autograd.Function):
+    """The within-chunk pair matrices Q (r against b and k) and M (a against b and k) of `wkv_chunked`.
+
+        Q[t, s, :] = sum_j r_t[j] e^{Lambda_t[j] - Lambda_s[j]} (b_s[j], k_s[j])         s <= t
+        M[t, s, :] = sum_j a_t[j] e^{Lambda_{t-1}[j] - Lambda_s[j]} (b_s[j], k_s[j])     s < t (row 0 is 0)
+
+    Both go through the (C x C x N) tensor x_t * E[s, t]: one broadcast multiply and one matmul batched
+    over s for both right-hand sides (several times faster on CPU than einsums). Plain autograd would save
+    E and both products for backward, ~50x a (B, T, d) tensor; this saves only r, k, a, b, Lambda and
+    rebuilds E in backward, where with P = x_t * E[s, t] and G = dQ:
+        d(x * E) = G y^T,   dx = sum_s d(x * E) * E,   dy = P^T G,   d(Lambda_t - Lambda_s) = d(x * E) * P.
+    """
+
+    @staticmethod
+    def forward(ctx, r, k, a, b, L):
+        # fp32 throughout, under autocast too: the kernel's inputs are fp32 and backward rebuilds E in fp32
+        with torch.autocast(r.device.type, enabled=False):
+            E = _decay_pairs(L)  # (..., s, t, N)
+            y = torch.stack([b, k], dim=-1)  # (..., s, N, 2)
+            Q = (r.unsqueeze(-3) * E) @ y  # (..., s, t, 2)
+            M = (a[..., 1:, :].unsqueeze(-3) * E[..., :-1, :]) @ y  # rows t = 1.. read E[s, t - 1]
+        ctx.save_for_backward(r, k, a, b, L)
+        return Q.transpose(-3, -2), F.pad(M.transpose(-3, -2), (0, 0, 0, 0, 1, 0))  # (..., t, s, 2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dQ, dM):
+        r, k, a, b, L = ctx.saved_tensors
+        dQ, dM = dQ.to(r.dtype), dM.to(r.dtype)  # autocast may hand back fp16 gradients
+        E = _decay_pairs(L)
+        y = torch.stack([b, k], dim=-1)
+
+        def pairs_backward(x, E, G):  # G: (..., s, t, 2) -> dx (..., t, N), dy (..., s, N, 2), dexp (..., s, t, N)
+            P = x.unsqueeze(-3) * E
+            dP = G @ y.transpose(-1, -2)
+            dx = (dP * E).sum(-3)
+            dy = P.transpose(-1, -2) @ G
+            return dx, dy, dP.mul_(P)
+
+        dr, dy, dexp = pairs_backward(r, E, dQ.transpose(-3, -2))
+        da, dy_m, dexp_m = pairs_backward(a[..., 1:, :], E[..., :-1, :], dM[..., 1:, :, :].transpose(-3, -2))
+        dL = dexp.sum(-3) - dexp.sum(-2) - dexp_m.sum(-2)  # exponent Lambda_t - Lambda_s: +t, -s
+        dL[..., :-1, :] += dexp_m.sum(-3)
+        dy += dy_m
+        return dr, dy[..., 1], F.pad(da, (0, 0, 1, 0)), dy[..., 0], dL
 
 
 def wkv_chunked(r, log_w, k, v, a, b, state, chunk_size: int = 16):
@@ -55,7 +101,9 @@ def wkv_chunked(r, log_w, k, v, a, b, state, chunk_size: int = 16):
         S_C = S0 diag(e^{Lambda_C}) + sum_s u_s (b_s * e^{Lambda_C - Lambda_s})^T + v_s (k_s * e^{Lambda_C - Lambda_s})^T
     with M_xy[t,s] = sum_j x_t[j] y_s[j] e^{Lambda_{t-1}[j] - Lambda_s[j]} and Q likewise with Lambda_t.
     The u_s solve a unit-lower-triangular system; everything not touching S0 is batched over all chunks,
-    leaving two small matmuls per chunk in the sequential pass.
+    leaving two small matmuls per chunk in the sequential pass. The (C x C x N) decay tensor behind M and Q
+    lives only inside `_WithinChunk` (rebuilt in backward), so a call saves ~23x a (B, T, H*N) fp32 tensor
+    for backward at C 16, N 64 (~73x when autograd kept it; bench/bench_wkv_memory.py).
     """
     B, T, H, N = r.shape
     C = chunk_size
@@ -69,13 +117,9 @@ def wkv_chunked(r, log_w, k, v, a, b, state, chunk_size: int = 16):
 
     L = log_w.cumsum(dim=-2)  # Lambda_t, inclusive
     L_prev = torch.cat([torch.zeros_like(L[..., :1, :]), L[..., :-1, :]], dim=-2)  # Lambda_{t-1}
-    incl = torch.ones(C, C, dtype=torch.bool, device=r.device).tril()
-    diff = (L.unsqueeze(-2) - L.unsqueeze(-3)).masked_fill(~incl[..., None], float("-inf"))
-    E = diff.exp()  # E[t, s] = exp(Lambda_t - Lambda_s) for s <= t, else 0
-
-    Q_rb, Q_rk = _pairwise2(r, E, b, k)
-    # M[t, s] uses E[t-1, s] (strictly lower): rows 1.. from a[1:] and E[:-1]; row 0 is zero
-    M_ab, M_ak = (F.pad(m, (0, 0, 1, 0)) for m in _pairwise2(a[..., 1:, :], E[..., :-1, :, :], b, k))
+    Q, M = _WithinChunk.apply(r, k, a, b, L)  # (B, H, n, C, C, 2): against b in [..., 0], k in [..., 1]
+    Q_rb, Q_rk = Q.unbind(-1)
+    M_ab, M_ak = M.unbind(-1)
     A0 = a * L_prev.exp()  # a_t * e^{Lambda_{t-1}}
     R0 = r * L.exp()  # r_t * e^{Lambda_t}
     to_end = (L[..., -1:, :] - L).exp()  # e^{Lambda_C - Lambda_s}
