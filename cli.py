@@ -30,6 +30,23 @@ def _floats(text: str) -> tuple[float, ...]:
         raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _storage_options(text: str | None) -> dict | None:
+    """--storage-options of the read-side commands: a JSON object (fsspec options), or a one-line GooseError."""
+    if not text:
+        return None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise GooseError(f"--storage-options is not valid JSON: {exc}") from None
+    if not isinstance(options, dict):
+        raise GooseError(f"--storage-options must be a JSON object (e.g. '{{\"anon\": true}}'), "
+                         f"got a JSON {type(options).__name__}")
+    return options
+
+
+_STORAGE_HELP = "JSON dict passed to fsspec for remote URLs."
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
@@ -119,6 +136,8 @@ def cache_teacher(**kw):
 @click.option("--config", "config_file", default=None, help="YAML or JSON run config (see configs/).")
 @click.option("--set", "overrides", multiple=True, help="Override a config key: --set optim.lr=1e-3 (repeat).")
 @click.option("--val-cache", default=None, help="A second store for validation (default: hold out the end).")
+@click.option("--storage-options", default=None,
+              help="JSON dict passed to fsspec for --cache and --val-cache (config key storage_options).")
 @click.option("--steps", type=int, default=None)
 @click.option("--batch-size", type=int, default=None)
 @click.option("--seed", type=int, default=None)
@@ -128,13 +147,14 @@ def cache_teacher(**kw):
 @click.option("--profile", "profile_steps", type=int, default=None, help="Write a torch.profiler trace of N steps.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @click.option("--no-progress", is_flag=True)
-def train_from_cache(cache, out, config_file, overrides, val_cache, steps, batch_size, seed, device, amp, compile_,
-                     profile_steps, resume, no_progress):
+def train_from_cache(cache, out, config_file, overrides, val_cache, storage_options, steps, batch_size, seed, device,
+                     amp, compile_, profile_steps, resume, no_progress):
     """Train the spiking student by streaming a teacher cache (the teacher is never loaded)."""
     from .pipeline.config import load_config
     from .pipeline.train import run_train
 
-    cfg = load_config(config_file, overrides, cache=cache, out=out, val_cache=val_cache, steps=steps,
+    cfg = load_config(config_file, overrides, cache=cache, out=out, val_cache=val_cache,
+                      storage_options=_storage_options(storage_options), steps=steps,
                       batch_size=batch_size, seed=seed, device=device, amp=amp, compile=compile_,
                       profile_steps=profile_steps)
     if not cfg.cache:
@@ -177,11 +197,12 @@ def train_from_cache(cache, out, config_file, overrides, val_cache, steps, batch
 @click.option("--max-tokens", type=int, default=None)
 @click.option("--cache", default=None, help="Store for KL to the teacher, top-1 agreement and ECE.")
 @click.option("--cache-windows", type=int, default=64, show_default=True)
+@click.option("--storage-options", default=None, help="JSON dict passed to fsspec for --cache and the student's store.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", default="auto", show_default=True, help="Teacher dtype.")
 @click.option("--json", "as_json", is_flag=True)
 def eval_cmd(student, teacher, tokenizer, dataset, dataset_config, split, data_files, text_column, protocols,
-             seq_len, stride, max_tokens, cache, cache_windows, device, dtype, as_json):
+             seq_len, stride, max_tokens, cache, cache_windows, storage_options, device, dtype, as_json):
     """Perplexity of STUDENT (run folder or saved model) or of --teacher, same protocol for both."""
     from .pipeline.data import DataSpec
     from .pipeline.evaluate import EvalConfig, run_eval
@@ -192,8 +213,8 @@ def eval_cmd(student, teacher, tokenizer, dataset, dataset_config, split, data_f
                         text_column=text_column)
     r = run_eval(EvalConfig(student=student, teacher=teacher, tokenizer=tokenizer, data=data,
                             protocols=tuple(protocols) or ("windows",), seq_len=seq_len, stride=stride,
-                            max_tokens=max_tokens, cache=cache, cache_windows=cache_windows, device=device,
-                            dtype=dtype))
+                            max_tokens=max_tokens, cache=cache, cache_windows=cache_windows,
+                            storage_options=_storage_options(storage_options), device=device, dtype=dtype))
     if as_json:
         click.echo(json.dumps(r, indent=2, default=float))
         return
@@ -365,11 +386,12 @@ def cache_group():
 @click.argument("store")
 @click.option("--max-windows", type=int, default=None, help="Measure coverage and PPL on the first N windows only.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def cache_info(store, max_windows, as_json):
+@click.option("--storage-options", default=None, help=_STORAGE_HELP)
+def cache_info(store, max_windows, as_json, storage_options):
     """Schema, provenance, sizes, bytes/token, top-k coverage and teacher perplexity of STORE."""
     from .cache.stats import store_info
 
-    info = store_info(store, max_windows=max_windows)
+    info = store_info(store, storage_options=_storage_options(storage_options), max_windows=max_windows)
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
@@ -420,12 +442,13 @@ def cache_finalize(store, storage_options):
 
 @cache_group.command("verify")
 @click.argument("store")
-def cache_verify(store):
+@click.option("--storage-options", default=None, help=_STORAGE_HELP)
+def cache_verify(store, storage_options):
     """Check STORE: every object present and matching its checksum, every chunk readable and within the
     schema's invariants; exit 2 on any failure (the store is unusable input)."""
     from .cache.stats import verify_store
 
-    report = verify_store(store)
+    report = verify_store(store, storage_options=_storage_options(storage_options))
     for warning in report.warnings:
         click.echo(f"warning: {warning}", err=True)
     for failure in report.failures:

@@ -92,6 +92,7 @@ class TrainConfig:
     cache: str = ""
     out: str = "runs/student"
     val_cache: str | None = None
+    storage_options: dict = field(default_factory=dict)  # fsspec options for cache and val_cache (remote URLs)
     val_fraction: float = 0.05  # held out from the end of the store when no val_cache
     val_windows: int = 64  # fixed validation subset (speed)
     seed: int = 0
@@ -265,8 +266,18 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = (), **to
     return validate_config(from_dict(TrainConfig, data))
 
 
+# storage_options keys whose values are credentials: written to a run's config.yaml as REDACTED
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
+
+
+def redacted_storage_options(options: dict) -> dict:
+    """`options` with the values of credential-like keys (key, secret, token, ...) replaced by 'REDACTED'."""
+    return {k: "REDACTED" if any(w in str(k).lower() for w in _SECRET_WORDS) else v for k, v in options.items()}
+
+
 def dump_config(cfg: TrainConfig, path: Path, extra: dict | None = None) -> None:
     d = cfg.to_dict()
+    d["storage_options"] = redacted_storage_options(d.get("storage_options") or {})
     if extra:
         d["_resolved"] = extra
     path.write_text(yaml.safe_dump(d, sort_keys=False))

@@ -198,6 +198,7 @@ class EvalConfig:
     max_tokens: int | None = None
     cache: str | None = None  # teacher agreement and calibration on a store's windows
     cache_windows: int = 64
+    storage_options: dict | None = None  # fsspec options for --cache and the student's store (remote URLs)
     device: str = "auto"
     dtype: str = "auto"
 
@@ -211,6 +212,9 @@ class EvalConfig:
             raise GooseError(f"--max-tokens must be >= 2, got {self.max_tokens}")
         if self.cache_windows < 1:
             raise GooseError(f"--cache-windows must be >= 1, got {self.cache_windows}")
+        if self.storage_options is not None and not isinstance(self.storage_options, dict):
+            raise GooseError(f"--storage-options must be a JSON object (e.g. '{{\"anon\": true}}'), "
+                             f"got a JSON {type(self.storage_options).__name__}")
         for p in self.protocols:
             if p not in PROTOCOLS:
                 raise GooseError(f"unknown protocol {p!r}; choose from {PROTOCOLS}")
@@ -229,14 +233,14 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
 
 
 @torch.no_grad()
-def cache_agreement(model: Student, url: str, n_windows: int, device) -> dict:
+def cache_agreement(model: Student, url: str, n_windows: int, device, storage_options: dict | None = None) -> dict:
     """KL to the teacher (top-k + tail at T=1), top-1 agreement and ECE on a store's held-out windows: the
     first `n_windows` of its last 5 % (what train-from-cache validates on by default), never training ones."""
     from .loader import read_windows
     from .losses import student_bucket_logprobs, teacher_bucket_logprobs
     from ..cache.reader import CacheReader
 
-    reader = CacheReader(url)
+    reader = CacheReader(url, storage_options=storage_options or None)
     if reader.vocab_size != model.cfg.vocab_size:
         raise GooseError(f"store vocabulary {reader.vocab_size} != student vocabulary {model.cfg.vocab_size}")
     n_val = max(1, int(round(0.05 * reader.n_windows)))
@@ -244,7 +248,8 @@ def cache_agreement(model: Student, url: str, n_windows: int, device) -> dict:
     kl = agree = 0.0
     n = 0
     conf, correct = [], []
-    for batch in read_windows(url, idx, ["input_ids", "topk_ids", "topk_logprobs", "tail_logmass"], 8):
+    for batch in read_windows(url, idx, ["input_ids", "topk_ids", "topk_logprobs", "tail_logmass"], 8,
+                              storage_options):
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(batch["input_ids"]).logits.float()
         log_p = teacher_bucket_logprobs(batch["topk_logprobs"], batch["tail_logmass"], reader.spec.tail_temperatures, 1.0)
@@ -261,7 +266,7 @@ def cache_agreement(model: Student, url: str, n_windows: int, device) -> dict:
             "ece": expected_calibration_error(conf_a, corr_a), "accuracy": float(corr_a.mean())}
 
 
-def store_overlap(tokens: np.ndarray, url: str, n: int = 32) -> float:
+def store_overlap(tokens: np.ndarray, url: str, n: int = 32, storage_options: dict | None = None) -> float:
     """Fraction of the text's tokens inside an n-token span that also occurs in a store's windows: 0 for
     held-out text, near 1 for text the store was cached from. The store fingerprints spans starting every
     8th token of each window, so text shared with the store is found wherever it runs for n + 8 tokens."""
@@ -270,7 +275,7 @@ def store_overlap(tokens: np.ndarray, url: str, n: int = 32) -> float:
     hashes = span_hash(tokens, n)
     if not len(hashes):
         return 0.0
-    hit = np.isin(hashes, CacheReader(url).span_hashes(n))
+    hit = np.isin(hashes, CacheReader(url, storage_options=storage_options or None).span_hashes(n))
     covered = np.zeros(len(tokens) + 1, dtype=np.int64)
     np.add.at(covered, np.flatnonzero(hit), 1)
     np.add.at(covered, np.flatnonzero(hit) + n, -1)
@@ -313,7 +318,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         stores = {cfg.cache} | ({meta.get("store")} if cfg.student else set())
         for url in sorted(u for u in stores if u):
             try:
-                frac = store_overlap(tokens, url)
+                frac = store_overlap(tokens, url, storage_options=cfg.storage_options)
             except GooseError:
                 continue  # the training store moved or is gone: nothing to compare with
             result.setdefault("store_overlap", {})[url] = frac
@@ -325,7 +330,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.cache:
         if model is None:
             raise GooseError("--cache agreement is for students (the store already holds the teacher)")
-        result["teacher_agreement"] = cache_agreement(model, cfg.cache, cfg.cache_windows, device)
+        result["teacher_agreement"] = cache_agreement(model, cfg.cache, cfg.cache_windows, device,
+                                                      cfg.storage_options)
     if model is not None and isinstance(scorer, StudentScorer) and scorer.stats:
         summaries = {k: s.summary() for k, s in scorer.stats.items()}
         rates = [s["firing_rate"] for s in summaries.values() if s]

@@ -68,8 +68,8 @@ class _PlanDataset(Dataset):
     """Item i = batch i of a plan, read with one orthogonal read per array. Opens its reader lazily so
     each worker process has its own."""
 
-    def __init__(self, url: str, plan: list[np.ndarray], fields: list[str]):
-        self.url, self.plan, self.fields = url, plan, fields
+    def __init__(self, url: str, plan: list[np.ndarray], fields: list[str], storage_options: dict | None = None):
+        self.url, self.plan, self.fields, self.storage_options = url, plan, fields, storage_options
         self.reader = None
 
     def __len__(self):
@@ -77,7 +77,7 @@ class _PlanDataset(Dataset):
 
     def __getitem__(self, i):
         if self.reader is None:
-            self.reader = CacheReader(self.url)
+            self.reader = CacheReader(self.url, storage_options=self.storage_options)
         return to_tensors(self.reader.read_indices(self.plan[i], self.fields))
 
 
@@ -86,8 +86,9 @@ class CacheLoader:
 
     def __init__(self, url: str, fields: list[str], *, batch_size: int, chunk_windows: int, seed: int = 0,
                  buffer_chunks: int = 4, num_workers: int = 0, pin_memory: bool = False, prefetch: int = 2,
-                 streams: bool = False, rank: int = 0, world: int = 1):
+                 streams: bool = False, rank: int = 0, world: int = 1, storage_options: dict | None = None):
         self.url, self.fields, self.streams = url, list(fields), streams
+        self.storage_options = storage_options or None  # fsspec options; travel to worker processes
         # data parallelism: `batch_size` is the global batch; rank r reads rows [r * b, (r + 1) * b) of every
         # global batch of the one seeded plan, so N ranks see exactly what one process would
         if batch_size % world:
@@ -124,7 +125,7 @@ class CacheLoader:
         kw = dict(batch_size=None, shuffle=False, num_workers=self.num_workers, pin_memory=self.pin_memory)
         if self.num_workers > 0:
             kw.update(prefetch_factor=self.prefetch, persistent_workers=False)
-        self._iter = iter(DataLoader(_PlanDataset(self.url, plan, self.fields), **kw))
+        self._iter = iter(DataLoader(_PlanDataset(self.url, plan, self.fields, self.storage_options), **kw))
 
     def _next_any(self) -> dict[str, torch.Tensor]:
         try:
@@ -172,8 +173,9 @@ class CacheLoader:
         self._iter = None
 
 
-def read_windows(url: str, indices: np.ndarray, fields: list[str], batch_size: int):
+def read_windows(url: str, indices: np.ndarray, fields: list[str], batch_size: int,
+                 storage_options: dict | None = None):
     """Fixed batches of the given windows in order (validation)."""
-    reader = CacheReader(url)
+    reader = CacheReader(url, storage_options=storage_options or None)
     for i in range(0, len(indices), batch_size):
         yield to_tensors(reader.read_indices(indices[i : i + batch_size], fields))

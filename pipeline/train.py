@@ -54,7 +54,7 @@ LOCK_FILE = ".lock"
 # it computes. Anything else differing from the checkpoint's config is refused on --resume.
 RESUMABLE_KEYS = {"out", "steps", "log_every", "val_every", "ckpt_every", "keep_checkpoints", "tensorboard",
                   "profile_steps", "device", "num_workers", "cache", "val_cache", "nan_patience", "max_rollbacks",
-                  "rollback_lr_factor", "monitor"}
+                  "rollback_lr_factor", "monitor", "storage_options"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def split_windows(cfg: TrainConfig, reader: CacheReader, val_reader: CacheReader
 
 @torch.no_grad()
 def validate_model(model: Student, url: str, spec, windows: np.ndarray, batch_size: int, device,
-                   autocast=contextlib.nullcontext) -> tuple[dict, dict]:
+                   autocast=contextlib.nullcontext, storage_options: dict | None = None) -> tuple[dict, dict]:
     """Perplexity, teacher perplexity on the same windows, KL to the teacher at T=1, top-1 agreement and
     spike statistics over fixed windows of a store. Returns (metrics, per-site SpikeStats)."""
     model.eval()
@@ -209,7 +209,7 @@ def validate_model(model: Student, url: str, spec, windows: np.ndarray, batch_si
     nll_sum = kl_sum = agree = teacher_nll = 0.0
     n_tok = n_kd = 0
     stats_all: dict = {}
-    for batch in read_windows(url, windows, fields, batch_size):
+    for batch in read_windows(url, windows, fields, batch_size, storage_options):
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
             out = model(batch["input_ids"], collect_stats=True)
@@ -410,8 +410,9 @@ def _truncate_jsonl(path: Path, step: int) -> None:
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True, echo=print):
         self.cfg, self.progress, self.echo = cfg, progress, echo
-        self.reader = CacheReader(cfg.cache)
-        self.val_reader = CacheReader(cfg.val_cache) if cfg.val_cache else None
+        self.reader = CacheReader(cfg.cache, storage_options=cfg.storage_options or None)
+        self.val_reader = (CacheReader(cfg.val_cache, storage_options=cfg.storage_options or None)
+                           if cfg.val_cache else None)
         check_store(cfg, self.reader, self.val_reader)
         self.run = Path(cfg.out)
         if not resume and latest_checkpoint(self.run) is not None:
@@ -505,7 +506,7 @@ class Trainer:
         self.loader = CacheLoader(cfg.cache, self.fields, batch_size=cfg.batch_size, chunk_windows=spec.chunk_windows,
                                   seed=cfg.seed, buffer_chunks=cfg.buffer_chunks, num_workers=cfg.num_workers,
                                   pin_memory=self.device.type == "cuda", streams=cfg.carry_state,
-                                  rank=self.dist.rank, world=self.dist.world)
+                                  rank=self.dist.rank, world=self.dist.world, storage_options=cfg.storage_options)
         self.loader.set_pool(self.curriculum.pool() if self.curriculum else self.train_windows, 0)
 
         # bookkeeping
@@ -735,7 +736,8 @@ class Trainer:
         out = None
         if self.dist.is_main:
             val, summaries = validate_model(self.model, self.val_url, self.val_spec, self.val_windows,
-                                            self.cfg.batch_size, self.device, self._autocast)
+                                            self.cfg.batch_size, self.device, self._autocast,
+                                            self.cfg.storage_options)
             self.monitor.on_spikes(self.step, summaries)
             out = {"step": self.step, **val}
         return self.dist.broadcast(out)
