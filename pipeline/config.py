@@ -112,6 +112,7 @@ class TrainConfig:
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 3  # then the run stops with exit 1, naming the failed steps and windows
     spike_anneal_steps: int = 0  # > 0: spikes blend in from continuous over these steps
+    spike_anneal_fraction: float = 0.0  # the same as a fraction of `steps` (used when spike_anneal_steps is 0)
     activation_checkpointing: bool = False  # recompute blocks in backward: less memory, more time
     profile_steps: int = 0
     tensorboard: bool = True
@@ -195,6 +196,7 @@ _RANGES = [
     ("log_every", 1, None, True), ("val_every", 1, None, True), ("ckpt_every", 1, None, True),
     ("keep_checkpoints", 1, None, True), ("nan_patience", 1, None, True), ("max_rollbacks", 0, None, True),
     ("num_workers", 0, None, True), ("buffer_chunks", 1, None, True), ("spike_anneal_steps", 0, None, True),
+    ("spike_anneal_fraction", 0, 1, True),
     ("profile_steps", 0, None, True), ("val_fraction", 0, 1, False), ("rollback_lr_factor", 0, 1, False),
     ("optim.lr", 0, None, False), ("optim.min_lr_ratio", 0, 1, True), ("optim.warmup_steps", 0, None, True),
     ("optim.weight_decay", 0, None, True), ("optim.beta1", 0, 1, True), ("optim.beta2", 0, 1, True),

@@ -637,8 +637,9 @@ class Trainer:
         c = self.cfg
         progress = self.step / c.steps
         stage = self._stage_values()
-        if c.spike_anneal_steps > 0:
-            self.model.set_spike_mix(min(1.0, self.step / c.spike_anneal_steps))
+        anneal = c.spike_anneal_steps or round(c.spike_anneal_fraction * c.steps)
+        if anneal > 0:  # the mix is a function of the step alone: resume stays exact
+            self.model.set_spike_mix(min(1.0, self.step / anneal))
         lr = self._set_lr()
         self.model.train()
         self._zero_grad()

@@ -248,11 +248,13 @@ def test_generate_streams_tokens_as_they_come(world):
         assert got.startswith(b"the dog")
     finally:
         proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
+        os.set_blocking(proc.stdout.fileno(), True)
+        try:  # keep draining both pipes: a child blocked on a full pipe could not finish its last lines
+            _, err = proc.communicate(timeout=90)
         except subprocess.TimeoutExpired:
             proc.kill()
-    assert proc.returncode == 130 and "interrupted" in proc.stderr.read().decode()
+            _, err = proc.communicate()
+    assert proc.returncode == 130 and "interrupted" in err.decode()
 
 
 def test_ablate_forwards_sigterm_to_its_trainings_and_exits_128_plus_signal(tmp_path, store):

@@ -248,3 +248,12 @@ def test_carry_state_rows_follow_their_streams_and_resume_exactly(tmp_path, stor
     resumed.fit()
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_spike_anneal_fraction_blends_spikes_in_over_that_share_of_the_steps(tmp_path, store, monkeypatch):
+    from goose.student.model import Student
+
+    mixes, real = [], Student.set_spike_mix
+    monkeypatch.setattr(Student, "set_spike_mix", lambda self, mix: (mixes.append(mix), real(self, mix))[1])
+    run_train(cfg_for(store, tmp_path / "a", "steps=8", "val_every=8", "spike_anneal_fraction=0.5"), progress=False)
+    assert mixes == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]
