@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 
 import torch
@@ -110,9 +111,19 @@ def generate(model: Student, prompt_ids: list[int], *, max_new_tokens: int = 100
     state, logits = out.state, out.logits[:, -1]
     prompt_s = time.perf_counter() - t0
     new, rss, n_new, interrupted = [], [], 0, False
+    # Ctrl-C sets a flag checked once per token: a KeyboardInterrupt raised at an arbitrary point (inside a
+    # finaliser, where Python only prints it) can be lost and the loop would run on
+    stop = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.append(signum))
+    except ValueError:  # not the main thread: KeyboardInterrupt stays the only way in
+        previous = None
     t1 = time.perf_counter()
     try:
         for i in range(max_new_tokens):
+            if stop:
+                interrupted = True
+                break
             if temperature == 0:
                 nxt = logits.argmax(-1)
             else:
@@ -132,6 +143,9 @@ def generate(model: Student, prompt_ids: list[int], *, max_new_tokens: int = 100
                 rss.append(_rss_mb())
     except KeyboardInterrupt:
         interrupted = True
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     gen_s = time.perf_counter() - t1
     return {"prompt_tokens": len(prompt_ids), "new_tokens": new, "n_new": n_new, "interrupted": interrupted,
             "prompt_seconds": prompt_s, "seconds": gen_s, "tokens_per_s": n_new / gen_s if gen_s > 0 else None,
