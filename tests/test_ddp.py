@@ -81,7 +81,7 @@ def test_kill_9_of_one_rank_then_resume_finishes(tmp_path, store):
             int(p.name.split("_")[1]) >= 4 for p in checkpoints(run)):
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be killed"
-    ranks = subprocess.run(["pgrep", "-f", f"-o {run} "], capture_output=True, text=True).stdout.split()
+    ranks = subprocess.run(["pgrep", "-f", f"{run} --no-progress"], capture_output=True, text=True).stdout.split()
     workers = [int(p) for p in ranks if int(p) != proc.pid]
     assert workers, "no worker processes found"
     os.kill(max(workers), signal.SIGKILL)  # one rank dies; torchrun tears down the rest
