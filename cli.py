@@ -291,13 +291,15 @@ def generate_cmd(student, prompt, max_new_tokens, temperature, top_k, top_p, see
 @click.option("--min-rate", type=float, default=0.01, show_default=True)
 @click.option("--max-rate", type=float, default=0.95, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-def validate_cmd(run, max_ppl_ratio, max_dead, max_saturated, min_rate, max_rate, device):
+@click.option("--storage-options", default=None,
+              help="JSON object of fsspec options for the run's store (default: the run's own, as in config.yaml).")
+def validate_cmd(run, max_ppl_ratio, max_dead, max_saturated, min_rate, max_rate, device, storage_options):
     """Post-training checks of RUN as a pass/fail table; exit 1 if any check fails."""
     from .pipeline.validate import ValidateConfig, run_validate
 
     checks = run_validate(ValidateConfig(run=run, max_ppl_ratio=max_ppl_ratio, max_dead=max_dead,
                                          max_saturated=max_saturated, min_rate=min_rate, max_rate=max_rate,
-                                         device=device))
+                                         device=device, storage_options=_storage_options(storage_options)))
     width = max(len(c.name) for c in checks)
     for c in checks:
         click.echo(f"{'PASS' if c.ok else 'FAIL'}  {c.name:<{width}}  {c.detail}")

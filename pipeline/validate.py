@@ -34,6 +34,7 @@ class ValidateConfig:
     max_rate: float = 0.95
     forms_min_agreement: float = 0.999  # top-1 agreement of the recurrent and chunked forms
     device: str = "cpu"
+    storage_options: dict | None = None  # fsspec options for the run's store; default: the run's own (config.yaml)
 
 
 def run_validate(cfg: ValidateConfig) -> list[Check]:
@@ -71,11 +72,14 @@ def run_validate(cfg: ValidateConfig) -> list[Check]:
     except Exception as exc:  # noqa: BLE001 - any load failure is a failed check
         checks.append(Check("loads", False, f"{type(exc).__name__}: {exc}"))
         return checks
-    reader = CacheReader(tcfg.cache)
-    val_reader = CacheReader(tcfg.val_cache) if tcfg.val_cache else None
+    options = cfg.storage_options if cfg.storage_options is not None else (tcfg.storage_options or None)
+    if options and "REDACTED" in json.dumps(options):
+        raise GooseError("the run's store needs credentials that config.yaml does not keep: pass --storage-options")
+    reader = CacheReader(tcfg.cache, storage_options=options)
+    val_reader = CacheReader(tcfg.val_cache, storage_options=options) if tcfg.val_cache else None
     _, val_url, val_spec, val_windows = split_windows(tcfg, reader, val_reader)
     device = torch.device(cfg.device)
-    val, _ = validate_model(model, val_url, val_spec, val_windows, tcfg.batch_size, device)
+    val, _ = validate_model(model, val_url, val_spec, val_windows, tcfg.batch_size, device, storage_options=options)
     rel = abs(val["val_ppl"] - logged["val_ppl"]) / logged["val_ppl"]
     checks.append(Check("reproduces val PPL", rel <= cfg.ppl_rel_tol,
                         f"{val['val_ppl']:.3f} vs logged {logged['val_ppl']:.3f} (rel diff {rel:.1e})"))
@@ -97,7 +101,7 @@ def run_validate(cfg: ValidateConfig) -> list[Check]:
     # 4. the recurrent form agrees with the chunked form on the trained weights, in float64: in fp32 the two
     # forms' rounding differs by ~1e-6, enough to flip a spike that sits at its threshold, and one flip
     # fails a correct model (the check is about the algebra, not fp32 rounding)
-    batch = next(iter(read_windows(val_url, val_windows[:2], ["input_ids"], 2)))
+    batch = next(iter(read_windows(val_url, val_windows[:2], ["input_ids"], 2, storage_options=options)))
     ids = batch["input_ids"][:, : min(64, batch["input_ids"].shape[1])].to(device)
     model64 = copy.deepcopy(model).double()
     with torch.no_grad():
