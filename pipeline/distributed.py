@@ -60,17 +60,17 @@ class DistEnv:
 
     def all_true(self, flag: bool, device) -> bool:
         """True only if `flag` is true on every rank (e.g. a finite loss: all ranks skip together)."""
-        if not self.active:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return bool(t.item() > 0.5)
+        return self._reduce_flag(flag, device, dist.ReduceOp.MIN)
 
     def any_true(self, flag: bool, device) -> bool:
+        """True if `flag` is true on some rank (e.g. a signal: all ranks stop together)."""
+        return self._reduce_flag(flag, device, dist.ReduceOp.MAX)
+
+    def _reduce_flag(self, flag: bool, device, op) -> bool:
         if not self.active:
             return flag
         t = torch.tensor([1.0 if flag else 0.0], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=op)
         return bool(t.item() > 0.5)
 
     def broadcast(self, obj):
