@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .spikes import SpikeConfig, SpikeStats, TernaryLinear, TernarySpike
-from .wkv import wkv_chunked, wkv_recurrent
+from .wkv import fla_available, wkv_chunked, wkv_fla, wkv_recurrent
 
 ALL_SITES = ("block_in", "tm_r", "tm_k", "tm_v", "tm_out", "cm_k", "cm_v", "head")
 DEFAULT_SITES = ("tm_r", "tm_k", "tm_v", "tm_out", "cm_k", "cm_v")
@@ -49,6 +50,10 @@ class StudentConfig:
     spike: SpikeConfig = field(default_factory=SpikeConfig)
     ternary_weights: bool = False  # BitNet b1.58 weights for the large matrices
     chunk_size: int = 16
+    # time-mix kernels: "torch" (wkv_chunked / wkv_recurrent, any device), "fla" (flash-linear-attention's
+    # Triton kernels, CUDA only), "auto" (fla on CUDA when installed, else torch). A runtime choice: a model
+    # saved with "fla" still loads and runs where fla cannot (the torch kernels, with a warning)
+    wkv_backend: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.spike, dict):
@@ -60,6 +65,8 @@ class StudentConfig:
         for name in ("vocab_size", "d_model", "n_layer", "head_size", "chunk_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.wkv_backend not in ("auto", "torch", "fla"):
+            raise ValueError(f"wkv_backend must be auto, torch or fla, got {self.wkv_backend!r}")
         if not self.ffn_mult > 0:
             raise ValueError(f"ffn_mult must be > 0, got {self.ffn_mult!r}")
         if self.d_model % self.head_size:
@@ -147,6 +154,9 @@ class SpikeSites(nn.Module):
         return s
 
 
+_warned_fla = [False]  # the fallback warning, once per process
+
+
 class TimeMix(nn.Module):
     """RWKV-7 time-mix (BlinkDL RWKV-v7 x070 initialisation)."""
 
@@ -154,6 +164,7 @@ class TimeMix(nn.Module):
         super().__init__()
         C, H, N, L = cfg.d_model, cfg.n_head, cfg.head_size, cfg.n_layer
         self.layer, self.n_head, self.head_size, self.chunk_size = layer, H, N, cfg.chunk_size
+        self.wkv_backend = cfg.wkv_backend
         ratio_0_to_1 = layer / max(L - 1, 1)
         ratio_1_to_0 = 1.0 - layer / L
         ddd = (torch.arange(C) / C).view(1, 1, C)
@@ -214,8 +225,17 @@ class TimeMix(nn.Module):
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0).view(B, T, C)  # removal key
         k = k * (1 + (a - 1) * self.k_a)
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
-        wkv = wkv_chunked if ctx["mode"] == "chunked" else wkv_recurrent
-        kw = {"chunk_size": self.chunk_size} if ctx["mode"] == "chunked" else {}
+        fla_here = x.is_cuda and fla_available()
+        if self.wkv_backend == "fla" and not fla_here and not _warned_fla[0]:
+            _warned_fla[0] = True
+            warnings.warn("wkv_backend 'fla' needs CUDA and flash-linear-attention (pip install "
+                          "'goose-distill[cuda]'); using the torch kernels", stacklevel=2)
+        if fla_here and self.wkv_backend in ("fla", "auto"):
+            wkv, kw = wkv_fla, {"recurrent": ctx["mode"] == "recurrent"}
+        elif ctx["mode"] == "chunked":
+            wkv, kw = wkv_chunked, {"chunk_size": self.chunk_size}
+        else:
+            wkv, kw = wkv_recurrent, {}
         o, state["wkv"] = wkv(heads(r), heads(log_w), heads(k), heads(v), heads(-kk), heads(kk * a), state["wkv"], **kw)
         o = self.ln_x(o.to(x.dtype).reshape(B * T, C)).view(B, T, C)
         bonus = (heads(r) * heads(k) * self.r_k).sum(-1, keepdim=True) * heads(v)  # current-token bonus

@@ -13,10 +13,17 @@ one unit-lower-triangular solve; only a (value x key) state crosses chunk bounda
 as exp(Lambda_t - Lambda_s) with s <= t (a product of decays *between* two tokens, always in (0, 1]),
 never as a division by a cumulative decay product, which underflows (see docs/STUDENT.md).
 
+`wkv_fla` is the CUDA fast path: flash-linear-attention's RWKV-7 Triton kernels, held equal to
+`wkv_recurrent` by tests/test_wkv_fla.py (the argument mapping on CPU against fla's own reference
+recurrence; the kernels themselves wherever CUDA is present).
+
 Shapes: r, log_w, k, v, a, b are (B, T, H, N); log_w = log(w) <= 0; state is (B, H, N, N) in fp32.
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -143,3 +150,46 @@ def wkv_chunked(r, log_w, k, v, a, b, state, chunk_size: int = 16):
     out = torch.stack(outs, dim=2)  # (B, H, n, C, N)
     out = out.permute(0, 2, 3, 1, 4).reshape(B, n * C, H, N)[:, :T]
     return out, S
+
+
+# The time-mix soft-clamps log w to [-e^{-1/2}, 0), the range fla's own RWKV-7 layer promises its chunk
+# kernel (`safe_gate`, `lower_bound`), which licenses its faster tensor-core path.
+LOG_DECAY_MIN = -math.exp(-0.5)
+
+
+@functools.lru_cache(maxsize=None)
+def fla_available() -> bool:
+    """flash-linear-attention imports (checked once: the time-mix asks on every forward)."""
+    try:
+        import fla.ops.rwkv7  # noqa: F401
+    except Exception:  # noqa: BLE001 - missing, or installed without a working triton: use the torch kernels
+        return False
+    return True
+
+
+def wkv_fla(r, log_w, k, v, a, b, state, recurrent: bool = False, kernels=None):
+    """flash-linear-attention's RWKV-7 kernels: the same recurrence as `wkv_recurrent`, on CUDA.
+
+    fla computes S'_t = diag(w_t) S'_{t-1} + b_t (a_t^T S'_{t-1}) + k_t v_t^T, o_t = S'_t^T r_t * scale with
+    the state S' laid out (key x value): the transpose of goose's (value x key) S, with the same a and b
+    (RWKV-7's -kk and kk * iclr) and w as the log decay. So the state is transposed in and out, and scale
+    is 1 (fla's fused_recurrent defaults to 1/sqrt(K)). `kernels`: (chunk, fused_recurrent) with fla's
+    signatures, default fla's own (tests pass fla's entry points with a reference recurrence inside, on
+    CPU). The chunk kernel trains and runs prompts; the fused recurrent one single no-grad tokens.
+    """
+    if kernels is None:
+        if not r.is_cuda:
+            raise ValueError("wkv_backend 'fla' runs on CUDA only; use wkv_backend 'torch' (or 'auto') on CPU")
+        from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
+        kernels = (chunk_rwkv7, fused_recurrent_rwkv7)
+    # one dtype for r, k, v, a, b (Triton's dots refuse mixed operands; under autocast the projections
+    # come out bf16 while the normalised key and the rates stay fp32); the log decay and the state stay fp32
+    dtype = torch.get_autocast_dtype(r.device.type) if torch.is_autocast_enabled(r.device.type) else torch.float32
+    r, k, v, a, b = (x.to(dtype) for x in (r, k, v, a, b))
+    kw = dict(r=r, w=log_w.float(), k=k, v=v, a=a, b=b, scale=1.0,
+              initial_state=state.float().transpose(-1, -2).contiguous(), output_final_state=True)
+    if recurrent and not torch.is_grad_enabled():
+        o, S = kernels[1](**kw)
+    else:  # the decay range licenses fla's faster tensor-core path (only the chunk kernel takes these)
+        o, S = kernels[0](**kw, safe_gate=True, lower_bound=LOG_DECAY_MIN)
+    return o.float(), S.float().transpose(-1, -2)
