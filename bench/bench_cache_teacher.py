@@ -2,6 +2,8 @@
 
     python bench/bench_cache_teacher.py                       # enwiki-tiny over WikiText-2 validation
     python bench/bench_cache_teacher.py --teacher gpt2 --seq-len 1024 --device cuda --dtype bf16
+    python bench/bench_cache_teacher.py --teacher gpt2-small-random --seq-len 1024 --max-tokens 8192 --batch-size 4
+        # GPT2Config() with random weights (V = 50257, 12 x 768) and the shared GPT-2 tokenizer
 
 Prints tokens/s of both, their time ratio (median over alternating repeats, since this machine is noisy),
 and bytes/token at the given k without hidden states, with one fp16 layer and with one int8 layer.
@@ -10,6 +12,7 @@ and bytes/token at the given k without hidden states, with one fp16 layer and wi
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -24,6 +27,18 @@ from goose.pipeline.teacher import load_teacher
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
+def random_gpt2_small(folder: Path) -> str:
+    """GPT2Config() (GPT-2 small: 12 layers, width 768, V = 50257) with random weights and the shared GPT-2
+    tokenizer, saved to `folder` (real GPT-2 weights are not reachable here; the cost is the same)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(str(SHARED / "data" / "gpt2-tokenizer"))
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 def bare_forward(teacher, windows, batch_size) -> float:
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -35,7 +50,8 @@ def bare_forward(teacher, windows, batch_size) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", default=str(SHARED / "teachers" / "enwiki-tiny"))
+    ap.add_argument("--teacher", default=str(SHARED / "teachers" / "enwiki-tiny"),
+                    help="a model folder or hub name, or gpt2-small-random")
     ap.add_argument("--data-file", default=str(SHARED / "data" / "wikitext-2-raw" / "wiki.valid.raw"))
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=65536)
@@ -45,8 +61,12 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sizes", action="store_true", help="also build the stores that measure bytes/token")
     args = ap.parse_args()
 
+    scratch = tempfile.TemporaryDirectory()
+    if args.teacher == "gpt2-small-random":
+        args.teacher = random_gpt2_small(Path(scratch.name) / "gpt2-small-random")
     teacher = load_teacher(args.teacher, dtype=args.dtype, device=args.device)
     data = DataSpec(data_files=(args.data_file,))
     windows = tokenize_and_pack(load_texts(data), teacher.tokenizer, text_column="text", seq_len=args.seq_len,
@@ -63,26 +83,40 @@ def main() -> None:
                                  max_tokens=args.max_tokens, top_k=args.top_k, progress=False, **kw)
         return run_cache_teacher(cfg)
 
-    bare_s, cache_s = [], []
+    bare_s, cache_s, call_s = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):  # alternate A and B so drift in machine speed hits both alike
             bare_s.append(bare_forward(teacher, windows, args.batch_size))
+            t0 = time.perf_counter()
             cache_s.append(cache_once(tmp, f"plain{r}")["seconds"])
-        plain = cache_once(tmp, "sizes")
-        fp16 = cache_once(tmp, "h16", hidden_layers=args.hidden_layer)
-        int8 = cache_once(tmp, "h8", hidden_layers=args.hidden_layer, hidden_dtype="int8")
-        blosc = cache_once(tmp, "blosc", compression="blosc")
-    bare, cache = statistics.median(bare_s), statistics.median(cache_s)
-    emb = plain["spec"]["vocab_size"] * plain["spec"]["hidden_size"] * 2 / n_tokens  # once-per-store share
+            call_s.append(time.perf_counter() - t0)
+        if args.sizes:
+            plain = cache_once(tmp, "sizes")
+            fp16 = cache_once(tmp, "h16", hidden_layers=args.hidden_layer)
+            int8 = cache_once(tmp, "h8", hidden_layers=args.hidden_layer, hidden_dtype="int8")
+            blosc = cache_once(tmp, "blosc", compression="blosc")
+    bare, cache, call = statistics.median(bare_s), statistics.median(cache_s), statistics.median(call_s)
     print(f"bare teacher forward : {n_tokens / bare:10,.0f} tokens/s  (median of {args.repeats}: "
           f"{', '.join(f'{s:.2f}' for s in bare_s)} s)")
     print(f"cache-teacher        : {n_tokens / cache:10,.0f} tokens/s  (median of {args.repeats}: "
-          f"{', '.join(f'{s:.2f}' for s in cache_s)} s)")
-    print(f"time ratio cache-teacher / bare forward: {cache / bare:.2f}x")
-    for label, s in (("top-k only", plain), (f"+ hidden {args.hidden_layer} fp16", fp16),
-                     (f"+ hidden {args.hidden_layer} int8", int8), ("top-k only, blosc-zstd", blosc)):
-        print(f"bytes/token {label:<24}: {s['bytes_per_token']:8.1f}  "
-              f"({s['bytes_per_token'] - emb:6.1f} without the once-per-store teacher embedding)")
+          f"{', '.join(f'{s:.2f}' for s in cache_s)} s; forward, targets, writes and finalize)")
+    print(f"time ratio cache-teacher / bare forward: {cache / bare:.2f}x  (per repeat: "
+          f"{', '.join(f'{c / b:.2f}' for b, c in zip(bare_s, cache_s))})")
+    print(f"whole call incl. teacher load and the counting pass: {call / bare:.2f}x  (median of "
+          f"{', '.join(f'{s:.2f}' for s in call_s)} s)")
+    # one JSON line per figure, for bench/run_all.py
+    print(json.dumps({"bench": "cache_teacher", "figure": f"P1: cache-teacher / bare forward, {args.teacher}",
+                      "value": cache / bare, "target": "<= 1.10", "per_repeat": [c / b for b, c in zip(bare_s, cache_s)]}))
+    if args.sizes:
+        emb = plain["spec"]["vocab_size"] * plain["spec"]["hidden_size"] * 2 / n_tokens  # once-per-store share
+        for label, s in (("top-k only", plain), (f"+ hidden {args.hidden_layer} fp16", fp16),
+                         (f"+ hidden {args.hidden_layer} int8", int8), ("top-k only, blosc-zstd", blosc)):
+            print(f"bytes/token {label:<24}: {s['bytes_per_token']:8.1f}  "
+                  f"({s['bytes_per_token'] - emb:6.1f} without the once-per-store teacher embedding)")
+            print(json.dumps({"bench": "cache_teacher", "figure": f"P2: bytes/token, {label}, k {args.top_k}",
+                              "value": s["bytes_per_token"] - emb,
+                              **({"target": "<= 128"} if label == "top-k only" else {})}))
+    scratch.cleanup()
 
 
 if __name__ == "__main__":

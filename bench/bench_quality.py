@@ -47,6 +47,9 @@ RUNS = {
     "ce_dense": ("ce_only", ["model.overrides={spike_sites: []}"], "short"),
     "kd_carry": ("kd", ["carry_state=true"], "short"),  # stateful training (truncated BPTT over windows)
     "kd_anneal": ("kd", ["spike_anneal_steps=60"], "short"),  # spikes blended in over the first half
+    # KD on its own schedule to half CE's tokens (--long kd_1m --long-tokens 1000000), in the long runs'
+    # configuration (no spike annealing, as when `ce` and `kd` were measured): the 2x-sample-efficiency check
+    "kd_1m": ("kd", ["spike_anneal_fraction=0"], "long"),
 }
 
 

@@ -34,9 +34,12 @@ from .schema import (
     TOKENIZER_GROUP,
     StoreSpec,
     decode_logprobs,
+    decode_topk,
     hidden_channel_scale_name,
     hidden_name,
     hidden_scale_name,
+    pca_basis_name,
+    pca_mean_name,
     tail_temperature_problem,
 )
 
@@ -302,8 +305,10 @@ class CacheReader:
 
     # ---- windows -----------------------------------------------------------------------------
     def read(self, start: int, stop: int, fields: Sequence[str] | None = None, *, dequantize: bool = True):
-        """Windows [start, stop) as a dict of numpy arrays; top-k log-probabilities and int8 hidden states
-        come back as float32 unless dequantize=False."""
+        """Windows [start, stop) as a dict of numpy arrays; unless dequantize=False, as the loss takes them
+        whatever the encoding: top-k ids and their log-probabilities at T=1 (float32; by probability in a
+        fixed16 store, by id in a compact one), hidden states as float32 at full width (int8 scaled back, PCA
+        coordinates mapped back through the stored basis; `pca_basis()` gives the basis itself)."""
         fields = list(fields) if fields is not None else self._default_fields()
         rows = range(start, min(stop, self.n_windows))
 
@@ -358,15 +363,50 @@ class CacheReader:
         return [name for name in self.spec.arrays() if not name.startswith(("hidden_scale/", "hidden_channel_scale/"))]
 
     def _dequantize(self, out: dict, get) -> dict:
-        """Stored encodings -> float32: fixed-point top-k log-probabilities, int8 hidden states."""
-        if "topk_logprobs" in out:
-            out["topk_logprobs"] = decode_logprobs(out["topk_logprobs"], self.spec.logprob_step)
-        if self.spec.hidden_dtype != "int8":
-            return out
-        for layer in self.spec.hidden_layers:
+        """Stored encodings -> what the loss takes: top-k ids and float32 log-probabilities (fixed16 or
+        compact), float32 hidden states at full width (int8 scaled back, PCA coordinates reconstructed)."""
+        spec = self.spec
+        if spec.topk_encoding == "compact" and ("topk_ids" in out or "topk_logprobs" in out):
+            gaps = out["topk_ids"] if "topk_ids" in out else get("topk_ids")
+            rel = out["topk_logprobs"] if "topk_logprobs" in out else get("topk_logprobs")
+            tail = out["tail_logmass"] if "tail_logmass" in out else get("tail_logmass")
+            ids, lp = decode_topk(gaps, rel, tail[..., spec.tail_temperatures.index(1.0)], spec.logprob_step)
+            if "topk_ids" in out:
+                out["topk_ids"] = ids
+            if "topk_logprobs" in out:
+                out["topk_logprobs"] = lp
+        elif "topk_logprobs" in out:
+            out["topk_logprobs"] = decode_logprobs(out["topk_logprobs"], spec.logprob_step)
+        bases = self.pca_basis() if spec.hidden_pca_rank and any(
+            hidden_name(layer) in out for layer in spec.hidden_layers) else {}
+        for layer in spec.hidden_layers:
             name = hidden_name(layer)
-            if name in out:
+            if name not in out:
+                continue
+            if spec.hidden_dtype == "int8":
                 token = get(hidden_scale_name(layer)).astype(np.float32)
                 channel = get(hidden_channel_scale_name(layer)).astype(np.float32)
                 out[name] = out[name].astype(np.float32) * token[..., None] * channel[:, None, :]
+            if layer in bases:
+                mean, basis = bases[layer]
+                out[name] = (out[name].astype(np.float32) @ basis + mean).astype(np.float32)
         return out
+
+    def pca_basis(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """layer -> (mean (d,), basis (r, d)) of a store with hidden-state PCA (empty dict otherwise): the
+        stored coordinates c of a token give its state as mean + c @ basis. Read once per reader, checked
+        against the finalize's checksums like the other once-per-store arrays."""
+        if not self.spec.hidden_pca_rank:
+            return {}
+        if getattr(self, "_pca", None) is None:
+            bases = {}
+            for layer in self.spec.hidden_layers:
+                parts = []
+                for name in (pca_mean_name(layer), pca_basis_name(layer)):
+                    if name not in self.group:
+                        raise GooseError(f"store {self.url} has no {name} (its PCA basis); {_REBUILD}")
+                    self._check_once(name)
+                    parts.append(self._get(name, None, lambda a: a[:]).astype(np.float32))
+                bases[layer] = tuple(parts)
+            self._pca = bases
+        return self._pca

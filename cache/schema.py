@@ -1,4 +1,4 @@
-"""Store schema, version 3: the only place that says which arrays a teacher cache holds and how.
+"""Store schema, version 4: the only place that says which arrays a teacher cache holds and how.
 
 A store holds N windows of L tokens. Every per-window array is chunked along windows only, so a chunk
 holds whole windows and a reader fetches a batch with a few large reads. Work is done (and resumed) in
@@ -14,13 +14,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # v1 kept raw fp16 top-k logits and the full logsumexp per T, and the tail bucket was their difference:
 # at GPT-2's logit scale (-60 to -100, fp16 step 0.0625) that difference is rounding noise for confident
 # tokens. v2 keeps what the loss needs directly: top-k log-probabilities and the tail log-mass per T.
 # v3 adds checksums (CHECKSUM_ARRAY, and the "checksums" and "attrs_crc32" attributes); its data arrays are
 # v2's, so v2 stores are still read (without checksums to verify against) but no longer written or resumed.
-READABLE_VERSIONS = (2, 3)
+# v4 adds the compact top-k encoding (TOPK_ENCODINGS) and the optional PCA projection of hidden states; a v4
+# store written with topk_encoding "fixed16" and no PCA has exactly v3's arrays. v2 and v3 stores are read as
+# "fixed16" stores (their specs lack the new fields, whose defaults describe them).
+READABLE_VERSIONS = (2, 3, 4)
 GOOSE_ATTR = "goose"  # root attribute holding everything goose knows about a store
 PROGRESS_ARRAY = "blocks_done"  # one uint8 per block, set only after the block's data is written
 EMBEDDING_ARRAY = "teacher_embedding"
@@ -28,6 +31,15 @@ TOKENIZER_GROUP = "tokenizer"  # the teacher tokenizer's files, one uint8 array 
 CHECKSUM_ARRAY = "chunk_checksums"  # (n_blocks, n per-window arrays) int64: crc32 of each block's stored bytes
 COMPRESSIONS = ("zstd", "blosc", "none")
 HIDDEN_DTYPES = ("float16", "int8")
+# How topk_ids / topk_logprobs are stored (see encode_topk):
+#   fixed16: by probability, descending; ids as they are; log p at T=1 in uint16 fixed point (schema v2/v3)
+#   compact: the top-1, then the rest by id as gaps (first id, then differences); log p relative to the top-1 in
+#            uint16 fixed point of step `logprob_step` (default 1/16); tail_logmass rounded to `tail_keepbits`
+#            mantissa bits (default 12). ~half the bytes at equal KD targets (docs/STORE.md)
+TOPK_ENCODINGS = ("fixed16", "compact")
+COMPACT_LOGPROB_STEP = 2.0**-4
+COMPACT_TAIL_KEEPBITS = 12
+PCA_BASIS_GROUP = "hidden_pca"  # hidden_pca/<layer>/mean (d,) and hidden_pca/<layer>/basis (r, d), float32
 
 
 @dataclass(frozen=True)
@@ -55,8 +67,18 @@ class StoreSpec:
     compression: str = "zstd"
     compression_level: int = 3
     logprob_step: float = 2.0**-10  # fixed-point step of topk_logprobs (see encode_logprobs)
+    topk_encoding: str = "fixed16"  # TOPK_ENCODINGS; stores before v4 are fixed16
+    tail_keepbits: int = 23  # mantissa bits kept of tail_logmass (23 = fp32 as computed)
+    hidden_pca_rank: int = 0  # > 0: hidden states stored as this many principal components per layer
 
     def __post_init__(self) -> None:
+        if self.topk_encoding not in TOPK_ENCODINGS:
+            raise ValueError(f"topk encoding must be one of {TOPK_ENCODINGS}, got {self.topk_encoding!r}")
+        if not 1 <= self.tail_keepbits <= 23:
+            raise ValueError(f"tail_keepbits must be between 1 and 23, got {self.tail_keepbits}")
+        if self.hidden_pca_rank < 0 or (self.hidden_layers and self.hidden_pca_rank > self.hidden_size):
+            raise ValueError(f"hidden PCA rank must be between 0 and the hidden size {self.hidden_size}, "
+                             f"got {self.hidden_pca_rank}")
         if self.compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
         if self.hidden_dtype not in HIDDEN_DTYPES:
@@ -70,6 +92,11 @@ class StoreSpec:
     @property
     def count_dtype(self) -> str:
         return "uint8" if self.samples <= np.iinfo(np.uint8).max else "uint16"
+
+    @property
+    def hidden_width(self) -> int:
+        """Stored width of each hidden layer: the PCA rank when projected, else the hidden size."""
+        return self.hidden_pca_rank or self.hidden_size
 
     @property
     def block_windows(self) -> int:
@@ -93,7 +120,8 @@ class StoreSpec:
         arrays = {
             "input_ids": ArraySpec((n, L), self.token_dtype),
             "topk_ids": ArraySpec((n, L, k), self.token_dtype),
-            "topk_logprobs": ArraySpec((n, L, k), "uint16"),  # log p_i at T=1, sorted descending (fixed point)
+            # fixed16: log p_i at T=1, sorted descending; compact: top-1 log p minus log p_i, by id (fixed point)
+            "topk_logprobs": ArraySpec((n, L, k), "uint16"),
             "tail_logmass": ArraySpec((n, L, len(self.tail_temperatures)), "float32"),  # log p(not top-k) at T_j
             "gold_nll": ArraySpec((n, L), "float32"),
             "entropy": ArraySpec((n, L), "float16"),
@@ -102,11 +130,22 @@ class StoreSpec:
             arrays["sample_ids"] = ArraySpec((n, L, self.samples), self.token_dtype)
             arrays["sample_counts"] = ArraySpec((n, L, self.samples), self.count_dtype)
         for layer in self.hidden_layers:
-            arrays[hidden_name(layer)] = ArraySpec((n, L, self.hidden_size), self.hidden_dtype)
+            arrays[hidden_name(layer)] = ArraySpec((n, L, self.hidden_width), self.hidden_dtype)
             if self.hidden_dtype == "int8":  # h ~= q * token_scale * channel_scale
                 arrays[hidden_scale_name(layer)] = ArraySpec((n, L), "float16")
-                arrays[hidden_channel_scale_name(layer)] = ArraySpec((n, self.hidden_size), "float16")
+                arrays[hidden_channel_scale_name(layer)] = ArraySpec((n, self.hidden_width), "float16")
         return arrays
+
+    def pca_specs(self) -> dict[str, ArraySpec]:
+        """The PCA basis arrays (once per store, written with block 0): name -> spec; empty without PCA."""
+        if not self.hidden_pca_rank:
+            return {}
+        out = {}
+        for layer in self.hidden_layers:
+            out[pca_mean_name(layer)] = ArraySpec((self.hidden_size,), "float32", per_window=False)
+            out[pca_basis_name(layer)] = ArraySpec((self.hidden_pca_rank, self.hidden_size), "float32",
+                                                   per_window=False)
+        return out
 
     def embedding_spec(self) -> ArraySpec:
         return ArraySpec((self.vocab_size, self.hidden_size), "float16", per_window=False)
@@ -136,6 +175,91 @@ def encode_logprobs(logprobs: np.ndarray, step: float) -> np.ndarray:
 
 def decode_logprobs(q: np.ndarray, step: float) -> np.ndarray:
     return q.astype(np.float32) * np.float32(-step)
+
+
+# ---- the compact top-k encoding (schema v4) ------------------------------------------------------
+# What the KD loss needs from the head is its inner distribution, softmax(log p_i / T), which depends only on
+# the differences log p_1 - log p_i, and the exact tail log-mass at each stored T (kept separately). So the
+# head is stored relative to its top-1 (rel_i = round((log p_1 - log p_i) / step), uint16) and the absolute
+# log-probabilities are rebuilt from the tail at T=1: log p_i = -rel_i * step + log(1 - tail_1) -
+# logsumexp_j(-rel_j * step), so head + tail = 1 exactly. The loss does not care about the order of the
+# entries either, so after the top-1 (kept first, as its id: validation's top-1 agreement reads
+# topk_ids[..., 0]) the other k - 1 are stored by id, ascending, as gaps (the smallest id, then differences
+# >= 1): small numbers that compress to about half of the ids in probability order. The reader puts them
+# back in probability order (the top-1 first; entries whose rounded log p tie, by id). A rounding error of
+# at most step / 2 in every log p_i moves the bucket distribution by KL <= step^2 / 8 at T = 1 (Hoeffding;
+# / T^2 at T), and on average by ~step^2 / 24 x (head mass) (measured on enwiki-tiny at T = 1: 7e-5 nats
+# per token at step 1/16, 1.8e-5 at 1/32).
+def encode_topk(ids: np.ndarray, logprobs: np.ndarray, step: float, id_dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, log p) in any order (..., k) -> compact (gaps, rel): the top-1 first, then the rest by id."""
+    ids = np.asarray(ids, dtype=np.int64)
+    lp = np.asarray(logprobs, dtype=np.float64)
+    top = lp.argmax(-1)[..., None]
+    key = np.where(np.arange(ids.shape[-1]) == top, -1, ids)  # the top-1 sorts first, the rest by id
+    order = np.argsort(key, axis=-1, kind="stable")
+    ids = np.take_along_axis(ids, order, -1)
+    lp = np.take_along_axis(lp, order, -1)
+    rel = np.rint((lp[..., :1] - lp) / step)
+    gaps = ids.copy()
+    gaps[..., 2:] = np.diff(ids[..., 1:], axis=-1)
+    return gaps.astype(id_dtype), np.clip(rel, 0, 65535).astype(np.uint16)
+
+
+def decode_topk(gaps: np.ndarray, rel: np.ndarray, tail_t1: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """Compact (gaps, rel) and the stored tail log-mass at T=1 -> (ids, log p at T=1 as float32), by
+    probability descending (the top-1 first, ties by id)."""
+    g = gaps.astype(np.int64)
+    ids = np.concatenate([g[..., :1], np.cumsum(g[..., 1:], axis=-1)], axis=-1)
+    lp = rel.astype(np.float64) * -step
+    m = lp.max(-1, keepdims=True)
+    lse = m + np.log(np.exp(lp - m).sum(-1, keepdims=True))
+    t = np.asarray(tail_t1, dtype=np.float64)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_head = np.where(t > -0.6931, np.log(-np.expm1(t)), np.log1p(-np.exp(t)))  # log(1 - tail), exact
+    lp = lp - lse + log_head
+    order = np.argsort(-lp, axis=-1, kind="stable")
+    return (np.take_along_axis(ids, order, -1).astype(gaps.dtype),
+            np.take_along_axis(lp, order, -1).astype(np.float32))
+
+
+def fold_topk(logprobs: np.ndarray, tail_logmass: np.ndarray, temps, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Coverage-adaptive k (measured by bench/bench_store_size.py, not a store format): keep per token only the
+    shortest prefix of the top-k (log p at T=1, sorted descending) whose mass reaches `threshold` (all k if
+    none does), and fold the rest into the tail at every stored T exactly: the head's mass at T_j is
+    1 - tail_j, split by softmax(log p / T_j), so the dropped share moves to the tail in fp64.
+    Returns (entries kept (...,), new tail log-masses (..., T) as float32)."""
+    lp = np.asarray(logprobs, dtype=np.float64)
+    k = lp.shape[-1]
+    keep = np.minimum((np.cumsum(np.exp(lp), -1) < threshold).sum(-1) + 1, k)
+    dropped = np.arange(k) >= keep[..., None]
+    tail = np.asarray(tail_logmass, dtype=np.float64)
+    out = np.empty_like(tail)
+    for j, t in enumerate(temps):
+        z = lp / float(t)
+        m = z.max(-1, keepdims=True)
+        e = np.exp(z - m)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_frac = np.log(np.where(dropped, e, 0.0).sum(-1)) - np.log(e.sum(-1))
+            tj = tail[..., j]
+            log_head = np.where(tj > -0.6931, np.log(-np.expm1(tj)), np.log1p(-np.exp(tj)))
+        out[..., j] = np.logaddexp(tj, log_head + log_frac)
+    return keep, out.astype(np.float32)
+
+
+def round_mantissa(x: np.ndarray, keepbits: int) -> np.ndarray:
+    """float32 rounded to nearest (ties to even) keeping `keepbits` of the 23 mantissa bits; the dropped bits
+    become zeros, which the compressor then removes. Relative error <= 2^-(keepbits + 1); +-inf and NaN are
+    kept as they are. For a log-mass x the mass changes by at most e^x |x| 2^-(keepbits + 1) <= 4.5e-5 at
+    keepbits 12 (the worst x is -1)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if keepbits >= 23:
+        return x
+    drop = 23 - keepbits
+    bits = x.view(np.uint32).astype(np.uint64)
+    half = np.uint64((1 << (drop - 1)) - 1)
+    rounded = ((bits + half + ((bits >> np.uint64(drop)) & np.uint64(1))) >> np.uint64(drop)) << np.uint64(drop)
+    out = rounded.astype(np.uint32).view(np.float32)
+    return np.where(np.isfinite(x), out, x).astype(np.float32)
 
 
 def tail_temperature_problem(temps) -> str | None:
@@ -183,6 +307,27 @@ def hidden_scale_name(layer: int) -> str:
 
 def hidden_channel_scale_name(layer: int) -> str:
     return f"hidden_channel_scale/{layer}"
+
+
+def pca_mean_name(layer: int) -> str:
+    return f"{PCA_BASIS_GROUP}/{layer}/mean"
+
+
+def pca_basis_name(layer: int) -> str:
+    return f"{PCA_BASIS_GROUP}/{layer}/basis"
+
+
+def fit_pca(hidden: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (d,), basis (rank, d)) of the token states hidden (..., d): the top principal directions, in
+    fp64, each row of unit length, signs fixed (largest entry positive) so a refit gives the same basis."""
+    h = np.asarray(hidden, dtype=np.float64).reshape(-1, hidden.shape[-1])
+    mean = h.mean(0)
+    cov = (h - mean).T @ (h - mean) / max(len(h) - 1, 1)
+    vals, vecs = np.linalg.eigh(cov)
+    basis = vecs[:, np.argsort(vals)[::-1][:rank]].T
+    sign = np.sign(basis[np.arange(rank), np.abs(basis).argmax(1)])
+    basis = basis * np.where(sign == 0, 1, sign)[:, None]
+    return mean.astype(np.float32), basis.astype(np.float32)
 
 
 def compressors(spec: StoreSpec):

@@ -9,7 +9,7 @@ import numpy as np
 
 from .integrity import StoreFiles, block_key, checksum
 from .reader import CacheReader
-from .schema import CHECKSUM_ARRAY, EMBEDDING_ARRAY, decode_logprobs
+from .schema import CHECKSUM_ARRAY, EMBEDDING_ARRAY, decode_logprobs, decode_topk
 
 def store_nbytes(url: str, storage_options: dict | None = None, prefix: str = "") -> int:
     """Bytes on disk (or in the bucket) under the store, optionally under one array's prefix."""
@@ -99,15 +99,28 @@ def _check_chunk(part: dict, spec, tol: float = 1e-3) -> list[str]:
     if bad:
         return bad
     V = spec.vocab_size
-    for name in ("input_ids", "topk_ids", "sample_ids"):
-        if name in part and part[name].size and int(part[name].max()) >= V:
+    t1 = spec.tail_temperatures.index(1.0)
+    compact = spec.topk_encoding == "compact"
+    if compact:  # the top-1, then the rest by id as gaps (>= 1 after the first); log-probs relative to the top-1
+        gaps = part["topk_ids"].astype(np.int64)
+        rest = np.cumsum(gaps[..., 1:], axis=-1)
+        if k > 2 and (gaps[..., 2:] < 1).any() or k > 1 and (rest == gaps[..., :1]).any():
+            bad.append("topk_ids (gaps) not ascending: an id repeats")
+        if k and (part["topk_logprobs"][..., 0] != 0).any():
+            bad.append("topk_logprobs (relative to the top-1) do not start at 0")
+        top_ids, logp = decode_topk(part["topk_ids"], part["topk_logprobs"], part["tail_logmass"][..., t1],
+                                    spec.logprob_step)
+    else:
+        top_ids, logp = part["topk_ids"], decode_logprobs(part["topk_logprobs"], spec.logprob_step)
+    for name, ids in (("input_ids", part["input_ids"]), ("topk_ids", top_ids), ("sample_ids", part.get("sample_ids"))):
+        if ids is not None and ids.size and int(ids.max()) >= V:
             bad.append(f"{name} has ids >= vocabulary size {V}")
-    logp = decode_logprobs(part["topk_logprobs"], spec.logprob_step)
-    if not np.isfinite(logp).all():
+    tail_nan = compact and np.isnan(part["tail_logmass"]).any()  # compact log p come from the tail: reported below
+    if not tail_nan and not np.isfinite(logp).all():
         bad.append("topk_logprobs not finite")
-    elif k > 1 and (np.diff(logp, axis=-1) > 0).any():
+    elif not compact and k > 1 and (np.diff(logp, axis=-1) > 0).any():
         bad.append("topk_logprobs not sorted descending")
-    if k > 1 and (np.diff(part["topk_ids"].astype(np.int64), axis=-1) == 0).any():
+    if not compact and k > 1 and (np.diff(part["topk_ids"].astype(np.int64), axis=-1) == 0).any():
         bad.append("topk_ids repeat an id")
     tail = part["tail_logmass"]
     if np.isnan(tail).any() or (tail == np.inf).any():
@@ -116,7 +129,6 @@ def _check_chunk(part: dict, spec, tol: float = 1e-3) -> list[str]:
         bad.append("tail_logmass above 0 (a log-mass is <= 0)")
     elif np.isfinite(logp).all():
         # head and tail add up to one at T=1 (the head is fixed point: allow a little slack)
-        t1 = spec.tail_temperatures.index(1.0)
         total = np.exp(logp.astype(np.float64)).sum(-1) + np.exp(tail[..., t1].astype(np.float64))
         if not (np.abs(total - 1) < 1e-2).all():
             bad.append(f"top-k and tail mass do not sum to 1 at T=1: min {total.min():.4g} max {total.max():.4g}")

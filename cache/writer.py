@@ -46,6 +46,8 @@ from .schema import (
     PROGRESS_ARRAY,
     SCHEMA_VERSION,
     encode_logprobs,
+    encode_topk,
+    round_mantissa,
     TOKENIZER_GROUP,
     ArraySpec,
     StoreSpec,
@@ -199,17 +201,50 @@ class CacheWriter:
         start, stop = self.spec.block_range(block)
         if set(data) != set(self._arrays):
             raise ValueError(f"block data has arrays {sorted(data)}, schema wants {sorted(self._arrays)}")
+        data = self._encode(data)
         for name, array in self._arrays.items():
             values = data[name]
             if values.shape != (stop - start,) + array.shape[1:]:
                 raise ValueError(f"{name}: block shape {values.shape} != {(stop - start,) + array.shape[1:]}")
-            if name == "topk_logprobs" and values.dtype.kind == "f":
-                values = encode_logprobs(values, self.spec.logprob_step)
             array[start:stop] = values.astype(array.dtype, copy=False)
         # the stored bytes, read back: what a later verify reads, whatever the codecs did
         self._checksums[block] = np.array([self._stored_checksum(block_key(array, block))
                                            for array in self._arrays.values()], dtype=np.int64)
         self._done[block] = 1
+
+    def _encode(self, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The schema's encodings of float targets (teacher_targets' output): fixed-point or compact top-k,
+        rounded tail log-masses. Already-encoded (integer) top-k log-probabilities pass as they are."""
+        spec = self.spec
+        data = dict(data)
+        if data["topk_logprobs"].dtype.kind == "f":
+            if spec.topk_encoding == "compact":
+                data["topk_ids"], data["topk_logprobs"] = encode_topk(
+                    data["topk_ids"], data["topk_logprobs"], spec.logprob_step, np.dtype(spec.token_dtype))
+            else:
+                data["topk_logprobs"] = encode_logprobs(data["topk_logprobs"], spec.logprob_step)
+        if spec.tail_keepbits < 23:
+            data["tail_logmass"] = round_mantissa(data["tail_logmass"], spec.tail_keepbits)
+        return data
+
+    def write_pca_basis(self, bases: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
+        """The hidden states' PCA basis, layer -> (mean (d,), basis (r, d)); written before block 0's data
+        (a resume that finds block 0 done reads it back instead of refitting)."""
+        for name, array_spec in self.spec.pca_specs().items():
+            layer = int(name.split("/")[1])
+            value = bases[layer][0 if name.endswith("/mean") else 1]
+            array = _ensure_array(self.group, name, array_spec, self.spec)
+            array[:] = np.asarray(value, dtype=array_spec.dtype)
+
+    def pca_basis(self) -> dict[int, tuple[np.ndarray, np.ndarray]] | None:
+        """The stored basis (None if not written yet)."""
+        specs = self.spec.pca_specs()
+        if not specs or any(name not in self.group for name in specs):
+            return None
+        from .schema import pca_basis_name, pca_mean_name
+
+        return {layer: (self.group[pca_mean_name(layer)][:], self.group[pca_basis_name(layer)][:])
+                for layer in self.spec.hidden_layers}
 
     def _stored_checksum(self, key: str) -> int:
         data = self._files.read(key)
@@ -237,6 +272,11 @@ class CacheWriter:
         else:
             raise GooseError(f"cannot finalize {self.url}: it has no teacher embedding (it was started by "
                              f"goose cache-teacher without --shard); rerun that command to finish it")
+        missing = [name for name in self.spec.pca_specs() if name not in self.group]
+        if missing:
+            raise GooseError(f"cannot finalize {self.url}: its hidden-state PCA basis ({missing[0]}) was never "
+                             f"written; rerun goose cache-teacher")
+        once += [self.group[name] for name in self.spec.pca_specs()]
         # checksums of the once-per-store objects; their keys also tell the reader what must be present
         once_checksums = {key: self._stored_checksum(key) for array in once for key in array_keys(array)[1:]}
         _consolidate(self.group.store)

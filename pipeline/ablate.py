@@ -28,7 +28,6 @@ import yaml
 
 from ..errors import GooseError
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 BUILTIN_GRIDS = {
     # the seed's distillation ablation: no KD / KD / +CTKD / +POCL / +alignment / full
     "distill": {"runs": {name: {"config": name} for name in ("ce_only", "kd", "ctkd", "pocl", "align", "full")}},
@@ -43,11 +42,10 @@ BUILTIN_GRIDS = {
 
 
 def resolve_config(name: str) -> str:
-    for cand in (Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
-        if cand.is_file():
-            return str(cand)
-    raise GooseError(f"config {name!r} not found (a path, or one of: "
-                     f"{', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.yaml')))})")
+    """A grid run's config: a path, or a shipped config by name (pipeline/config.py resolves both)."""
+    from .config import resolve_config_path
+
+    return resolve_config_path(name)
 
 
 def load_grid(grid: str) -> dict:
@@ -79,12 +77,16 @@ def _run_overrides(grid: dict, extra_set: list[str] = ()) -> dict[str, tuple[str
     return out
 
 
-def run_commands(grid: dict, cache: str, out: Path, extra_set: list[str] = ()) -> dict[str, list[str]]:
-    """The train-from-cache command line of every run in the grid."""
+def run_commands(grid: dict, cache: str, out: Path, extra_set: list[str] = (),
+                 storage_options: dict | None = None) -> dict[str, list[str]]:
+    """The train-from-cache command line of every run in the grid (`storage_options`: fsspec options for the
+    store, passed to every run as --storage-options)."""
     cmds = {}
     for name, (config, overrides) in _run_overrides(grid, extra_set).items():
         cmd = [sys.executable, "-m", "goose.cli", "train-from-cache", "--cache", cache, "--out", str(out / name),
                "--no-progress"]
+        if storage_options:
+            cmd += ["--storage-options", json.dumps(storage_options)]
         if config:
             cmd += ["--config", config]
         for item in overrides:
@@ -93,28 +95,30 @@ def run_commands(grid: dict, cache: str, out: Path, extra_set: list[str] = ()) -
     return cmds
 
 
-def check_grid(grid: dict, cache: str, out: Path, extra_set: list[str] = ()) -> None:
+def check_grid(grid: dict, cache: str, out: Path, extra_set: list[str] = (),
+               storage_options: dict | None = None) -> None:
     """Every run's config resolves (types and ranges), so a bad --set fails once, before any run starts."""
     from .config import load_config
 
     for name, (config, overrides) in _run_overrides(grid, extra_set).items():
         try:
-            load_config(config, overrides, cache=cache, out=str(out / name))
+            load_config(config, overrides, cache=cache, out=str(out / name), storage_options=storage_options)
         except GooseError as exc:
             raise GooseError(f"grid run {name!r}: {exc}") from None
 
 
 def run_ablation(cache: str, grid_name: str, out: str, *, parallel: int = 1, extra_set: list[str] = (),
-                 echo=print) -> dict:
+                 storage_options: dict | None = None, echo=print) -> dict:
     from ..cache.reader import CacheReader
+    from .config import run_entries
     from .report import run_report
 
     grid = load_grid(grid_name)
     out_dir = Path(out)
-    check_grid(grid, cache, out_dir, extra_set)  # fail now, not in every child, on a bad config ...
-    CacheReader(cache)  # ... or a store that is missing or unfinished
+    check_grid(grid, cache, out_dir, extra_set, storage_options)  # fail now, not in every child, on a bad config ...
+    CacheReader(cache, storage_options=storage_options)  # ... or a store that is missing or unfinished
     out_dir.mkdir(parents=True, exist_ok=True)
-    cmds = run_commands(grid, cache, out_dir, extra_set)
+    cmds = run_commands(grid, cache, out_dir, extra_set, storage_options)
     todo, done = [], []
     for name, cmd in cmds.items():
         run = out_dir / name
@@ -123,6 +127,8 @@ def run_ablation(cache: str, grid_name: str, out: str, *, parallel: int = 1, ext
             continue
         if (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step_*")):
             cmd = cmd + ["--resume"]
+        elif run_entries(run):  # stopped before its first checkpoint: nothing to resume, start it afresh
+            cmd = cmd + ["--overwrite"]
         todo.append((name, cmd))
     echo(f"ablate: {len(cmds)} runs, {len(done)} already done, {len(todo)} to run, {parallel} at a time")
     threads = max(1, (os.cpu_count() or 1) // parallel)

@@ -1,8 +1,11 @@
 """Stage one: run the teacher once over a corpus and write its targets into a Zarr v3 store.
 
-Recipe: load teacher -> check arguments against it -> load, tokenise and pack the data -> open (create or
-resume) the store -> for each unfinished block: teacher forward in batches, targets, write -> finalize.
-Batches never cross a block boundary, so a resumed run computes exactly what an uninterrupted one does.
+Recipe: load teacher -> check arguments against it -> counting pass over the streamed data (number of
+windows and their fingerprint, nothing kept) -> open (create or resume) the store -> stream the data again,
+tokenised and packed block by block; for each unfinished block: teacher forward in batches, targets ->
+a writer thread (bounded queue) compresses and writes it while the next block is computed -> finalize.
+Memory is flat in the corpus size. Batches never cross a block boundary and the windows are a deterministic
+function of the data, so a resumed run computes exactly what an uninterrupted one does.
 
 Several writers (docs/SCALING.md): under torchrun (WORLD_SIZE > 1) every rank computes a disjoint share
 of the blocks into one store; rank 0 creates or resumes the store while the others wait, and finalizes
@@ -15,9 +18,11 @@ from __future__ import annotations
 
 import datetime
 import errno
+import hashlib
 import os
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -26,8 +31,12 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..cache.schema import (
+    COMPACT_LOGPROB_STEP,
+    COMPACT_TAIL_KEEPBITS,
+    TOPK_ENCODINGS,
     StoreSpec,
     compression_level_problem,
+    fit_pca,
     hidden_channel_scale_name,
     hidden_name,
     hidden_scale_name,
@@ -37,8 +46,16 @@ from ..cache.lock import StoreLock, check_unlocked
 from ..cache.stats import store_nbytes
 from ..cache.writer import CacheWriter
 from ..errors import GooseError
-from .data import DataSpec, load_texts, tokenize_and_pack, windows_fingerprint
-from .teacher import Teacher, load_teacher, quantize_int8, resolve_device, resolve_hidden_layers, teacher_targets
+from .data import DataSpec, count_windows, iter_windows, open_texts
+from .teacher import (
+    NonFiniteLogits,
+    Teacher,
+    load_teacher,
+    quantize_int8,
+    resolve_device,
+    resolve_hidden_layers,
+    teacher_targets,
+)
 
 
 @dataclass
@@ -60,8 +77,13 @@ class CacheTeacherConfig:
     hidden_dtype: str = "float16"
     chunk_windows: int = 16
     shard_chunks: int = 1
-    compression: str = "zstd"
+    compression: str = "blosc"
     compression_level: int = 3
+    # compact (schema v4): top-k by id as gaps, log-probabilities relative to the top-1 in steps of 1/32 nat,
+    # tail log-masses to 12 mantissa bits (~half the bytes at equal KD targets); fixed16: the v3 layout
+    topk_encoding: str = "compact"
+    logprob_step: float | None = None  # fixed-point step of the top-k log-probabilities (None: the encoding's)
+    hidden_pca_rank: int = 0  # > 0: store each hidden layer as this many principal components (fit on block 0)
     storage_options: dict | None = None
     progress: bool = True
     shard: tuple[int, int] | None = None  # (I, N): compute only blocks b with b % N == I; do not finalize
@@ -165,6 +187,17 @@ def _check_args(cfg: CacheTeacherConfig) -> None:
     problem = compression_level_problem(cfg.compression, cfg.compression_level)
     if problem:
         raise GooseError(problem)
+    if cfg.topk_encoding not in TOPK_ENCODINGS:
+        raise GooseError(f"--topk-encoding must be one of {', '.join(TOPK_ENCODINGS)}, got {cfg.topk_encoding!r}")
+    if cfg.logprob_step is not None and not 0 < cfg.logprob_step <= 1:
+        raise GooseError(f"--logprob-step must be in (0, 1] nats, got {cfg.logprob_step}")
+    if cfg.hidden_pca_rank < 0:
+        raise GooseError("--hidden-pca-rank must be at least 0")
+    if cfg.hidden_pca_rank and not cfg.hidden_layers:
+        raise GooseError("--hidden-pca-rank needs --hidden-layers")
+    if cfg.hidden_pca_rank and (cfg.shard is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise GooseError("--hidden-pca-rank is fitted on the first block before any other is written, so it "
+                         "needs one process: run without --shard and without torchrun")
     if cfg.shard is not None and not 0 <= cfg.shard[0] < cfg.shard[1]:
         raise GooseError(f"--shard I/N needs 0 <= I < N, got {cfg.shard[0]}/{cfg.shard[1]}")
 
@@ -175,37 +208,183 @@ def _check_against_teacher(cfg: CacheTeacherConfig, teacher: Teacher) -> tuple[i
         raise GooseError(f"--seq-len {cfg.seq_len} is above the teacher's context of {ctx} tokens")
     if cfg.top_k > teacher.vocab_size:
         raise GooseError(f"--top-k {cfg.top_k} is above the teacher's vocabulary of {teacher.vocab_size}")
+    if cfg.hidden_pca_rank > teacher.hidden_size:
+        raise GooseError(f"--hidden-pca-rank {cfg.hidden_pca_rank} is above the teacher's hidden size "
+                         f"{teacher.hidden_size}")
     return resolve_hidden_layers(cfg.hidden_layers, teacher.n_layers)
 
 
+def _encoding_spec(cfg: CacheTeacherConfig) -> dict:
+    """The StoreSpec fields of the top-k encoding: compact's defaults, and --logprob-step when given."""
+    out = {}
+    if cfg.topk_encoding == "compact":
+        out = {"logprob_step": COMPACT_LOGPROB_STEP, "tail_keepbits": COMPACT_TAIL_KEEPBITS}
+    if cfg.logprob_step:
+        out["logprob_step"] = float(cfg.logprob_step)
+    return out
+
+
+def encode_hidden(h: torch.Tensor, layer: int, spec: StoreSpec, pca: dict | None) -> dict[str, torch.Tensor]:
+    """One layer's states (B, L, d) as the schema stores them: projected on the PCA basis when the store has
+    one (coordinates (B, L, r) = (h - mean) @ basis^T), then float16, or int8 with its scales."""
+    if spec.hidden_pca_rank:
+        mean, basis = (torch.as_tensor(x, device=h.device) for x in pca[layer])
+        h = (h.float() - mean) @ basis.t()
+    if spec.hidden_dtype == "int8":
+        q, token, channel = quantize_int8(h)
+        return {hidden_name(layer): q, hidden_scale_name(layer): token, hidden_channel_scale_name(layer): channel}
+    return {hidden_name(layer): h.to(torch.float16)}
+
+
 def compute_block(
-    teacher: Teacher, windows: np.ndarray, first_window: int, spec: StoreSpec, cfg: CacheTeacherConfig
+    teacher: Teacher, windows: np.ndarray, first_window: int, spec: StoreSpec, cfg: CacheTeacherConfig,
+    pca: dict | None = None,
 ) -> dict[str, np.ndarray]:
-    """Teacher targets for consecutive windows, in batches of cfg.batch_size, as the schema's arrays."""
+    """Teacher targets for consecutive windows, in batches of cfg.batch_size, as the schema's arrays.
+
+    Every reduction runs on the teacher's device; only the per-token results (k ids and log-probs, T tail
+    masses, two scalars, the hidden states asked for) are copied to the host. A store with hidden-state PCA
+    needs its basis (`pca`, layer -> (mean, basis)); without one (the first block) the hidden states come
+    back raw, float32 at full width, for `fit_block_pca` to fit the basis on and encode."""
+    raw = bool(spec.hidden_pca_rank) and pca is None
     parts: dict[str, list[np.ndarray]] = {name: [] for name in spec.arrays()}
+    if raw:
+        parts = {name: [] for name in parts if not name.startswith(("hidden_scale/", "hidden_channel_scale/"))}
     for b0 in range(0, len(windows), cfg.batch_size):
-        ids = torch.from_numpy(windows[b0 : b0 + cfg.batch_size]).to(teacher.device)
+        ids = torch.from_numpy(np.ascontiguousarray(windows[b0 : b0 + cfg.batch_size], dtype=np.int64))
+        ids = ids.to(teacher.device)
         with torch.inference_mode():
             out = teacher.model(input_ids=ids, output_hidden_states=bool(spec.hidden_layers), use_cache=False)
             seeds = [cfg.seed * 1_000_003 + first_window + b0 + i for i in range(len(ids))]
-            targets = teacher_targets(
-                out.logits, ids, top_k=spec.top_k, tail_temperatures=spec.tail_temperatures,
-                samples=spec.samples, sample_seeds=seeds,
-            )
-            if not torch.isfinite(out.logits).all():
+            try:
+                targets = teacher_targets(
+                    out.logits, ids, top_k=spec.top_k, tail_temperatures=spec.tail_temperatures,
+                    samples=spec.samples, sample_seeds=seeds,
+                )
+            except NonFiniteLogits:
                 raise GooseError(f"the teacher produced non-finite logits in windows {first_window + b0}.."
-                                 f"{first_window + b0 + len(ids) - 1}; try --dtype fp32")
+                                 f"{first_window + b0 + len(ids) - 1}; try --dtype fp32") from None
             targets["input_ids"] = ids
             for layer in spec.hidden_layers:
                 h = out.hidden_states[layer]
-                if spec.hidden_dtype == "int8":
-                    (targets[hidden_name(layer)], targets[hidden_scale_name(layer)],
-                     targets[hidden_channel_scale_name(layer)]) = quantize_int8(h)
+                if raw:
+                    targets[hidden_name(layer)] = h.float()
                 else:
-                    targets[hidden_name(layer)] = h.to(torch.float16)
+                    targets.update(encode_hidden(h, layer, spec, pca))
+            del out
         for name in parts:
             parts[name].append(targets[name].cpu().numpy())
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+
+def fit_block_pca(data: dict[str, np.ndarray], spec: StoreSpec) -> tuple[dict, dict[str, np.ndarray]]:
+    """Fit each layer's PCA basis on one block's raw hidden states (compute_block without a basis) and encode
+    them with it: (basis, the block's arrays as the schema stores them)."""
+    pca = {layer: fit_pca(data[hidden_name(layer)], spec.hidden_pca_rank) for layer in spec.hidden_layers}
+    data = dict(data)
+    for layer in spec.hidden_layers:
+        h = torch.from_numpy(data.pop(hidden_name(layer)))
+        data.update({name: t.numpy() for name, t in encode_hidden(h, layer, spec, pca).items()})
+    return pca, data
+
+
+class BlockWriterThread:
+    """Writes computed blocks in a background thread, so compression and Zarr writes overlap the next
+    block's teacher forward instead of following it.
+
+    A bounded queue (`maxsize` blocks waiting, one more being written) keeps memory flat however far the
+    forward runs ahead. Blocks are written in the order they are put, each by `writer.write_block`, which
+    marks a block done only after its data and checksums are written, so resume is exactly as without the
+    thread. The first exception in the thread stops it (no later block is written) and is raised, as
+    itself, in the main thread by the next `put` or by `close`: a failed write always fails the command.
+    """
+
+    def __init__(self, writer: CacheWriter, maxsize: int = 2):
+        self._writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="goose-block-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None or self._stop.is_set():
+                return
+            try:
+                self._writer.write_block(*item)
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread as it is
+                self._error = exc
+                self._stop.set()
+                return
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def put(self, block: int, data: dict[str, np.ndarray]) -> None:
+        while True:
+            self._raise_if_failed()
+            if not self._thread.is_alive():
+                self._raise_if_failed()
+                raise RuntimeError("the block writer thread stopped")
+            try:
+                self._queue.put((block, data), timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Wait for every queued block to be written; raise the writer's error if there was one."""
+        self._finish()
+        self._raise_if_failed()
+
+    def abort(self) -> None:
+        """The main thread failed: finish the block being written, drop the queued ones, stop."""
+        self._stop.set()
+        self._finish()
+
+    def _finish(self) -> None:
+        while self._thread.is_alive():
+            try:
+                self._queue.put(None, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        self._thread.join()
+
+
+def iter_blocks(windows, spec: StoreSpec, blocks: list[int], fingerprint: str):
+    """(block, its windows) for each of `blocks` (ascending), from the stream of window batches that
+    `iter_windows` yields, holding one block at a time. Windows of other blocks (done, or another
+    shard's) are read past, not kept. When the whole stream is read, its count and fingerprint must be
+    the counting pass's: the data must not change between the two passes."""
+    wanted = set(blocks)
+    last = max(blocks, default=-1)
+    digest = hashlib.sha256()
+    seen, block, buf = 0, 0, []
+    for batch in windows:
+        digest.update(np.ascontiguousarray(batch, dtype=np.int64).tobytes())
+        while len(batch):
+            if block >= spec.n_blocks:  # more windows than counted
+                seen += len(batch)
+                break
+            take = min(len(batch), spec.block_range(block)[1] - seen)
+            if block in wanted:
+                buf.append(batch[:take])
+            batch, seen = batch[take:], seen + take
+            if seen == spec.block_range(block)[1]:
+                if block in wanted:
+                    yield block, np.concatenate(buf)
+                buf, block = [], block + 1
+                if last < block < spec.n_blocks:
+                    return  # nothing more to compute here: the rest of the data need not be read
+    if seen != spec.n_windows or digest.hexdigest()[:16] != fingerprint:
+        raise GooseError(f"the data changed while it was read ({seen} windows now, {spec.n_windows} when counted): "
+                         f"rerun on unchanging data (blocks written from the changed data are in the store: "
+                         f"delete it)")
 
 
 def _write_problem(exc: OSError) -> str:
@@ -286,23 +465,26 @@ def _writer_lock(cfg: CacheTeacherConfig, ranks: Ranks) -> StoreLock:
 def _run(cfg: CacheTeacherConfig, ranks: Ranks) -> dict:
     teacher = load_teacher(cfg.teacher, revision=cfg.revision, dtype=cfg.dtype, device=ranks.device(cfg.device))
     layers = _check_against_teacher(cfg, teacher)
-    ds = load_texts(cfg.data)
-    windows = tokenize_and_pack(
-        ds, teacher.tokenizer, text_column=cfg.data.text_column, seq_len=cfg.seq_len, max_tokens=cfg.max_tokens
-    )
+    # counting pass: the number of windows and their fingerprint, streamed (nothing is kept), so the store's
+    # shape and identity are known before it is opened; the data is read again, block by block, below
+    texts = open_texts(cfg.data)
+    pack = dict(text_column=cfg.data.text_column, seq_len=cfg.seq_len, max_tokens=cfg.max_tokens)
+    n_windows, fingerprint = count_windows(texts, teacher.tokenizer, **pack)
     spec = StoreSpec(
-        n_windows=len(windows), seq_len=cfg.seq_len, vocab_size=teacher.vocab_size, top_k=cfg.top_k,
+        n_windows=n_windows, seq_len=cfg.seq_len, vocab_size=teacher.vocab_size, top_k=cfg.top_k,
         tail_temperatures=tuple(float(t) for t in cfg.tail_temperatures), hidden_layers=layers,
         hidden_size=teacher.hidden_size, hidden_dtype=cfg.hidden_dtype, samples=cfg.samples,
         chunk_windows=cfg.chunk_windows, shard_chunks=cfg.shard_chunks, compression=cfg.compression,
-        compression_level=cfg.compression_level,
+        compression_level=cfg.compression_level, topk_encoding=cfg.topk_encoding,
+        hidden_pca_rank=cfg.hidden_pca_rank if layers else 0,
+        **_encoding_spec(cfg),
     )
     provenance = {
         **teacher.provenance(),
         "n_layers": teacher.n_layers,
         "dataset": cfg.data.describe(),
         "max_tokens": cfg.max_tokens,
-        "data_fingerprint": windows_fingerprint(windows),
+        "data_fingerprint": fingerprint,
         "seed": cfg.seed,
         # the batch (and the device, in teacher.provenance) changes the float rounding of the forward pass,
         # so a resume with another one would mix blocks that an uninterrupted run would not write
@@ -320,18 +502,27 @@ def _run(cfg: CacheTeacherConfig, ranks: Ranks) -> dict:
     bar = tqdm(total=int(tokens_todo), unit="tok", unit_scale=True, desc=desc, dynamic_ncols=True,
                disable=not cfg.progress or not todo or ranks.rank > 0)
     try:
-        # One block is written in the background while the next is computed; at most one write in flight.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = None
-            for block in todo:
-                start, stop = spec.block_range(block)
-                data = compute_block(teacher, windows[start:stop], start, spec, cfg)
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(writer.write_block, block, data)
-                bar.update((stop - start) * spec.seq_len)
-            if pending is not None:
-                pending.result()
+        # Blocks are written in a background thread while the next ones are computed (a bounded queue);
+        # the windows are tokenised and packed block by block as the loop reaches them
+        if todo:
+            background = BlockWriterThread(writer, maxsize=2)
+            try:
+                pca = writer.pca_basis() if spec.hidden_pca_rank and 0 not in todo else None
+                if spec.hidden_pca_rank and 0 not in todo and pca is None:
+                    raise GooseError(f"store {cfg.output} has block 0 done but no PCA basis; delete it and rerun")
+                blocks = iter_blocks(iter_windows(texts, teacher.tokenizer, **pack), spec, todo, fingerprint)
+                for block, windows in blocks:
+                    start, stop = spec.block_range(block)
+                    data = compute_block(teacher, windows, start, spec, cfg, pca)
+                    if spec.hidden_pca_rank and pca is None:  # block 0, first: fit the basis, store it first
+                        pca, data = fit_block_pca(data, spec)
+                        writer.write_pca_basis(pca)
+                    background.put(block, data)
+                    bar.update((stop - start) * spec.seq_len)
+            except BaseException:
+                background.abort()
+                raise
+            background.close()
         bar.close()
         tokens_computed = ranks.total(int(tokens_todo))  # waits for every rank's share
         if not already_complete and cfg.shard is None and ranks.rank == 0:

@@ -7,8 +7,12 @@ the run folder next to the store's fingerprint.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
+import os
+import shutil
+import time
 import types
 import typing
 from dataclasses import dataclass, field
@@ -102,6 +106,7 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "none"  # none | bf16 | fp16
     compile: bool = False
+    parallel: str = "ddp"  # under torchrun: ddp (replicated student) | fsdp (FSDP2 fully_shard, sharded per block)
     num_workers: int = 0
     buffer_chunks: int = 4
     log_every: int = 10
@@ -116,6 +121,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute blocks in backward: less memory, more time
     profile_steps: int = 0
     tensorboard: bool = True
+    loggers: list = field(default_factory=lambda: ["jsonl", "tensorboard"])  # + wandb, mlflow (pipeline/loggers.py)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
@@ -175,7 +181,10 @@ def from_dict(cls, data: dict, where: str = ""):
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            raise GooseError(f"unknown config key {where + str(key)!r}")
+            full = where + str(key)
+            hint = nearest_key(full)
+            raise GooseError(f"unknown config key {full!r}" + (f"; did you mean {hint!r}?" if hint else
+                                                               "; `goose config show` lists every key"))
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
@@ -222,6 +231,14 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
             raise GooseError(f"config key {key!r} must be {low}{high}, got {value!r}")
     if cfg.amp not in ("none", "bf16", "fp16"):
         raise GooseError(f"config key 'amp' must be none, bf16 or fp16, got {cfg.amp!r}")
+    if cfg.parallel not in ("ddp", "fsdp"):
+        raise GooseError(f"config key 'parallel' must be ddp or fsdp, got {cfg.parallel!r}")
+    if cfg.parallel == "fsdp" and cfg.amp == "fp16":
+        raise GooseError("parallel: fsdp takes amp none or bf16 (fp16's loss scaler is not wired for sharded "
+                         "gradients)")
+    from .loggers import check_loggers
+
+    check_loggers(cfg.loggers)  # known names (jsonl, tensorboard, wandb, mlflow), jsonl included, no repeats
     return cfg
 
 
@@ -236,14 +253,15 @@ def _set(d: dict, dotted: str, value) -> None:
     d[keys[-1]] = value
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple = (), **top) -> TrainConfig:
-    """A TrainConfig from an optional YAML/JSON file, then `key.sub=value` overrides (YAML values),
-    then keyword arguments for top-level fields (CLI flags)."""
+def load_config(path: str | None = None, overrides: list[str] | tuple = (), *, required: dict | None = None,
+                **top) -> TrainConfig:
+    """A TrainConfig from an optional YAML/JSON file (a path, or a shipped config's name: see
+    resolve_config_path), then `key.sub=value` overrides (YAML values), then keyword arguments for top-level
+    fields (CLI flags). `required`: top-level key -> the error raised when neither the file, an override
+    nor a keyword argument sets it (a default does not count)."""
     data: dict = {}
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise GooseError(f"config file not found: {path}")
+        p = Path(resolve_config_path(path))
         try:
             text = p.read_text()
             data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
@@ -265,7 +283,11 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = (), **to
     for key, value in top.items():
         if value is not None:
             _set(data, key, value)
-    return validate_config(from_dict(TrainConfig, data))
+    cfg = validate_config(from_dict(TrainConfig, data))
+    for key, message in (required or {}).items():
+        if data.get(key) in (None, ""):
+            raise GooseError(message)
+    return cfg
 
 
 # storage_options keys whose values are credentials: written to a run's config.yaml as REDACTED
@@ -284,3 +306,192 @@ def dump_config(cfg: TrainConfig, path: Path, extra: dict | None = None) -> None
         d["_resolved"] = extra
     path.write_text(yaml.safe_dump(d, sort_keys=False))
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys: every valid dotted key, and the nearest one to a mistyped key
+
+
+def config_keys(cls=TrainConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of `cls`, sections included (e.g. 'optim', 'optim.lr', 'loss.align.loss')."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        keys.append(key)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += config_keys(hints[f.name], key + ".")
+    return keys
+
+
+def nearest_key(key: str) -> str | None:
+    """The valid key closest to `key` (difflib), preferring one with the same last part in another section
+    ('lr' -> 'optim.lr'); None when nothing is close."""
+    keys = config_keys()
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf and k != key]
+    if same_leaf:
+        return difflib.get_close_matches(key, same_leaf, n=1, cutoff=0.0)[0]
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    leaves = {}
+    for k in keys:
+        leaves.setdefault(k.rsplit(".", 1)[-1], k)
+    close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.75)
+    return leaves[close[0]] if close else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Shipped configs (configs/ beside cli.py, package data of the `goose` package): found by name from any
+# directory
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Name -> file of every shipped config, sorted by name."""
+    if not CONFIG_DIR.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(CONFIG_DIR.iterdir()) if p.suffix in _CONFIG_SUFFIXES and p.is_file()}
+
+
+def resolve_config_path(name: str) -> str:
+    """The file `--config NAME` means: an existing file as given, else a shipped config named `NAME`,
+    `NAME.yaml` or `configs/NAME.yaml` (so `kd`, `kd.yaml` and `configs/kd.yaml` work from any directory);
+    a one-line GooseError naming the shipped configs otherwise."""
+    p = Path(name).expanduser()
+    if p.is_file():
+        return str(p)
+    shipped = shipped_configs()
+    if str(p.parent) in (".", "configs"):
+        stem = p.stem if p.suffix in _CONFIG_SUFFIXES else p.name
+        if stem in shipped:
+            return str(shipped[stem])
+    else:
+        stem = p.stem
+    close = difflib.get_close_matches(stem, list(shipped), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise GooseError(f"config {name!r} not found: not a file, nor a shipped config (one of: "
+                     f"{', '.join(shipped) or 'none'}; `goose config list`){hint}")
+
+
+def config_description(path: Path) -> str:
+    """The first sentence of a config file's leading comment ('' when it has none)."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    text = " ".join(lines)
+    end = text.find(". ")
+    return text if end < 0 else text[: end + 1]
+
+
+def list_configs() -> list[dict]:
+    """Every shipped config: name, file and the first sentence of its leading comment."""
+    return [{"name": name, "path": str(path), "description": config_description(path)}
+            for name, path in shipped_configs().items()]
+
+
+def show_config(name: str | None = None, overrides: list[str] | tuple = ()) -> dict:
+    """The fully resolved config (every key, defaults included) of a shipped config or file `name` (None:
+    the built-in defaults) with `key.sub=value` overrides, as a plain dict."""
+    return load_config(name, overrides).to_dict()
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders: what train-from-cache does with a folder that already holds a run
+
+# Everything a goose training writes into its run folder (train.py; DONE from ablate, DONE.json from the
+# quickstart). --overwrite removes only these, and refuses a folder that holds anything else.
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "events.jsonl", "tb", "trackers", "checkpoints", "best", ".best-tmp",
+               ".best-old", ".lock", "profile", "DONE", "DONE.json", "eval.json")
+
+
+def run_entries(out: str | Path) -> list[str]:
+    """The goose run files and folders present in `out` (empty when it holds no run or does not exist)."""
+    folder = Path(out)
+    if not folder.is_dir():
+        return []
+    return [name for name in RUN_ENTRIES if os.path.lexists(folder / name)]
+
+
+def _lock_holder(folder: Path) -> int | None:
+    """The pid of a live training holding `folder`'s lock (train.py's `.lock`: 'pid start_time'), or None."""
+    try:
+        pid_text, _, started = (folder / ".lock").read_text().strip().partition(" ")
+        pid = int(pid_text or 0)
+    except (OSError, ValueError):
+        return None
+    if pid <= 0 or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    if started:
+        try:
+            now = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        except (OSError, IndexError):
+            now = started
+        if now != started:
+            return None  # the pid was reused: the lock is stale
+    return pid
+
+
+def prepare_run_folder(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> list[str]:
+    """Check train-from-cache's --out before any training work, and with `overwrite` clear it.
+
+    A folder holding a run (any of RUN_ENTRIES) needs --resume (continue it) or --overwrite (start afresh);
+    without either it is refused. --overwrite removes goose's own run files only, after the store and config
+    have been checked, and refuses a folder that also holds other files or that a live training holds.
+    Returns the entries removed. Under torchrun only rank 0 removes; the other ranks wait for it."""
+    if resume and overwrite:
+        raise GooseError("--resume and --overwrite exclude each other: --resume continues the run in --out, "
+                         "--overwrite deletes it and starts afresh")
+    folder = Path(cfg.out)
+    if folder.exists() and not folder.is_dir():
+        raise GooseError(f"--out {folder} is a file, not a run folder")
+    present = run_entries(folder)
+    if resume or not present:
+        return []
+    if not overwrite:
+        raise GooseError(f"run folder {folder} already holds a run ({', '.join(present)}): pass --resume to "
+                         f"continue it or --overwrite to delete it and start afresh (or choose another --out)")
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank > 0:  # rank 0 clears the folder; wait until it has (it cannot start the run without this rank)
+        deadline = time.monotonic() + 300
+        while (folder / "checkpoints").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return []
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in RUN_ENTRIES)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise GooseError(f"--overwrite: {folder} holds files that are not goose's run files ({shown}); "
+                         f"nothing was deleted: move them away or choose another --out")
+    holder = _lock_holder(folder)
+    if holder is not None:
+        raise GooseError(f"--overwrite: run folder {folder} is in use by a running training (pid {holder}); "
+                         f"nothing was deleted")
+    # the store and the config must be usable before the old run is deleted
+    from ..cache.reader import CacheReader
+    from .train import check_store
+
+    options = cfg.storage_options or None
+    reader = CacheReader(cfg.cache, storage_options=options)
+    check_store(cfg, reader, CacheReader(cfg.val_cache, storage_options=options) if cfg.val_cache else None)
+    for name in present:
+        path = folder / name
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError as exc:
+            raise GooseError(f"--overwrite: cannot delete {path}: {exc.strerror or exc}") from None
+    return present

@@ -1,4 +1,6 @@
-"""Corpus -> packed token windows: load with `datasets`, tokenise in batches, join documents with EOS, pack.
+"""Corpus -> packed token windows: load with `datasets` (streamed), tokenise in batches, join documents with EOS,
+pack. `iter_windows` yields the windows lazily, so memory does not grow with the corpus; `count_windows` is
+the counting pass that gives their number and fingerprint without keeping them.
 
 Local text files are read one document per file, and WikiExtractor `<doc ...>` ... `</doc>` markup (as in
 `shared/data/enwiki-wikiextractor-2015`) splits a file into its articles and is removed.
@@ -9,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -47,13 +51,43 @@ def _builder_for(files: tuple[str, ...]) -> str:
     return kinds.pop()
 
 
-def load_texts(spec: DataSpec):
-    """A `datasets.Dataset` with the text column, from the hub or from local files."""
+def load_texts(spec: DataSpec, *, cache_dir: str | os.PathLike | None = None):
+    """A `datasets.Dataset` with the text column, from the hub or from local files (all of it; local files are
+    held in memory unless `cache_dir` is given: see `open_texts`)."""
+    return open_texts(spec, streaming=False, cache_dir=cache_dir)
+
+
+def open_texts(spec: DataSpec, *, streaming: bool = True, cache_dir: str | os.PathLike | None = None):
+    """The data as a `datasets` dataset with the text column. With `streaming` (the default, and what
+    `cache-teacher` and `eval` use for local files) an `IterableDataset`: hub datasets are streamed and local
+    files read lazily, so nothing is downloaded, converted or held whole; iterating it again reads it again, in
+    the same order.
+
+    Local files never leave a copy in the user's datasets cache (~/.cache/huggingface/datasets, which `datasets`
+    would fill with an Arrow copy of every file, and lock files even when streaming): with `cache_dir` the
+    Arrow copy goes there (e.g. under a command's output folder, reused by the next load); without it
+    `datasets` works in a private temporary folder that is removed before this returns, and a non-streamed
+    dataset is held in memory. Hub datasets use `cache_dir`, else the user's datasets cache as usual (where
+    their downloads live)."""
     import datasets
 
     datasets.disable_progress_bars()
     if bool(spec.dataset) == bool(spec.data_files):
         raise GooseError("give exactly one of --dataset or --data-files")
+    scratch = tempfile.mkdtemp(prefix="goose-datasets-") if spec.data_files and cache_dir is None else None
+    where = {"cache_dir": str(scratch or cache_dir)} if (scratch or cache_dir) else {}
+    if scratch and not streaming:
+        where["keep_in_memory"] = True  # the Arrow files in the scratch folder go with it
+    try:
+        return _load(spec, streaming, where)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _load(spec: DataSpec, streaming: bool, cache_kwargs: dict):
+    import datasets
+
     try:
         if spec.data_files:
             missing = [p for p in spec.data_files if not os.path.isfile(p)]
@@ -63,9 +97,12 @@ def load_texts(spec: DataSpec):
                 raise GooseError("--split does not apply to --data-files (local files form one 'train' split)")
             builder = _builder_for(spec.data_files)
             kwargs = {"sample_by": "document"} if builder == "text" else {}
-            ds = datasets.load_dataset(builder, data_files=list(spec.data_files), split="train", **kwargs)
+            ds = datasets.load_dataset(builder, data_files=list(spec.data_files), split="train", streaming=streaming,
+                                       **kwargs, **cache_kwargs)
         else:
-            ds = datasets.load_dataset(spec.dataset, spec.dataset_config, split=spec.split or "train")
+            ds = datasets.load_dataset(spec.dataset, spec.dataset_config, split=spec.split or "train",
+                                       streaming=streaming, **cache_kwargs)
+        columns = ds.column_names if ds.column_names is not None else _first_columns(ds)
     except GooseError:
         raise
     except ValueError as exc:
@@ -79,11 +116,20 @@ def load_texts(spec: DataSpec):
             f"cannot load dataset {where!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             + ("" if spec.data_files else " (offline? use --data-files with local files)")
         ) from None
-    if spec.text_column not in ds.column_names:
-        raise GooseError(f"no column {spec.text_column!r} in the data (columns: {', '.join(ds.column_names)})")
-    if len(ds) == 0:
+    if columns is None:
+        raise GooseError("the data is empty")
+    if spec.text_column not in columns:
+        raise GooseError(f"no column {spec.text_column!r} in the data (columns: {', '.join(columns)})")
+    if not streaming and len(ds) == 0:
         raise GooseError("the data is empty")
     return ds
+
+
+def _first_columns(ds) -> list[str] | None:
+    """An IterableDataset that does not know its columns: those of its first row (None: no rows)."""
+    for row in ds:
+        return list(row)
+    return None
 
 
 def split_documents(text: str) -> list[str]:
@@ -98,37 +144,95 @@ def split_documents(text: str) -> list[str]:
     return docs
 
 
-def tokenize_and_pack(
-    ds, tokenizer, *, text_column: str, seq_len: int, max_tokens: int | None = None, batch_docs: int = 256
-) -> np.ndarray:
-    """Token ids of every document followed by EOS, packed into (n_windows, seq_len) int64 windows.
+def _text_batches(ds, text_column: str, batch_docs: int):
+    """Lists of up to batch_docs texts, in order, from a Dataset (sliced) or an IterableDataset (streamed)."""
+    if hasattr(ds, "__len__") and hasattr(ds, "__getitem__"):
+        for start in range(0, len(ds), batch_docs):
+            yield ds[start : start + batch_docs][text_column]
+        return
+    batch = []
+    for row in ds:
+        batch.append(row.get(text_column))
+        if len(batch) == batch_docs:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
-    The ragged remainder (fewer than seq_len tokens) is dropped; `max_tokens` caps the total.
-    """
+
+def iter_windows(
+    ds, tokenizer, *, text_column: str, seq_len: int, max_tokens: int | None = None, batch_docs: int = 256
+):
+    """The packed windows, lazily: (n, seq_len) int64 arrays, in order, holding one batch of documents and
+    the unfinished window at a time, so memory is flat in the corpus size.
+
+    Token ids of every document followed by EOS, cut into seq_len windows; the ragged remainder (fewer than
+    seq_len tokens) is dropped and `max_tokens` caps the total (only whole windows are kept). A deterministic
+    function of the data and the tokenizer: the same windows on every pass."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise GooseError("the teacher's tokenizer has no EOS token to join documents with")
-    cap = None if max_tokens is None else int(max_tokens)
-    pieces, total = [], 0
-    for start in range(0, len(ds), batch_docs):
-        texts = [t for t in ds[start : start + batch_docs][text_column] if isinstance(t, str)]
-        docs = [d for text in texts for d in split_documents(text) if d.strip()]
+    room = None if max_tokens is None else int(max_tokens) // seq_len  # windows still allowed
+    carry = np.zeros(0, dtype=np.int64)
+    for texts in _text_batches(ds, text_column, batch_docs):
+        docs = [d for t in texts if isinstance(t, str) for d in split_documents(t) if d.strip()]
         if not docs:
             continue
-        for ids in tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]:
-            pieces.append(np.asarray(ids + [eos], dtype=np.int64))
-            total += len(ids) + 1
-        if cap is not None and total >= cap:
-            break
-    if total == 0:
-        raise GooseError("the data holds no text")
-    tokens = np.concatenate(pieces)
-    if cap is not None:
-        tokens = tokens[:cap]
-    n_windows = len(tokens) // seq_len
+        ids = tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
+        pieces = [carry] + [np.asarray(x + [eos], dtype=np.int64) for x in ids]
+        tokens = np.concatenate(pieces)
+        n = len(tokens) // seq_len
+        if room is not None:
+            n = min(n, room)
+            room -= n
+        if n:
+            yield tokens[: n * seq_len].reshape(n, seq_len)
+        if room == 0:
+            return
+        carry = tokens[n * seq_len :].copy()
+
+
+def count_windows(ds, tokenizer, *, text_column: str, seq_len: int, max_tokens: int | None = None,
+                  batch_docs: int = 256) -> tuple[int, str]:
+    """One streamed pass: how many windows `iter_windows` yields and their `windows_fingerprint`, keeping
+    nothing (the counting pass of `cache-teacher`, which must know the store's shape before it writes)."""
+    digest = hashlib.sha256()
+    n_windows = 0
+    for windows in iter_windows(ds, tokenizer, text_column=text_column, seq_len=seq_len, max_tokens=max_tokens,
+                                batch_docs=batch_docs):
+        digest.update(np.ascontiguousarray(windows, dtype=np.int64).tobytes())
+        n_windows += len(windows)
     if n_windows == 0:
-        raise GooseError(f"only {len(tokens)} tokens of data, fewer than one window of --seq-len {seq_len}")
-    return tokens[: n_windows * seq_len].reshape(n_windows, seq_len)
+        tokens = _count_tokens(ds, tokenizer, text_column, batch_docs)
+        if tokens == 0:
+            raise GooseError("the data holds no text")
+        raise GooseError(f"only {tokens} tokens of data, fewer than one window of --seq-len {seq_len}")
+    return n_windows, digest.hexdigest()[:16]
+
+
+def _count_tokens(ds, tokenizer, text_column: str, batch_docs: int) -> int:
+    """All tokens of a corpus too short for one window (for the error message)."""
+    total = 0
+    for texts in _text_batches(ds, text_column, batch_docs):
+        docs = [d for t in texts if isinstance(t, str) for d in split_documents(t) if d.strip()]
+        if docs:
+            total += sum(len(x) + 1 for x in tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"])
+    return total
+
+
+def tokenize_and_pack(
+    ds, tokenizer, *, text_column: str, seq_len: int, max_tokens: int | None = None, batch_docs: int = 256
+) -> np.ndarray:
+    """Every window of `iter_windows`, in memory: (n_windows, seq_len) int64 (for evaluation and benches;
+    `cache-teacher` streams them instead)."""
+    parts = list(iter_windows(ds, tokenizer, text_column=text_column, seq_len=seq_len, max_tokens=max_tokens,
+                              batch_docs=batch_docs))
+    if not parts:
+        tokens = _count_tokens(ds, tokenizer, text_column, batch_docs)
+        if tokens == 0:
+            raise GooseError("the data holds no text")
+        raise GooseError(f"only {tokens} tokens of data, fewer than one window of --seq-len {seq_len}")
+    return np.concatenate(parts)
 
 
 def windows_fingerprint(windows: np.ndarray) -> str:

@@ -9,6 +9,11 @@ Protocols over one token stream (documents joined with EOS, as in stage one):
 - stream:   (recurrent students only) the whole stream in consecutive chunks of L with the state carried,
             every token after the first scored with all previous tokens as context.
 A model is a `Scorer`: log-probabilities of the next tokens for a window, optionally with a state.
+
+With `harness`, EleutherAI's lm-evaluation-harness runs too, on the same model (pipeline/harness.py), and its
+text perplexity is put next to goose's protocols on the same text.
+
+Local text files are streamed (pipeline/data.py `open_texts`): nothing is written to the datasets cache.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import torch
 
 from ..errors import GooseError
 from ..student.model import Student
-from .data import DataSpec, load_texts, tokenize_and_pack
+from .data import DataSpec, open_texts, tokenize_and_pack
+from .harness import TEXT_TASK, HarnessConfig
 
 PROTOCOLS = ("windows", "sliding", "stream")
 
@@ -201,9 +207,11 @@ class EvalConfig:
     storage_options: dict | None = None  # fsspec options for --cache and the student's store (remote URLs)
     device: str = "auto"
     dtype: str = "auto"
+    harness: HarnessConfig | None = None  # lm-eval tasks on the same model (pipeline/harness.py)
 
     def check(self) -> None:
-        """Bad numbers fail here, before any model or text is loaded."""
+        """Bad numbers fail here, before any model or text is loaded. The harness's text task reads the eval's
+        --data-files unless it was given its own."""
         if self.seq_len < 2:
             raise GooseError(f"--seq-len must be >= 2 (a window scores its tokens 2..L), got {self.seq_len}")
         if self.stride is not None and not 1 <= self.stride <= self.seq_len:
@@ -218,6 +226,15 @@ class EvalConfig:
         for p in self.protocols:
             if p not in PROTOCOLS:
                 raise GooseError(f"unknown protocol {p!r}; choose from {PROTOCOLS}")
+        if self.harness is not None:
+            h = self.harness
+            if TEXT_TASK in h.tasks and not h.data_files.get(TEXT_TASK) and self.data and self.data.data_files:
+                h.data_files = {**h.data_files, TEXT_TASK: tuple(self.data.data_files)}
+                h.text_column = self.data.text_column
+            h.check()
+            from .harness import require_lm_eval
+
+            require_lm_eval()
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
@@ -293,7 +310,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.student:
         folder, meta = student_folder(cfg.student)
         model = Student.from_pretrained(folder, device=device).eval()
-        tokenizer = load_tokenizer(cfg.tokenizer, meta, folder) if cfg.data else None
+        tokenizer = load_tokenizer(cfg.tokenizer, meta, folder) if cfg.data or cfg.harness else None
         if tokenizer is not None:
             check_tokenizer(tokenizer, model.cfg.vocab_size)
         scorer = StudentScorer(model, device)
@@ -307,7 +324,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         if ctx is not None and cfg.seq_len > ctx:
             raise GooseError(f"--seq-len {cfg.seq_len} is above the teacher's context of {ctx} tokens")
     if cfg.data is not None:
-        ds = load_texts(cfg.data)
+        # local files streamed (no Arrow copy in the datasets cache); a hub dataset as datasets caches it
+        ds = open_texts(cfg.data, streaming=bool(cfg.data.data_files))
         tokens = tokenize_and_pack(ds, tokenizer, text_column=cfg.data.text_column, seq_len=1,
                                    max_tokens=cfg.max_tokens).reshape(-1)
         result["data"] = {**cfg.data.describe(), "tokens": int(len(tokens))}
@@ -327,6 +345,18 @@ def run_eval(cfg: EvalConfig) -> dict:
                     f"{frac:.0%} of the evaluation text's tokens sit in 32-token spans that store {url} also "
                     f"holds: this text is not held out, its perplexity is not a test result")
         result["perplexity"] = [evaluate_stream(scorer, tokens, p, cfg.seq_len, cfg.stride) for p in cfg.protocols]
+    result["harness"] = None  # a stable key: null without --harness
+    if cfg.harness is not None:
+        from .harness import run_harness
+
+        if model is not None:
+            from ..student.hf import GooseForCausalLM
+
+            hf_model = GooseForCausalLM.from_student(model, eos_token_id=tokenizer.eos_token_id,
+                                                     bos_token_id=tokenizer.bos_token_id)
+        else:
+            hf_model = teacher.model
+        result["harness"] = run_harness(hf_model, tokenizer, cfg.harness, max_length=cfg.seq_len, scorer=scorer)
     if cfg.cache:
         if model is None:
             raise GooseError("--cache agreement is for students (the store already holds the teacher)")
@@ -342,6 +372,6 @@ def run_eval(cfg: EvalConfig) -> dict:
                                                           default=None),
                             "sites": summaries}
         result["energy"] = model.energy_report(scorer.stats)
-    if "perplexity" not in result and "teacher_agreement" not in result:
-        raise GooseError("nothing to evaluate: give --dataset/--data-files and/or --cache")
+    if "perplexity" not in result and "teacher_agreement" not in result and result["harness"] is None:
+        raise GooseError("nothing to evaluate: give --dataset/--data-files, --cache and/or --harness")
     return result

@@ -57,35 +57,57 @@ def check_sampling(*, max_new_tokens: int, temperature: float, top_k: int, top_p
 
 
 class TextStream:
-    """Turns tokens into text as they are generated and hands each piece to `write` at once.
+    """Turns tokens into text as they are generated and hands each new piece to `write` at once.
 
-    Each new piece is decoded together with the token before it and only the new text is written, so a
-    tokenizer that joins words with spaces keeps them; a piece that ends inside a multi-byte character
-    (byte-level BPE) waits for the token that completes it."""
+    The prompt (`context`, its token ids) and the continuation are decoded *together*: after each new token
+    the text of the prompt plus everything generated so far is decoded, and only what that adds to the text
+    already written is passed on. So the space (or its absence) between the prompt and the first new token,
+    and between any two new tokens, is exactly what the tokenizer's `decode` of the whole sequence gives
+    (`raw prompt + streamed text == decode(prompt_ids + new_ids)` for a prompt that round-trips). A piece that
+    ends inside a multi-byte character (byte-level BPE) waits for the token that completes it.
 
-    def __init__(self, tokenizer, write, context: list[int] | None = None, skip_id: int | None = None):
+    To keep each step O(1) in a long generation, only the last `window` tokens are decoded (the decoded text
+    of a window is re-anchored when it grows past that); decoding is local, so this matches decoding the
+    whole sequence."""
+
+    def __init__(self, tokenizer, write, context: list[int] | None = None, skip_id: int | None = None,
+                 window: int = 64):
         self.tokenizer, self.write, self.skip_id = tokenizer, write, skip_id
-        self.prev = list(context[-1:]) if context else []
-        self.pending: list[int] = []
+        self.window = max(int(window), 4)
+        self.ids: list[int] = list(context or [])[-self.window:]  # the decoded tail: prompt, then new tokens
+        self.done = len(self.ids)  # self.ids[:done] are the tokens whose text is out (the prompt counts)
+        self.text = self._decode(self.ids)  # decode(self.ids[:done])
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, clean_up_tokenization_spaces=False) if ids else ""
 
+    def _emit(self, full: str) -> None:
+        if full.startswith(self.text):
+            piece = full[len(self.text):]
+        else:  # the tokenizer rewrote earlier text (rare): print the new tokens decoded after the last written one
+            base = self._decode(self.ids[max(self.done - 1, 0):self.done])
+            tail = self._decode(self.ids[max(self.done - 1, 0):])
+            piece = tail[len(base):] if tail.startswith(base) else self._decode(self.ids[self.done:])
+        if piece:
+            self.write(piece)
+        self.done, self.text = len(self.ids), full
+        if len(self.ids) > self.window:  # re-anchor: keep the last half window as context
+            self.ids = self.ids[-(self.window // 2):]
+            self.done = len(self.ids)
+            self.text = self._decode(self.ids)
+
     def __call__(self, token: int) -> None:
         if token == self.skip_id:  # the end-of-text token that stops generation is not printed
             return
-        self.pending.append(token)
-        base, full = self._decode(self.prev), self._decode(self.prev + self.pending)
-        if full.endswith("\ufffd") and len(self.pending) < 8:
+        self.ids.append(int(token))
+        full = self._decode(self.ids)
+        if full.endswith("\ufffd") and len(self.ids) - self.done < 8:
             return  # half a character: wait for the rest
-        self.write(full[len(base):] if full.startswith(base) else self._decode(self.pending))
-        self.prev, self.pending = self.pending[-1:], []
+        self._emit(full)
 
     def flush(self) -> None:
-        if self.pending:
-            base, full = self._decode(self.prev), self._decode(self.prev + self.pending)
-            self.write(full[len(base):] if full.startswith(base) else self._decode(self.pending))
-            self.prev, self.pending = self.pending[-1:], []
+        if len(self.ids) > self.done:
+            self._emit(self._decode(self.ids))
 
 
 @torch.no_grad()

@@ -10,6 +10,9 @@ trainer marks batches that gave non-finite losses as skipped so a rollback does 
 
 from __future__ import annotations
 
+import queue
+import threading
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -81,6 +84,49 @@ class _PlanDataset(Dataset):
         return to_tensors(self.reader.read_indices(self.plan[i], self.fields))
 
 
+class _ThreadPrefetch:
+    """The next `depth` batches read on a background thread while the training step computes (the
+    num_workers 0 path): zarr's decompression and the numpy copies release the GIL, so the store's reads
+    overlap the step. Order is kept; an error surfaces at the batch it belongs to; `close` stops the thread
+    (a new plan starts a new one). The loader's position counts only batches handed out, so a checkpoint
+    never includes one that was merely read ahead."""
+
+    def __init__(self, iterator, depth: int):
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(iterator,), daemon=True, name="goose-prefetch")
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stopped.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, iterator) -> None:
+        try:
+            for batch in iterator:
+                if not self._put(("batch", batch)):
+                    return
+            self._put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            self._put(("error", exc))
+
+    def __next__(self):
+        kind, item = self.q.get()
+        if kind == "end":
+            raise StopIteration
+        if kind == "error":
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.stopped.set()
+
+
 class CacheLoader:
     """Endless iterator of training batches over a pool of windows, resumable to the exact batch."""
 
@@ -111,7 +157,7 @@ class CacheLoader:
             self.pool_id, self.epoch, self.position = pool_id, 0, 0
         if len(self.pool) < self.batch_size:
             raise ValueError(f"only {len(self.pool)} windows for a batch of {self.batch_size}")
-        self._iter = None
+        self._close()
 
     def _plan(self) -> list[np.ndarray]:
         if self.streams:
@@ -125,7 +171,15 @@ class CacheLoader:
         kw = dict(batch_size=None, shuffle=False, num_workers=self.num_workers, pin_memory=self.pin_memory)
         if self.num_workers > 0:
             kw.update(prefetch_factor=self.prefetch, persistent_workers=False)
+        self._close()
         self._iter = iter(DataLoader(_PlanDataset(self.url, plan, self.fields, self.storage_options), **kw))
+        if self.num_workers == 0 and self.prefetch > 0:
+            self._iter = _ThreadPrefetch(self._iter, self.prefetch)
+
+    def _close(self) -> None:
+        if isinstance(self._iter, _ThreadPrefetch):
+            self._iter.close()
+        self._iter = None
 
     def _next_any(self) -> dict[str, torch.Tensor]:
         try:
@@ -170,7 +224,7 @@ class CacheLoader:
     def load_state_dict(self, d: dict) -> None:
         self.epoch, self.position, self.pool_id = int(d["epoch"]), int(d["position"]), int(d["pool_id"])
         self.skip = {tuple(int(x) for x in k) for k in d.get("skip", [])}
-        self._iter = None
+        self._close()
 
 
 def read_windows(url: str, indices: np.ndarray, fields: list[str], batch_size: int,

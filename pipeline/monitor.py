@@ -75,7 +75,8 @@ class HealthMonitor:
                 self.clipped.append(g > self.grad_clip)
                 if len(self.clipped) == c.clip_window and sum(self.clipped) >= c.clip_fraction * c.clip_window:
                     self._fire(step, "clipping", f"gradient clipping fired on {sum(self.clipped)} of the last "
-                               f"{c.clip_window} steps", fraction=sum(self.clipped) / c.clip_window)
+                               f"{c.clip_window} steps; if it persists past warm-up, lower optim.lr or raise optim.grad_clip",
+                               fraction=sum(self.clipped) / c.clip_window)
         T = m.get("temperature")
         if T is not None and self.t_bounds is not None:
             lo, hi = self.t_bounds

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import yaml
 from tqdm.auto import tqdm
 
 from .. import __version__
@@ -30,7 +31,9 @@ from ..student.model import Student, config_for_store, detach_state
 from ..student.spikes import firing_rate_loss
 from .config import TrainConfig, dump_config
 from .curriculum import Curriculum, difficulty_order
-from .distributed import DistEnv
+from .distributed import (DistEnv, clip_grad_norm, full_model_state, full_optimizer_state, load_full_model_state,
+                          load_full_optimizer_state, shard_student)
+from .loggers import Loggers, open_loggers
 from .loader import CacheLoader, read_windows
 from .losses import (
     cka_align,
@@ -52,7 +55,7 @@ LOCK_FILE = ".lock"
 
 # Config keys a resumed run may change: they steer how long it runs, what it logs and where, never what
 # it computes. Anything else differing from the checkpoint's config is refused on --resume.
-RESUMABLE_KEYS = {"out", "steps", "log_every", "val_every", "ckpt_every", "keep_checkpoints", "tensorboard",
+RESUMABLE_KEYS = {"out", "steps", "log_every", "val_every", "ckpt_every", "keep_checkpoints", "tensorboard", "loggers",
                   "profile_steps", "device", "num_workers", "cache", "val_cache", "nan_patience", "max_rollbacks",
                   "rollback_lr_factor", "monitor", "storage_options"}
 
@@ -129,15 +132,22 @@ def lr_factor(cfg: TrainConfig, step: int, rewarm_from: int | None) -> float:
     return f
 
 
-def param_groups(cfg: TrainConfig, model: Student, distiller: Distiller) -> list[dict]:
+def param_groups(cfg: TrainConfig, model: Student, distiller: Distiller, replicated=()) -> list[dict]:
     """Weight decay on large matrices only; none on norms, biases, mixes, spike parameters. The CTKD
-    temperature is not here: it has its own SGD optimiser (`temperature_optimizer`)."""
+    temperature is not here: it has its own SGD optimiser (`temperature_optimizer`). `replicated`: under
+    FSDP the parameters left unsharded, in a group of their own (one foreach step cannot mix them with
+    sharded ones)."""
     decay, no_decay = [], []
+    apart = {id(p) for p in replicated}
     for name, p in model.named_parameters():
+        if id(p) in apart:
+            continue
         big = p.ndim == 2 and ".spikes." not in name and not name.endswith("r_k")
         (decay if big else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    if replicated:
+        groups.append({"params": list(replicated), "weight_decay": 0.0, "name": "replicated"})
     if len(distiller.projectors):
         groups.append({"params": list(distiller.projectors.parameters()), "weight_decay": cfg.optim.weight_decay,
                        "name": "projectors"})
@@ -247,6 +257,14 @@ def validate_model(model: Student, url: str, spec, windows: np.ndarray, batch_si
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
+
+
+def _to_device(state, device):
+    if isinstance(state, dict):
+        return {k: _to_device(v, device) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_to_device(v, device) for v in state]
+    return state.to(device) if isinstance(state, torch.Tensor) else state
 
 
 def _rng_state() -> dict:
@@ -469,15 +487,25 @@ class Trainer:
             if any(not 0 <= s <= scfg.n_layer for s, _ in self.pairs):
                 raise GooseError(f"alignment pairs {self.pairs} name student layers outside 0..{scfg.n_layer}")
         self.distiller = Distiller(cfg, self.pairs, scfg.d_model, spec.hidden_size).to(self.device)
+        self.fsdp = self.dist.active and cfg.parallel == "fsdp"
+        self.replicated: list = []
+        # parallel: fsdp keeps its optimizer state by parameter name (and the spike parameters in a group of
+        # their own) in one process too, so its checkpoints resume under any world size, one rank included
+        self.by_name = cfg.parallel == "fsdp"
+        self.state_modules = nn.ModuleDict({"model": self.model, "distiller": self.distiller})
+        if self.fsdp:  # before compile and before the optimizer: both must see the sharded parameters
+            self.replicated = shard_student(self.model, self.device.type, self.dist.world)
+        elif self.by_name:
+            self.replicated = [p for name, p in self.model.named_parameters() if ".spikes." in name]
         self.forward = torch.compile(self.model) if cfg.compile else self.model
-        if self.dist.active:
+        if self.dist.active and not self.fsdp:
             # running spike statistics are all-reduced inside the model (global-batch statistics), so the
             # buffers agree on every rank without DDP broadcasting them
             self.forward = nn.parallel.DistributedDataParallel(
                 self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False)
         fused = self.device.type == "cuda"
-        self.opt = torch.optim.AdamW(param_groups(cfg, self.model, self.distiller), lr=cfg.optim.lr,
+        self.opt = torch.optim.AdamW(param_groups(cfg, self.model, self.distiller, self.replicated), lr=cfg.optim.lr,
                                      betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
                                      **({"fused": True} if fused else {"foreach": True}))
         self.t_opt = temperature_optimizer(cfg, self.distiller)
@@ -651,7 +679,11 @@ class Trainer:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in self.loader.next().items()}
             # DDP: gradients are all-reduced in the last micro-batch's backward only
             last = micro == c.optim.accumulation - 1
-            sync = self.forward.no_sync() if self.dist.active and not last else contextlib.nullcontext()
+            # FSDP2 reduce-scatters every micro-batch into the sharded .grad: holding the sync back would keep
+            # full unsharded gradients on every rank between micro-batches (FSDP's memory saving gone), and a
+            # skipped step would leave them behind for the next one
+            sync = (self.forward.no_sync() if self.dist.active and not self.fsdp and not last
+                    else contextlib.nullcontext())
             with sync:
                 parts = self.compute_losses(batch, stage, progress)
                 # every rank skips together (a rank leaving out a backward would hang the all-reduce)
@@ -676,15 +708,22 @@ class Trainer:
         grad_norm = float("nan")
         t_live = False
         if finite:
-            self.dist.sync_grads(self.distiller.parameters())  # outside the DDP module: CTKD theta, projectors
+            # outside the DDP module: CTKD theta, projectors (and under FSDP the replicated spike parameters)
+            self.dist.sync_grads([*self.distiller.parameters(), *self.replicated])
             self.scaler.unscale_(self.opt)
             unscaled = True
             t_live = self.t_opt is not None and self.distiller.temperature.theta.grad is not None
             if t_live:
                 self.scaler.unscale_(self.t_opt)
             params = [p for g in self.opt.param_groups for p in g["params"]]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.optim.grad_clip if c.optim.grad_clip > 0
-                                                             else float("inf")))
+            max_norm = c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf")
+            if self.fsdp:  # sharded student and replicated distiller: one global norm over both
+                from torch.distributed.tensor import DTensor
+
+                sharded = [p for p in params if isinstance(p, DTensor)]  # the same parameters as below
+                grad_norm = clip_grad_norm([sharded, [p for p in params if not isinstance(p, DTensor)]], max_norm)
+            else:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             grads_finite = math.isfinite(grad_norm) and (
                 not t_live or bool(torch.isfinite(self.distiller.temperature.theta.grad).all()))
             # A finite loss with non-finite gradients under fp16 is an ordinary loss-scale overflow while the
@@ -733,21 +772,25 @@ class Trainer:
     # ---- validation ----------------------------------------------------------------------------
     def validate(self) -> dict:
         """Perplexity, KL to the teacher at T=1 and top-1 agreement on the fixed validation windows. Under
-        torchrun rank 0 validates once and every rank gets its result (the curriculum decides on it)."""
+        torchrun rank 0 validates once and every rank gets its result (the curriculum decides on it); under
+        FSDP every rank runs the same windows, since each forward gathers the weights from all ranks."""
         out = None
-        if self.dist.is_main:
+        if self.dist.is_main or self.fsdp:
             val, summaries = validate_model(self.model, self.val_url, self.val_spec, self.val_windows,
                                             self.cfg.batch_size, self.device, self._autocast,
                                             self.cfg.storage_options)
-            self.monitor.on_spikes(self.step, summaries)
+            if self.dist.is_main:
+                self.monitor.on_spikes(self.step, summaries)
             out = {"step": self.step, **val}
         return self.dist.broadcast(out)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _payload(self) -> dict:
         return {
-            "step": self.step, "model": self.model.state_dict(), "distiller": self.distiller.state_dict(),
-            "optimizer": self.opt.state_dict(),
+            "step": self.step, "distiller": self.distiller.state_dict(),
+            # FSDP: the unsharded weights (as one process writes them) and the optimizer state by parameter name
+            "model": full_model_state(self.model) if self.fsdp else self.model.state_dict(),
+            "optimizer": full_optimizer_state(self.state_modules, self.opt) if self.by_name else self.opt.state_dict(),
             # each rank carries the state of its own rows: rank 0 saves all of them
             "carry": self.carry if not self.dist.active else self.dist.gather(self.carry), "world_size": self.dist.world,
             "temperature_optimizer": self.t_opt.state_dict() if self.t_opt is not None else None,
@@ -784,7 +827,8 @@ class Trainer:
         found = checkpoints(self.run)
         for i, path in enumerate(reversed(found)):
             try:
-                return path, load_checkpoint(path, self.device)
+                # FSDP: to host memory; each rank keeps only its shard of what it then loads
+                return path, load_checkpoint(path, "cpu" if self.fsdp else self.device)
             except GooseError as exc:
                 if i == len(found) - 1:
                     raise
@@ -803,6 +847,10 @@ class Trainer:
         saved = d.get("identity")
         if saved is None:
             raise GooseError(f"checkpoint {path} predates run identity checks; it cannot be resumed safely")
+        # a config key added after the checkpoint was written counts as its default (old runs still resume)
+        defaults = {k: v for k, v in TrainConfig().to_dict().items() if k not in RESUMABLE_KEYS}
+        saved = {**saved, "config": {**{k: v for k, v in defaults.items() if k not in saved.get("config", {})},
+                                     **saved.get("config", {})}}
         changed = _differences(saved, self.identity)
         if changed:
             shown = ", ".join(changed[:8]) + (f" (+{len(changed) - 8} more)" if len(changed) > 8 else "")
@@ -810,10 +858,16 @@ class Trainer:
                              f"only {', '.join(sorted(RESUMABLE_KEYS))} may change (use a new --out otherwise)")
 
     def _load(self, path: Path, *, keep_lr_scale: bool = False, payload: dict | None = None) -> None:
-        d = payload if payload is not None else load_checkpoint(path, self.device)
-        self.model.load_state_dict(d["model"])
+        d = payload if payload is not None else load_checkpoint(path, "cpu" if self.fsdp else self.device)
         self.distiller.load_state_dict(d["distiller"])
-        self.opt.load_state_dict(d["optimizer"])
+        if self.fsdp:
+            load_full_model_state(self.model, d["model"])
+        else:
+            self.model.load_state_dict(d["model"])
+        if self.by_name:
+            load_full_optimizer_state(self.state_modules, self.opt, d["optimizer"])
+        else:
+            self.opt.load_state_dict(d["optimizer"])
         saved_world = int(d.get("world_size", 1))
         carry = d.get("carry")
         if saved_world != self.dist.world:
@@ -823,7 +877,7 @@ class Trainer:
             carry = None
         elif self.dist.active:
             carry = carry[self.dist.rank]
-        self.carry = carry
+        self.carry = None if carry is None else _to_device(carry, self.device)
         if self.t_opt is not None:
             self.t_opt.load_state_dict(d["temperature_optimizer"])
         self.scaler.load_state_dict(d["scaler"])
@@ -872,10 +926,17 @@ class Trainer:
                          lr_scale=lowered, skipped_batches=failed)
 
     def save_best(self, val: dict) -> None:
+        model = self.model
+        if self.fsdp:  # every rank gathers; rank 0 writes an unsharded copy
+            state = full_model_state(self.model)
+            if not self.dist.is_main:
+                return
+            model = Student(self.model.cfg)
+            model.load_state_dict(state)
         tmp = self.run / ".best-tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            self.model.save_pretrained(tmp)
+            model.save_pretrained(tmp)
             (tmp / "metrics.json").write_text(json.dumps(val, indent=2, default=float))
             (tmp / "goose.json").write_text(json.dumps(self.provenance(), indent=2))
             self.reader.save_tokenizer(tmp)  # the student folder is self-contained: eval/generate need nothing else
@@ -901,14 +962,18 @@ class Trainer:
         if self.dist.is_main:
             _truncate_jsonl(metrics_path, self.step)
             _truncate_jsonl(self.run / "events.jsonl", self.step)
-        tb = None
-        if c.tensorboard and self.dist.is_main:
+        self.loggers = Loggers([])
+        if self.dist.is_main:  # rank 0 logs for the run: metrics.jsonl, TensorBoard and any tracker (`loggers`)
             try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                tb = SummaryWriter(str(self.run / "tb"), purge_step=self.step or None)
-            except ImportError:
-                tb = None
+                config = (yaml.safe_load((self.run / "config.yaml").read_text())
+                          if (self.run / "config.yaml").is_file() else c.to_dict())
+                self.loggers = open_loggers(c.loggers, self.run, config, step=self.step, tensorboard=c.tensorboard,
+                                            warn=self._warn)
+                self.loggers.log_config(config)
+            except BaseException:
+                self.loggers.close()
+                self.lock.release()  # a tracker that cannot start (not installed, no server) stops the run cleanly
+                raise
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         profiler = None
         if c.profile_steps > 0:
@@ -943,11 +1008,10 @@ class Trainer:
                     m["tokens"] = self.step * tokens_per_step
                     m["elapsed_s"] = self.elapsed_before + now - start_time
                     t_last, tok_last = now, 0
-                    self._log(metrics_path, tb, m)
-                    bar.set_postfix(loss=f"{m.get('loss', float('nan')):.3f}", T=f"{m.get('temperature', 0):.2f}"
-                                    if "temperature" in m else None, refresh=False)
+                    self._log(m)
+                    bar.set_postfix(progress_postfix(m), refresh=False)
                 if self.step % c.val_every == 0 or self.step == c.steps:
-                    last_val = self._validate_and_log(metrics_path, tb)
+                    last_val = self._validate_and_log()
                     if self.curriculum is not None and self.curriculum.maybe_advance(self.step, c.steps, last_val["val_loss"]):
                         self._stage_changed()
                 elif self.curriculum is not None and self.curriculum.maybe_advance(self.step, c.steps):
@@ -970,8 +1034,7 @@ class Trainer:
                 profiler.stop()
             for s, h in previous.items():
                 signal.signal(s, h)
-            if tb is not None:
-                tb.close()
+            self.loggers.close()
         return {
             "run": str(self.run), "steps": self.step, "interrupted": interrupted,
             "signal": self.stop_signal, "seconds": time.perf_counter() - start_time,
@@ -979,7 +1042,8 @@ class Trainer:
             "last_val": last_val, "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks,
             "events": self.monitor.summary(), "parameters": self.model.parameter_report(),
             "val_windows": int(len(self.val_windows)), "seq_len": int(self.val_spec.seq_len),
-            "rank": self.dist.rank, "world_size": self.dist.world,
+            "rank": self.dist.rank, "world_size": self.dist.world, "loggers": self.loggers.names,
+            "outputs": run_files(self.run),
         }
 
     def _stage_changed(self) -> None:
@@ -992,29 +1056,54 @@ class Trainer:
                          f"{v['kd_weight']:g}", warn=False, stage=self.curriculum.stage,
                          windows=int(len(self.curriculum.pool())))
 
-    def _validate_and_log(self, metrics_path: Path, tb) -> dict:
+    def _validate_and_log(self) -> dict:
         val = self.validate()
         if val["val_loss"] < self.best_val:
             self.best_val = val["val_loss"]
-            if self.dist.is_main:
+            if self.dist.is_main or self.fsdp:
                 self.save_best(val)
         val["best_val_ppl"] = math.exp(self.best_val)
-        self._log(metrics_path, tb, val | {"kind": "val"})
-        if tb is not None:
-            for key, s in val["spike_sites"].items():
-                tb.add_scalar(f"spikes/rate/{key}", s["rate"], self.step)
+        self._log(val | {"kind": "val"})
         return val
 
-    def _log(self, path: Path, tb, m: dict) -> None:
+    def _log(self, m: dict) -> None:
+        """One metrics row to every logger (metrics.jsonl, TensorBoard, trackers); rank 0 only."""
         if not self.dist.is_main:
             return
-        with open(path, "a") as f:
-            f.write(json.dumps(m, default=float) + "\n")
-        if tb is not None:
-            prefix = "val/" if m.get("kind") == "val" else "train/"
-            for k, v in m.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and v is not None:
-                    tb.add_scalar(prefix + k, v, self.step)
+        self.loggers.log_metrics(m, self.step)
+
+
+def progress_postfix(m: dict) -> dict:
+    """The progress bar's fields for a train row: the loss, and T only while a KD loss uses it (a CE-only
+    run, or a stage with KD weight 0, has no temperature to show)."""
+    out = {"loss": f"{m.get('loss', float('nan')):.3f}"}
+    if m.get("temperature") is not None and (m.get("kd_weight") or 0) > 0:
+        out["T"] = f"{m['temperature']:.2f}"
+    return out
+
+
+def run_files(run: Path) -> dict[str, str]:
+    """The run's outputs that exist now, by role: best (best/, written at the first validation), metrics,
+    events (written only when something happened), tensorboard, trackers, checkpoints. A final summary
+    names only these, so it never points at a file an early interrupt or a quiet run did not write."""
+    roles = {"best": "best", "metrics": "metrics.jsonl", "events": "events.jsonl", "tensorboard": "tb",
+             "trackers": "trackers", "checkpoints": "checkpoints"}
+    out = {}
+    for role, name in roles.items():
+        path = run / name
+        if (path / "config.json").is_file() if role == "best" else path.exists():
+            out[role] = str(path)
+    return out
+
+
+def summary_files_line(files: dict[str, str]) -> str:
+    """'  best model: RUN/best   metrics: RUN/metrics.jsonl ...' over the files that exist (run_files; the
+    `outputs` of run_train's result), for the end-of-run summary."""
+    labels = (("best", "best model"), ("metrics", "metrics"), ("events", "events"), ("tensorboard", "TensorBoard"))
+    parts = [f"{label}: {files[role]}" for role, label in labels if role in files]
+    if "best" not in files:
+        parts.insert(0, "no best model yet (no validation ran)")
+    return "  " + "   ".join(parts)
 
 
 def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, echo=print) -> dict:

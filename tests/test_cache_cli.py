@@ -152,8 +152,14 @@ def test_verify_catches_corrupt_and_wrong_chunks(tmp_path, tiny_teacher, corpus_
     out2 = tmp_path / "t.zarr"
     assert run_cli(base_args(tiny_teacher, corpus_file, out2)).exit_code == 0
     group = zarr.open_group(str(out2), mode="r+")
-    logp = group["topk_logprobs"][6:8]
-    group["topk_logprobs"][6:8] = logp[..., ::-1]  # ascending instead of descending
+    compact = group.attrs["goose"]["spec"].get("topk_encoding") == "compact"
+    if compact:  # the top-1, then the rest by id as gaps: a zero gap after the first repeats an id
+        gaps = group["topk_ids"][6:8]
+        gaps[0, 0, 3] = 0
+        group["topk_ids"][6:8] = gaps
+    else:
+        logp = group["topk_logprobs"][6:8]
+        group["topk_logprobs"][6:8] = logp[..., ::-1]  # ascending instead of descending
     ids = group["topk_ids"][0:2]
     ids[0, 0, 0] = 60000
     group["topk_ids"][0:2] = ids
@@ -161,7 +167,10 @@ def test_verify_catches_corrupt_and_wrong_chunks(tmp_path, tiny_teacher, corpus_
     tail[1, 3, 0] = 0.5
     group["tail_logmass"][2:4] = tail
     stderr = run_cli(["cache", "verify", out2]).stderr
-    assert "chunk 3 (windows 6-7): topk_logprobs not sorted descending" in stderr
+    if compact:
+        assert "chunk 3 (windows 6-7): topk_ids (gaps) not ascending: an id repeats" in stderr
+    else:
+        assert "chunk 3 (windows 6-7): topk_logprobs not sorted descending" in stderr
     assert "chunk 0 (windows 0-1): topk_ids has ids >= vocabulary size" in stderr
     assert "chunk 1 (windows 2-3): tail_logmass above 0" in stderr
 

@@ -156,7 +156,7 @@ def test_schema_v2_store_is_read_but_verify_warns_and_cache_teacher_will_not_res
     assert not reader.has_checksums and reader.read(0, 2)["input_ids"].shape == (2, 32)
     result = run_cli(["cache", "verify", copy])
     assert result.exit_code == 0 and "warning: schema v2 store: no checksums" in result.stderr
-    assert_one_line_error(run_cli(base_args(tiny_teacher, corpus_file, copy)), "schema version 2, this goose writes 3")
+    assert_one_line_error(run_cli(base_args(tiny_teacher, corpus_file, copy)), "schema version 2, this goose writes 4")
 
 
 # ---- item 6: truncated chunks ---------------------------------------------------------------------
@@ -252,7 +252,7 @@ def test_kill_the_instant_the_store_is_created_leaves_a_store_a_rerun_finishes(t
 
 # ---- item 6 (one-line errors) ----------------------------------------------------------------------
 @pytest.mark.parametrize("extra, pattern", [
-    (["--compression-level", "99"], "--compression-level for zstd must be between 1 and 22, got 99"),
+    (["--compression", "zstd", "--compression-level", "99"], "--compression-level for zstd must be between 1 and 22, got 99"),
     (["--compression", "blosc", "--compression-level", "10"], "for blosc must be between 0 and 9"),
     (["--max-tokens", "1"], "--max-tokens must be at least one window"),
     (["--max-tokens", "0"], "--max-tokens must be at least one window"),
