@@ -105,7 +105,7 @@ def main() -> None:
     print(f"whole call incl. teacher load and the counting pass: {call / bare:.2f}x  (median of "
           f"{', '.join(f'{s:.2f}' for s in call_s)} s)")
     # one JSON line per figure, for bench/run_all.py
-    print(json.dumps({"bench": "cache_teacher", "figure": f"P1: cache-teacher / bare forward, {args.teacher}",
+    print(json.dumps({"bench": "cache_teacher", "figure": f"P1: cache-teacher / bare forward, {Path(args.teacher).name}",
                       "value": cache / bare, "target": "<= 1.10", "per_repeat": [c / b for b, c in zip(bare_s, cache_s)]}))
     if args.sizes:
         emb = plain["spec"]["vocab_size"] * plain["spec"]["hidden_size"] * 2 / n_tokens  # once-per-store share
