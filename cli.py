@@ -142,7 +142,12 @@ def main():
 @click.option("--dataset-config", default=None, help="Hub dataset config (e.g. wikitext-103-raw-v1).")
 @click.option("--split", default=None, help="Dataset split [default: train].")
 @click.option("--data-files", multiple=True, help="Local txt/json/jsonl/parquet/csv files (repeat the option).")
-@click.option("--text-column", default="text", show_default=True, help="Column holding the text (json/parquet/csv).")
+@click.option("--text-column", default="text", show_default=True,
+              help="Column holding the text (json/parquet/csv); the prompt with --response-column; 'input_ids' "
+                   "for pre-tokenised rows with a per-token 'loss_mask' column.")
+@click.option("--response-column", default=None,
+              help="Column holding the response of prompt/response rows: the store keeps a loss mask and stage "
+                   "two trains only on response tokens (and their EOS) [default: none, plain text].")
 @click.option("--seq-len", type=int, default=1024, show_default=True, help="Window length in tokens.")
 @click.option("--max-tokens", type=int, default=None, help="Cap on tokens cached [default: the whole corpus].")
 @click.option("--top-k", type=int, default=64, show_default=True,
@@ -187,7 +192,8 @@ def cache_teacher(**kw):
 
     as_json = kw.pop("as_json")
     data = DataSpec(dataset=kw.pop("dataset"), dataset_config=kw.pop("dataset_config"), split=kw.pop("split"),
-                    data_files=tuple(kw.pop("data_files")), text_column=kw.pop("text_column"))
+                    data_files=tuple(kw.pop("data_files")), text_column=kw.pop("text_column"),
+                    response_column=kw.pop("response_column"))
     cfg = CacheTeacherConfig(
         data=data, tail_temperatures=_floats(kw.pop("tail_temperatures")),
         storage_options=_storage_options(kw.pop("storage_options")),

@@ -23,6 +23,9 @@ SCHEMA_VERSION = 4
 # v4 adds the compact top-k encoding (TOPK_ENCODINGS) and the optional PCA projection of hidden states; a v4
 # store written with topk_encoding "fixed16" and no PCA has exactly v3's arrays. v2 and v3 stores are read as
 # "fixed16" stores (their specs lack the new fields, whose defaults describe them).
+# Still v4: the optional per-token `loss_mask` (masked instruction data, spec field loss_mask) is an extra
+# array recorded in the spec and in the checksum record; a store without it (every store made before it) has
+# exactly the arrays it had, and its spec attributes leave the field out (read as False: all tokens count).
 READABLE_VERSIONS = (2, 3, 4)
 GOOSE_ATTR = "goose"  # root attribute holding everything goose knows about a store
 PROGRESS_ARRAY = "blocks_done"  # one uint8 per block, set only after the block's data is written
@@ -70,6 +73,7 @@ class StoreSpec:
     topk_encoding: str = "fixed16"  # TOPK_ENCODINGS; stores before v4 are fixed16
     tail_keepbits: int = 23  # mantissa bits kept of tail_logmass (23 = fp32 as computed)
     hidden_pca_rank: int = 0  # > 0: hidden states stored as this many principal components per layer
+    loss_mask: bool = False  # a per-token loss_mask array (1: the prediction made at this position counts)
 
     def __post_init__(self) -> None:
         if self.topk_encoding not in TOPK_ENCODINGS:
@@ -134,6 +138,9 @@ class StoreSpec:
             if self.hidden_dtype == "int8":  # h ~= q * token_scale * channel_scale
                 arrays[hidden_scale_name(layer)] = ArraySpec((n, L), "float16")
                 arrays[hidden_channel_scale_name(layer)] = ArraySpec((n, self.hidden_width), "float16")
+        if self.loss_mask:  # last, so the checksum columns of the other arrays keep their places
+            # loss_mask[w, t] = 1: the prediction made at position t (of token t + 1) counts (docs/STORE.md)
+            arrays["loss_mask"] = ArraySpec((n, L), "uint8")
         return arrays
 
     def pca_specs(self) -> dict[str, ArraySpec]:
@@ -154,6 +161,8 @@ class StoreSpec:
         d = dataclasses.asdict(self)
         d["tail_temperatures"] = list(self.tail_temperatures)
         d["hidden_layers"] = list(self.hidden_layers)
+        if not self.loss_mask:  # unmasked stores keep the attributes they had before masks existed
+            del d["loss_mask"]
         return d
 
     @classmethod

@@ -122,6 +122,8 @@ def _check_chunk(part: dict, spec, tol: float = 1e-3) -> list[str]:
         bad.append("topk_logprobs not sorted descending")
     if not compact and k > 1 and (np.diff(part["topk_ids"].astype(np.int64), axis=-1) == 0).any():
         bad.append("topk_ids repeat an id")
+    if "loss_mask" in part and (part["loss_mask"] > 1).any():
+        bad.append("loss_mask holds values other than 0 and 1")
     tail = part["tail_logmass"]
     if np.isnan(tail).any() or (tail == np.inf).any():
         bad.append("tail_logmass not finite")

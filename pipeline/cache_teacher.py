@@ -46,7 +46,7 @@ from ..cache.lock import StoreLock, check_unlocked
 from ..cache.stats import store_nbytes
 from ..cache.writer import CacheWriter
 from ..errors import GooseError
-from .data import DataSpec, count_windows, iter_windows, open_texts
+from .data import DataSpec, count_windows, fingerprint_update, iter_windows, open_texts
 from .teacher import (
     NonFiniteLogits,
     Teacher,
@@ -247,7 +247,7 @@ def compute_block(
     needs its basis (`pca`, layer -> (mean, basis)); without one (the first block) the hidden states come
     back raw, float32 at full width, for `fit_block_pca` to fit the basis on and encode."""
     raw = bool(spec.hidden_pca_rank) and pca is None
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in spec.arrays()}
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in spec.arrays() if name != "loss_mask"}  # (the data's)
     if raw:
         parts = {name: [] for name in parts if not name.startswith(("hidden_scale/", "hidden_channel_scale/"))}
     for b0 in range(0, len(windows), cfg.batch_size):
@@ -356,17 +356,24 @@ class BlockWriterThread:
         self._thread.join()
 
 
+def _packed(texts, tokenizer, cfg: CacheTeacherConfig, pack: dict):
+    """(windows, loss_mask or None) batches of the data: `iter_windows` (with the mask for masked data)."""
+    if cfg.data.masked:
+        return iter_windows(texts, tokenizer, response_column=cfg.data.response_column, with_mask=True, **pack)
+    return ((windows, None) for windows in iter_windows(texts, tokenizer, **pack))
+
+
 def iter_blocks(windows, spec: StoreSpec, blocks: list[int], fingerprint: str):
-    """(block, its windows) for each of `blocks` (ascending), from the stream of window batches that
-    `iter_windows` yields, holding one block at a time. Windows of other blocks (done, or another
+    """(block, its windows, their loss mask or None) for each of `blocks` (ascending), from the stream of
+    (windows, loss_mask or None) batches that `_packed` yields, holding one block at a time. Windows of other blocks (done, or another
     shard's) are read past, not kept. When the whole stream is read, its count and fingerprint must be
     the counting pass's: the data must not change between the two passes."""
     wanted = set(blocks)
     last = max(blocks, default=-1)
     digest = hashlib.sha256()
-    seen, block, buf = 0, 0, []
-    for batch in windows:
-        digest.update(np.ascontiguousarray(batch, dtype=np.int64).tobytes())
+    seen, block, buf, mbuf = 0, 0, [], []
+    for batch, mask in windows:
+        fingerprint_update(digest, batch, mask)
         while len(batch):
             if block >= spec.n_blocks:  # more windows than counted
                 seen += len(batch)
@@ -374,11 +381,15 @@ def iter_blocks(windows, spec: StoreSpec, blocks: list[int], fingerprint: str):
             take = min(len(batch), spec.block_range(block)[1] - seen)
             if block in wanted:
                 buf.append(batch[:take])
+                if mask is not None:
+                    mbuf.append(mask[:take])
             batch, seen = batch[take:], seen + take
+            if mask is not None:
+                mask = mask[take:]
             if seen == spec.block_range(block)[1]:
                 if block in wanted:
-                    yield block, np.concatenate(buf)
-                buf, block = [], block + 1
+                    yield block, np.concatenate(buf), np.concatenate(mbuf) if mbuf else None
+                buf, mbuf, block = [], [], block + 1
                 if last < block < spec.n_blocks:
                     return  # nothing more to compute here: the rest of the data need not be read
     if seen != spec.n_windows or digest.hexdigest()[:16] != fingerprint:
@@ -469,14 +480,14 @@ def _run(cfg: CacheTeacherConfig, ranks: Ranks) -> dict:
     # shape and identity are known before it is opened; the data is read again, block by block, below
     texts = open_texts(cfg.data)
     pack = dict(text_column=cfg.data.text_column, seq_len=cfg.seq_len, max_tokens=cfg.max_tokens)
-    n_windows, fingerprint = count_windows(texts, teacher.tokenizer, **pack)
+    n_windows, fingerprint = count_windows(texts, teacher.tokenizer, response_column=cfg.data.response_column, **pack)
     spec = StoreSpec(
         n_windows=n_windows, seq_len=cfg.seq_len, vocab_size=teacher.vocab_size, top_k=cfg.top_k,
         tail_temperatures=tuple(float(t) for t in cfg.tail_temperatures), hidden_layers=layers,
         hidden_size=teacher.hidden_size, hidden_dtype=cfg.hidden_dtype, samples=cfg.samples,
         chunk_windows=cfg.chunk_windows, shard_chunks=cfg.shard_chunks, compression=cfg.compression,
         compression_level=cfg.compression_level, topk_encoding=cfg.topk_encoding,
-        hidden_pca_rank=cfg.hidden_pca_rank if layers else 0,
+        hidden_pca_rank=cfg.hidden_pca_rank if layers else 0, loss_mask=cfg.data.masked,
         **_encoding_spec(cfg),
     )
     provenance = {
@@ -510,10 +521,12 @@ def _run(cfg: CacheTeacherConfig, ranks: Ranks) -> dict:
                 pca = writer.pca_basis() if spec.hidden_pca_rank and 0 not in todo else None
                 if spec.hidden_pca_rank and 0 not in todo and pca is None:
                     raise GooseError(f"store {cfg.output} has block 0 done but no PCA basis; delete it and rerun")
-                blocks = iter_blocks(iter_windows(texts, teacher.tokenizer, **pack), spec, todo, fingerprint)
-                for block, windows in blocks:
+                blocks = iter_blocks(_packed(texts, teacher.tokenizer, cfg, pack), spec, todo, fingerprint)
+                for block, windows, mask in blocks:
                     start, stop = spec.block_range(block)
                     data = compute_block(teacher, windows, start, spec, cfg, pca)
+                    if spec.loss_mask:
+                        data["loss_mask"] = mask
                     if spec.hidden_pca_rank and pca is None:  # block 0, first: fit the basis, store it first
                         pca, data = fit_block_pca(data, spec)
                         writer.write_pca_basis(pca)

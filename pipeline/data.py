@@ -23,6 +23,8 @@ _BUILDERS = {"": "text", ".txt": "text", ".text": "text", ".raw": "text", ".json
              ".parquet": "parquet", ".csv": "csv"}
 _DOC_OPEN = re.compile(r"^<doc\b[^>]*>\s*$", re.MULTILINE)
 _DOC_CLOSE = re.compile(r"^</doc>\s*$", re.MULTILINE)
+PRETOKENIZED_COLUMN = "input_ids"  # --text-column input_ids: rows hold token ids and a per-token mask column
+MASK_COLUMN = "loss_mask"
 
 
 @dataclass(frozen=True)
@@ -32,10 +34,21 @@ class DataSpec:
     split: str | None = None
     data_files: tuple[str, ...] = field(default_factory=tuple)
     text_column: str = "text"
+    # masked (instruction) data: text_column is the prompt and this column the response; only the response
+    # (and its EOS) is trained on. None: plain text, no mask (see `iter_windows`)
+    response_column: str | None = None
+
+    @property
+    def masked(self) -> bool:
+        """Whether the windows carry a loss mask: prompt/response rows, or pre-tokenised rows (text column
+        `input_ids`) with a `loss_mask` column."""
+        return self.response_column is not None or self.text_column == PRETOKENIZED_COLUMN
 
     def describe(self) -> dict:
         d = asdict(self)
         d["data_files"] = [os.path.abspath(p) for p in self.data_files]
+        if self.response_column is None:  # plain data: the provenance stores made before masks had
+            del d["response_column"]
         return d
 
 
@@ -120,6 +133,12 @@ def _load(spec: DataSpec, streaming: bool, cache_kwargs: dict):
         raise GooseError("the data is empty")
     if spec.text_column not in columns:
         raise GooseError(f"no column {spec.text_column!r} in the data (columns: {', '.join(columns)})")
+    if spec.response_column is not None and spec.response_column not in columns:
+        raise GooseError(f"no column {spec.response_column!r} (--response-column) in the data "
+                         f"(columns: {', '.join(columns)})")
+    if spec.response_column is None and spec.text_column == PRETOKENIZED_COLUMN and MASK_COLUMN not in columns:
+        raise GooseError(f"pre-tokenised rows (--text-column {PRETOKENIZED_COLUMN}) need a {MASK_COLUMN!r} column "
+                         f"(columns: {', '.join(columns)})")
     if not streaming and len(ds) == 0:
         raise GooseError("the data is empty")
     return ds
@@ -161,14 +180,24 @@ def _text_batches(ds, text_column: str, batch_docs: int):
 
 
 def iter_windows(
-    ds, tokenizer, *, text_column: str, seq_len: int, max_tokens: int | None = None, batch_docs: int = 256
+    ds, tokenizer, *, text_column: str, seq_len: int, max_tokens: int | None = None, batch_docs: int = 256,
+    response_column: str | None = None, with_mask: bool = False,
 ):
     """The packed windows, lazily: (n, seq_len) int64 arrays, in order, holding one batch of documents and
     the unfinished window at a time, so memory is flat in the corpus size.
 
     Token ids of every document followed by EOS, cut into seq_len windows; the ragged remainder (fewer than
     seq_len tokens) is dropped and `max_tokens` caps the total (only whole windows are kept). A deterministic
-    function of the data and the tokenizer: the same windows on every pass."""
+    function of the data and the tokenizer: the same windows on every pass.
+
+    With `with_mask` it yields (windows, loss_mask) pairs instead: loss_mask is None for plain text, and for
+    masked data (`response_column`, or pre-tokenised rows: see `iter_masked_windows`) a (n, seq_len) uint8
+    array packed with the windows."""
+    masked = response_column is not None or text_column == PRETOKENIZED_COLUMN
+    if with_mask and masked:
+        yield from iter_masked_windows(ds, tokenizer, text_column=text_column, response_column=response_column,
+                                       seq_len=seq_len, max_tokens=max_tokens, batch_docs=batch_docs)
+        return
     eos = tokenizer.eos_token_id
     if eos is None:
         raise GooseError("the teacher's tokenizer has no EOS token to join documents with")
@@ -186,32 +215,134 @@ def iter_windows(
             n = min(n, room)
             room -= n
         if n:
-            yield tokens[: n * seq_len].reshape(n, seq_len)
+            yield (tokens[: n * seq_len].reshape(n, seq_len), None) if with_mask else \
+                tokens[: n * seq_len].reshape(n, seq_len)
         if room == 0:
             return
         carry = tokens[n * seq_len :].copy()
 
 
+def _row_batches(ds, columns: tuple[str, ...], batch_docs: int):
+    """Lists of up to batch_docs rows (tuples of the given columns), in order, sliced or streamed."""
+    if hasattr(ds, "__len__") and hasattr(ds, "__getitem__"):
+        for start in range(0, len(ds), batch_docs):
+            part = ds[start : start + batch_docs]
+            yield list(zip(*(part[c] for c in columns)))
+        return
+    batch = []
+    for row in ds:
+        batch.append(tuple(row.get(c) for c in columns))
+        if len(batch) == batch_docs:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _masked_documents(ds, tokenizer, text_column: str, response_column: str | None, batch_docs: int):
+    """Batches of documents as (token ids, target flags) int64/uint8 arrays, EOS included. A target flag is
+    1 on a token that is trained on (predicted from the tokens before it): the response tokens and the EOS
+    after them for prompt/response rows (prompt tokens 0); for pre-tokenised rows their `loss_mask` as given,
+    and the appended EOS takes the flag of the row's last token."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise GooseError("the teacher's tokenizer has no EOS token to join documents with")
+    if response_column is not None:
+        for rows in _row_batches(ds, (text_column, response_column), batch_docs):
+            rows = [(p if isinstance(p, str) else "", r) for p, r in rows if isinstance(r, str) and r]
+            if not rows:
+                continue
+            prompts = tokenizer([p for p, _ in rows], add_special_tokens=False, verbose=False)["input_ids"]
+            answers = tokenizer([r for _, r in rows], add_special_tokens=False, verbose=False)["input_ids"]
+            yield [(np.asarray(p + r + [eos], dtype=np.int64),
+                    np.concatenate([np.zeros(len(p), np.uint8), np.ones(len(r) + 1, np.uint8)]))
+                   for p, r in zip(prompts, answers)]
+        return
+    vocab = len(tokenizer)
+    for rows in _row_batches(ds, (text_column, MASK_COLUMN), batch_docs):
+        docs = []
+        for ids, mask in rows:
+            if ids is None or len(ids) == 0:
+                continue
+            ids = np.asarray(ids, dtype=np.int64)
+            mask = np.asarray(mask if mask is not None else [], dtype=np.int64)
+            if ids.ndim != 1 or mask.shape != ids.shape:
+                raise GooseError(f"a pre-tokenised row has {ids.size} {text_column} but {mask.size} {MASK_COLUMN} "
+                                 f"values (one 0/1 per token is needed)")
+            if ids.min() < 0 or ids.max() >= vocab:
+                raise GooseError(f"a pre-tokenised row holds token id {int(ids.max() if ids.max() >= vocab else ids.min())}"
+                                 f", outside the teacher tokenizer's vocabulary of {vocab}")
+            if not np.isin(mask, (0, 1)).all():
+                raise GooseError(f"{MASK_COLUMN} values must be 0 or 1")
+            docs.append((np.append(ids, eos), np.append(mask, mask[-1]).astype(np.uint8)))
+        if docs:
+            yield docs
+
+
+def iter_masked_windows(ds, tokenizer, *, text_column: str, response_column: str | None, seq_len: int,
+                        max_tokens: int | None = None, batch_docs: int = 256):
+    """(windows (n, L) int64, loss_mask (n, L) uint8) of masked data, packed like `iter_windows` (the same
+    windows as plain packing of the same token stream). loss_mask[w, t] = 1 when the prediction made at
+    position t, i.e. of the stream's next token (position t + 1, or the first token of the next window at
+    t = L - 1), counts: it is the target flag of that next token (`_masked_documents`). So the prediction
+    at an EOS of the next document's first (prompt) token is 0, at the last prompt token of the first response
+    token 1. The last window of the stream has no next token after it: its last position is 0."""
+    room = None if max_tokens is None else int(max_tokens) // seq_len
+    carry, carry_flags = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint8)
+
+    def cut(tokens, flags, n):
+        shifted = np.append(flags[1 : n * seq_len + 1], np.zeros(max(0, n * seq_len + 1 - len(flags)), np.uint8))
+        return tokens[: n * seq_len].reshape(n, seq_len), shifted.reshape(n, seq_len).astype(np.uint8)
+
+    for docs in _masked_documents(ds, tokenizer, text_column, response_column, batch_docs):
+        tokens = np.concatenate([carry] + [d[0] for d in docs])
+        flags = np.concatenate([carry_flags] + [d[1] for d in docs])
+        n = (len(tokens) - 1) // seq_len  # a window leaves the batch once the token after it is known
+        if room is not None:
+            n = min(n, room)
+            room -= n
+        if n:
+            yield cut(tokens, flags, n)
+        if room == 0:
+            return
+        carry, carry_flags = tokens[n * seq_len :].copy(), flags[n * seq_len :].copy()
+    if len(carry) >= seq_len and room != 0:  # exactly one whole window left, with nothing after it
+        yield cut(carry, carry_flags, 1)
+
+
 def count_windows(ds, tokenizer, *, text_column: str, seq_len: int, max_tokens: int | None = None,
-                  batch_docs: int = 256) -> tuple[int, str]:
+                  batch_docs: int = 256, response_column: str | None = None) -> tuple[int, str]:
     """One streamed pass: how many windows `iter_windows` yields and their `windows_fingerprint`, keeping
-    nothing (the counting pass of `cache-teacher`, which must know the store's shape before it writes)."""
+    nothing (the counting pass of `cache-teacher`, which must know the store's shape before it writes).
+    For masked data the fingerprint covers the loss mask too (`fingerprint_update`)."""
     digest = hashlib.sha256()
     n_windows = 0
-    for windows in iter_windows(ds, tokenizer, text_column=text_column, seq_len=seq_len, max_tokens=max_tokens,
-                                batch_docs=batch_docs):
-        digest.update(np.ascontiguousarray(windows, dtype=np.int64).tobytes())
+    for windows, mask in iter_windows(ds, tokenizer, text_column=text_column, seq_len=seq_len,
+                                      max_tokens=max_tokens, batch_docs=batch_docs,
+                                      response_column=response_column, with_mask=True):
+        fingerprint_update(digest, windows, mask)
         n_windows += len(windows)
     if n_windows == 0:
-        tokens = _count_tokens(ds, tokenizer, text_column, batch_docs)
+        tokens = _count_tokens(ds, tokenizer, text_column, batch_docs, response_column)
         if tokens == 0:
             raise GooseError("the data holds no text")
         raise GooseError(f"only {tokens} tokens of data, fewer than one window of --seq-len {seq_len}")
     return n_windows, digest.hexdigest()[:16]
 
 
-def _count_tokens(ds, tokenizer, text_column: str, batch_docs: int) -> int:
+def fingerprint_update(digest, windows: np.ndarray, mask: np.ndarray | None) -> None:
+    """Add one batch of windows (and their loss mask, for masked data) to a data fingerprint; plain data
+    hashes exactly as before masks existed."""
+    digest.update(np.ascontiguousarray(windows, dtype=np.int64).tobytes())
+    if mask is not None:
+        digest.update(np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
+
+
+def _count_tokens(ds, tokenizer, text_column: str, batch_docs: int, response_column: str | None = None) -> int:
     """All tokens of a corpus too short for one window (for the error message)."""
+    if response_column is not None or text_column == PRETOKENIZED_COLUMN:
+        return sum(len(d[0]) for docs in _masked_documents(ds, tokenizer, text_column, response_column, batch_docs)
+                   for d in docs)
     total = 0
     for texts in _text_batches(ds, text_column, batch_docs):
         docs = [d for t in texts if isinstance(t, str) for d in split_documents(t) if d.strip()]

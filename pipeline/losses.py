@@ -1,6 +1,6 @@
 """Distillation losses, each a small function with a brute-force reference in the tests.
 
-All reductions run in fp32 whatever the autocast dtype. Token masks are boolean (B, T).
+All reductions run in fp32 whatever the autocast dtype. Token masks are (B, T), bool or 0/1 integers: 1 where the token counts (a store's loss_mask).
 
 KD over k + 1 buckets: the teacher's top-k tokens plus one tail bucket holding all other mass, for both
 teacher and student (the "ghost bucket"; renormalising over the top-k alone makes the student
@@ -133,6 +133,8 @@ def student_bucket_logprobs(student_logits: torch.Tensor, topk_ids: torch.Tensor
 
 
 def _masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean over tokens; with a mask (1: the token counts), sum(loss * mask) / sum(mask), and 0 (with a
+    zero gradient) for a batch with no token that counts."""
     if mask is None:
         return per_token.mean()
     mask = mask.to(per_token.dtype)
@@ -198,15 +200,20 @@ def standardize_channels(h: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return ((h.float() - mean) / (std + eps)).detach()
 
 
-def mse_align(student_h, teacher_h, projector: nn.Module) -> torch.Tensor:
-    """MSE between projector(student) and the per-channel standardised teacher state."""
-    return F.mse_loss(projector(student_h.float()), standardize_channels(teacher_h))
+def mse_align(student_h, teacher_h, projector: nn.Module, mask=None) -> torch.Tensor:
+    """MSE between projector(student) and the per-channel standardised teacher state (with a token mask
+    (B, L): the mean over the masked tokens of the per-token mean square error)."""
+    if mask is None:
+        return F.mse_loss(projector(student_h.float()), standardize_channels(teacher_h))
+    per_token = (projector(student_h.float()) - standardize_channels(teacher_h)).square().mean(-1)
+    return _masked_mean(per_token, mask)
 
 
-def cosine_align(student_h, teacher_h, projector: nn.Module | None) -> torch.Tensor:
-    """Mean over tokens of 1 - cos(projector(student), standardised teacher)."""
+def cosine_align(student_h, teacher_h, projector: nn.Module | None, mask=None) -> torch.Tensor:
+    """Mean over tokens (the masked ones, with a token mask) of 1 - cos(projector(student), standardised
+    teacher)."""
     s = projector(student_h.float()) if projector is not None else student_h.float()
-    return (1 - F.cosine_similarity(s, standardize_channels(teacher_h), dim=-1)).mean()
+    return _masked_mean(1 - F.cosine_similarity(s, standardize_channels(teacher_h), dim=-1), mask)
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -217,10 +224,17 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return cross / ((x.t() @ x).norm() * (y.t() @ y).norm()).clamp_min(1e-12)
 
 
-def cka_align(student_h, teacher_h) -> torch.Tensor:
-    """1 - linear CKA over all tokens of the batch; no projector needed."""
+def cka_align(student_h, teacher_h, mask=None) -> torch.Tensor:
+    """1 - linear CKA over all tokens of the batch (the masked ones, with a token mask: 0 when fewer than
+    two); no projector needed."""
     d_s, d_t = student_h.shape[-1], teacher_h.shape[-1]
-    return 1 - linear_cka(student_h.reshape(-1, d_s), standardize_channels(teacher_h).reshape(-1, d_t))
+    x, y = student_h.reshape(-1, d_s), standardize_channels(teacher_h).reshape(-1, d_t)
+    if mask is not None:
+        keep = mask.reshape(-1) > 0
+        if int(keep.sum()) < 2:
+            return student_h.float().sum() * 0.0
+        x, y = x[keep], y[keep]
+    return 1 - linear_cka(x, y)
 
 
 def layer_map(kind: str, n_student: int, n_teacher: int, available: tuple[int, ...],

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
@@ -87,10 +88,11 @@ def align_spans(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]
 
 
 def align_loss(cfg: TrainConfig, distiller: Distiller, hidden: list, batch: dict, final_norm: nn.Module,
-               n_teacher_layers: int) -> torch.Tensor:
+               n_teacher_layers: int, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Alignment over the layer pairs. The teacher's last hidden state is after its final norm (HF returns
     GPT-2's hidden_states[-1] after ln_f), so the student state paired with it goes through the student's
-    final norm too: like is compared with like."""
+    final norm too: like is compared with like. With a loss mask (B, L), only the positions whose prediction
+    counts are aligned (the teacher's per-channel standardisation still uses every token)."""
 
     def student_state(s: int, t: int) -> torch.Tensor:
         return final_norm(hidden[s]) if t == n_teacher_layers else hidden[s]
@@ -104,11 +106,11 @@ def align_loss(cfg: TrainConfig, distiller: Distiller, hidden: list, batch: dict
         proj = distiller.projectors[f"{s}_{t}"] if f"{s}_{t}" in distiller.projectors else None
         kind = cfg.loss.align.loss
         if kind == "mse":
-            losses.append(mse_align(hs, ht, proj))
+            losses.append(mse_align(hs, ht, proj, mask=mask))
         elif kind == "cosine":
-            losses.append(cosine_align(hs, ht, proj))
+            losses.append(cosine_align(hs, ht, proj, mask=mask))
         else:
-            losses.append(cka_align(hs, ht))
+            losses.append(cka_align(hs, ht, mask=mask))
     return torch.stack(losses).mean()
 
 
@@ -216,6 +218,8 @@ def validate_model(model: Student, url: str, spec, windows: np.ndarray, batch_si
     spike statistics over fixed windows of a store. Returns (metrics, per-site SpikeStats)."""
     model.eval()
     fields = ["input_ids", "topk_ids", "topk_logprobs", "tail_logmass", "gold_nll"]
+    if getattr(spec, "loss_mask", False):  # masked data: every metric over the positions whose prediction counts
+        fields.append("loss_mask")
     nll_sum = kl_sum = agree = teacher_nll = 0.0
     n_tok = n_kd = 0
     stats_all: dict = {}
@@ -225,15 +229,26 @@ def validate_model(model: Student, url: str, spec, windows: np.ndarray, batch_si
             out = model(batch["input_ids"], collect_stats=True)
         logits = out.logits.float()
         ids = batch["input_ids"]
-        n = ids[:, 1:].numel()
-        nll_sum += float(ce_loss(logits, ids)) * n
-        teacher_nll += float(batch["gold_nll"][:, :-1].double().sum())
-        n_tok += n
         log_p = teacher_bucket_logprobs(batch["topk_logprobs"], batch["tail_logmass"], spec.tail_temperatures, 1.0)
         log_q = student_bucket_logprobs(logits, batch["topk_ids"], 1.0)
-        kl_sum += float((log_p.exp() * (log_p - log_q)).sum(-1).sum())
-        agree += float((logits.argmax(-1) == batch["topk_ids"][..., 0]).sum())
-        n_kd += ids.numel()
+        if "loss_mask" in batch:
+            m = batch["loss_mask"].double()
+            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).long(),
+                                  reduction="none").view(ids.shape[0], -1)
+            nll_sum += float((nll.double() * m[:, :-1]).sum())
+            teacher_nll += float((batch["gold_nll"][:, :-1].double() * m[:, :-1]).sum())
+            n_tok += int(m[:, :-1].sum())
+            kl_sum += float(((log_p.exp() * (log_p - log_q)).sum(-1).double() * m).sum())
+            agree += float(((logits.argmax(-1) == batch["topk_ids"][..., 0]).double() * m).sum())
+            n_kd += int(m.sum())
+        else:
+            n = ids[:, 1:].numel()
+            nll_sum += float(ce_loss(logits, ids)) * n
+            teacher_nll += float(batch["gold_nll"][:, :-1].double().sum())
+            n_tok += n
+            kl_sum += float((log_p.exp() * (log_p - log_q)).sum(-1).sum())
+            agree += float((logits.argmax(-1) == batch["topk_ids"][..., 0]).sum())
+            n_kd += ids.numel()
         for key, st in out.spike_stats.items():
             if key in stats_all:
                 stats_all[key].merge(st)
@@ -242,6 +257,9 @@ def validate_model(model: Student, url: str, spec, windows: np.ndarray, batch_si
     summaries = {k: s.summary() for k, s in stats_all.items()}
     energy = model.energy_report(stats_all)
     rates = [s["firing_rate"] for s in summaries.values() if s]
+    if n_tok == 0 or n_kd == 0:
+        raise GooseError("the validation windows hold no position whose loss counts (their loss_mask is all "
+                         "zero): validate on more windows (val_windows, val_fraction) or another --val-cache")
     return {
         "val_loss": nll_sum / n_tok, "val_ppl": math.exp(nll_sum / n_tok),
         "teacher_ppl": math.exp(teacher_nll / n_tok), "val_kl": kl_sum / n_kd, "val_top1_agree": agree / n_kd,
@@ -521,6 +539,8 @@ class Trainer:
         layers_needed = sorted({t for _, t in self.pairs} | ({t0 for *_, t0 in align_spans(self.pairs)}
                                                              if cfg.loss.align.feature_deltas else set()))
         self.fields += [f"hidden/{t}" for t in layers_needed]
+        if spec.loss_mask:  # masked (instruction) data: losses are means over the positions whose prediction counts
+            self.fields.append("loss_mask")
         self.curriculum = None
         if cfg.curriculum.enabled:
             # per-window means, read chunk by chunk (never the whole per-token arrays at once)
@@ -616,23 +636,25 @@ class Trainer:
         T = self.distiller.temperature(progress, stage["temperature"]).to(self.device)
         parts = {"temperature": T} if c.loss.kd == "topk" else {}
         total = torch.zeros((), device=self.device)
+        mask = batch.get("loss_mask")  # None (every position counts) unless the store has a loss mask
         if c.loss.kd == "topk":
             kd = kd_loss(logits, batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"],
-                         self.reader.spec.tail_temperatures, T, reverse=c.loss.reverse_kl)
+                         self.reader.spec.tail_temperatures, T, reverse=c.loss.reverse_kl, mask=mask)
             parts["kd"] = kd
             total = total + stage["kd_weight"] * kd
         elif c.loss.kd == "rskd":
-            kd = rskd_loss(logits, batch["sample_ids"], batch["sample_counts"])
+            kd = rskd_loss(logits, batch["sample_ids"], batch["sample_counts"], mask=mask)
             parts["kd"] = kd
             total = total + stage["kd_weight"] * kd
         with contextlib.nullcontext() if stage["ce_weight"] > 0 else torch.no_grad():  # logged even when unused
-            ce = ce_loss(logits, ids)
+            ce = ce_loss(logits, ids, mask=mask)
         parts["ce"] = ce
         if stage["ce_weight"] > 0:
             total = total + stage["ce_weight"] * ce
         w_align = align_weight_at(c, self.step)
         if self.pairs:
-            al = align_loss(c, self.distiller, out.hidden_states, batch, self.model.ln_out, self.n_teacher_layers)
+            al = align_loss(c, self.distiller, out.hidden_states, batch, self.model.ln_out, self.n_teacher_layers,
+                            mask=mask)
             parts["align"] = al
             total = total + w_align * al
         parts["align_weight"] = w_align
