@@ -53,7 +53,7 @@ def main() -> None:
 
         def read_ahead(depth: int) -> None:  # the loader's background read-ahead (0: read in the step)
             trainer.loader.prefetch = depth
-            trainer.loader._close()  # the next batch restarts the plan at the same position
+            trainer.loader.close()  # the next batch restarts the plan at the same position
 
         block(streamed_next)  # warm-up: spike initialisation, allocator, first chunk reads
         streamed, unhidden, in_memory = [], [], []

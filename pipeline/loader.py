@@ -157,7 +157,7 @@ class CacheLoader:
             self.pool_id, self.epoch, self.position = pool_id, 0, 0
         if len(self.pool) < self.batch_size:
             raise ValueError(f"only {len(self.pool)} windows for a batch of {self.batch_size}")
-        self._close()
+        self.close()
 
     def _plan(self) -> list[np.ndarray]:
         if self.streams:
@@ -171,12 +171,13 @@ class CacheLoader:
         kw = dict(batch_size=None, shuffle=False, num_workers=self.num_workers, pin_memory=self.pin_memory)
         if self.num_workers > 0:
             kw.update(prefetch_factor=self.prefetch, persistent_workers=False)
-        self._close()
+        self.close()
         self._iter = iter(DataLoader(_PlanDataset(self.url, plan, self.fields, self.storage_options), **kw))
         if self.num_workers == 0 and self.prefetch > 0:
             self._iter = _ThreadPrefetch(self._iter, self.prefetch)
 
-    def _close(self) -> None:
+    def close(self) -> None:
+        """Stops the read-ahead thread; the next batch restarts the plan at the same position."""
         if isinstance(self._iter, _ThreadPrefetch):
             self._iter.close()
         self._iter = None
@@ -224,7 +225,7 @@ class CacheLoader:
     def load_state_dict(self, d: dict) -> None:
         self.epoch, self.position, self.pool_id = int(d["epoch"]), int(d["position"]), int(d["pool_id"])
         self.skip = {tuple(int(x) for x in k) for k in d.get("skip", [])}
-        self._close()
+        self.close()
 
 
 def read_windows(url: str, indices: np.ndarray, fields: list[str], batch_size: int,

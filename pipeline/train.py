@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_map
 import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
@@ -275,14 +276,6 @@ def validate_model(model: Student, url: str, spec, windows: np.ndarray, batch_si
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
-
-
-def _to_device(state, device):
-    if isinstance(state, dict):
-        return {k: _to_device(v, device) for k, v in state.items()}
-    if isinstance(state, list):
-        return [_to_device(v, device) for v in state]
-    return state.to(device) if isinstance(state, torch.Tensor) else state
 
 
 def _rng_state() -> dict:
@@ -899,7 +892,8 @@ class Trainer:
             carry = None
         elif self.dist.active:
             carry = carry[self.dist.rank]
-        self.carry = None if carry is None else _to_device(carry, self.device)
+        # FSDP loads checkpoints to host memory; the carried states belong on the training device
+        self.carry = tree_map(lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t, carry)
         if self.t_opt is not None:
             self.t_opt.load_state_dict(d["temperature_optimizer"])
         self.scaler.load_state_dict(d["scaler"])
@@ -1051,6 +1045,7 @@ class Trainer:
                     break
         finally:
             self.lock.release()
+            self.loader.close()  # stops its read-ahead thread
             bar.close()
             if profiler is not None:
                 profiler.stop()

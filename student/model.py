@@ -154,9 +154,6 @@ class SpikeSites(nn.Module):
         return s
 
 
-_warned_fla = [False]  # the fallback warning, once per process
-
-
 class TimeMix(nn.Module):
     """RWKV-7 time-mix (BlinkDL RWKV-v7 x070 initialisation)."""
 
@@ -226,8 +223,7 @@ class TimeMix(nn.Module):
         k = k * (1 + (a - 1) * self.k_a)
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
         fla_here = x.is_cuda and fla_available()
-        if self.wkv_backend == "fla" and not fla_here and not _warned_fla[0]:
-            _warned_fla[0] = True
+        if self.wkv_backend == "fla" and not fla_here:  # shown once: the warnings module's default filter
             warnings.warn("wkv_backend 'fla' needs CUDA and flash-linear-attention (pip install "
                           "'goose-distill[cuda]'); using the torch kernels", stacklevel=2)
         if fla_here and self.wkv_backend in ("fla", "auto"):

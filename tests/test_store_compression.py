@@ -180,15 +180,21 @@ def test_hidden_pca_store_round_trip(tmp_path):
     assert "hidden_pca/1/basis/c/0/0" in reader.meta["checksums"]["once"]
 
 
+def _write_store(url: str, spec, rng, n_blocks: int = 2) -> list[dict]:
+    """A finished store of `n_blocks` random blocks; returns the blocks as written."""
+    w = CacheWriter.open(url, spec, {"test": 1}, package_version="t")
+    blocks = [_block(spec, rng) for _ in range(n_blocks)]
+    for b, data in enumerate(blocks):
+        w.write_block(b, data)
+    w.finalize(np.zeros((64, 4), np.float32), {})
+    return blocks
+
+
 def test_compact_store_reads_as_the_loss_takes_it(tmp_path):
     rng = np.random.default_rng(2)
     spec = _spec(topk_encoding="compact", logprob_step=2.0**-4, tail_keepbits=12)
     url = str(tmp_path / "c.zarr")
-    w = CacheWriter.open(url, spec, {"test": 1}, package_version="t")
-    blocks = [_block(spec, rng) for _ in range(2)]
-    for b, data in enumerate(blocks):
-        w.write_block(b, data)
-    w.finalize(np.zeros((64, 4), np.float32), {})
+    blocks = _write_store(url, spec, rng)
     got = CacheReader(url).read_indices([3, 0])
     ref = {name: np.concatenate([blk[name] for blk in blocks]) for name in blocks[0]}
     assert (got["topk_ids"][..., 0] == ref["topk_ids"][[3, 0]][..., 0]).all()
@@ -207,11 +213,7 @@ def test_old_format_store_still_reads(tmp_path):
     rng = np.random.default_rng(3)
     spec = _spec()
     url = str(tmp_path / "v3.zarr")
-    w = CacheWriter.open(url, spec, {"test": 1}, package_version="t")
-    blocks = [_block(spec, rng) for _ in range(2)]
-    for b, data in enumerate(blocks):
-        w.write_block(b, data)
-    w.finalize(np.zeros((64, 4), np.float32), {})
+    blocks = _write_store(url, spec, rng)
     group = zarr.open_group(url, mode="r+")
     attrs = dict(group.attrs["goose"])
     attrs["schema_version"] = 3

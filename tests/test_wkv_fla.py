@@ -128,9 +128,6 @@ def test_the_backend_is_chosen_by_config():
     forced = Student(preset("tiny", wkv_backend="fla"))
     forced.load_state_dict(ref.state_dict())
     idx = torch.randint(0, 512, (1, 20))
-    import goose.student.model as model_mod
-
-    model_mod._warned_fla[0] = False
     with pytest.warns(UserWarning, match="using the torch kernels"):
         out = forced(idx).logits
     torch.testing.assert_close(out, ref(idx).logits)
@@ -164,32 +161,25 @@ def test_fla_kernels_equal_the_reference_forward_backward_and_state(recurrent):
         torch.testing.assert_close(g, g_ref, rtol=5e-3, atol=5e-3)
 
 
-@needs_cuda_fla
-def test_student_on_fla_equals_the_student_on_torch_kernels():
+def students_on_both_backends():
+    """The same weights on fla's kernels and on goose's PyTorch kernels, both on CUDA."""
     torch.manual_seed(0)
-    cfg = preset("tiny", spike_sites=())
-    ref = Student(cfg).cuda()
+    ref = Student(preset("tiny", spike_sites=(), wkv_backend="torch")).cuda()
     fast = Student(preset("tiny", spike_sites=(), wkv_backend="fla")).cuda()
     fast.load_state_dict(ref.state_dict())
-    for m in ref.modules():  # the reference: goose's PyTorch kernels on the same device
-        if hasattr(m, "wkv_backend"):
-            m.wkv_backend = "torch"
-    idx = torch.randint(0, cfg.vocab_size, (2, 96), device="cuda")
+    return fast, ref, torch.randint(0, ref.cfg.vocab_size, (2, 96), device="cuda")
+
+
+@needs_cuda_fla
+def test_student_on_fla_equals_the_student_on_torch_kernels():
+    fast, ref, idx = students_on_both_backends()
     torch.testing.assert_close(fast(idx).logits, ref(idx).logits, rtol=2e-3, atol=2e-3)
 
 
 @needs_cuda_fla
 def test_student_on_fla_trains_under_bf16_autocast():
     """Under autocast the projections come out bf16 and the rates fp32: wkv_fla hands fla one dtype."""
-    torch.manual_seed(0)
-    cfg = preset("tiny", spike_sites=())
-    ref = Student(cfg).cuda()
-    fast = Student(preset("tiny", spike_sites=(), wkv_backend="fla")).cuda()
-    fast.load_state_dict(ref.state_dict())
-    for m in ref.modules():
-        if hasattr(m, "wkv_backend"):
-            m.wkv_backend = "torch"
-    idx = torch.randint(0, cfg.vocab_size, (2, 96), device="cuda")
+    fast, ref, idx = students_on_both_backends()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         a, b = fast(idx).logits.float(), ref(idx).logits.float()
         a.square().mean().backward()
