@@ -424,9 +424,11 @@ def eval_cmd(student, teacher, tokenizer, dataset, dataset_config, split, data_f
 @click.option("--tokenizer", default=None, help="Tokenizer [default: the one saved with the student].")
 @_device_option()
 @click.option("--ignore-eos", is_flag=True, help="Keep going past the end-of-text token.")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile the per-token step: ~3-4x faster tokens after a 10-40 s compilation.")
 @_json_option()
 def generate_cmd(student, prompt, max_new_tokens, temperature, top_k, top_p, seed, tokenizer, device, ignore_eos,
-                 as_json):
+                 compile_, as_json):
     """Sample from STUDENT (run folder or saved model) in its recurrent form; text is printed as it comes
     (with --json: once, at the end)."""
     from .pipeline.evaluate import check_tokenizer, load_tokenizer, student_folder
@@ -449,7 +451,7 @@ def generate_cmd(student, prompt, max_new_tokens, temperature, top_k, top_p, see
     stream = TextStream(tok, out, context=ids, skip_id=eos)
     r = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                  seed=seed, device=dev, eos_id=eos, on_token=stream,
-                 keep_tokens=False)
+                 keep_tokens=False, compile=compile_)
     stream.flush()
     if as_json:
         _emit_json({"student": str(folder), "prompt": prompt, "text": "".join(pieces), "seed": seed,

@@ -141,6 +141,7 @@ class TernarySpike(nn.Module):
         if cfg.threshold == "learned":
             self.threshold_raw = nn.Parameter(torch.full((channels,), _inv_softplus(cfg.threshold_init)))
         self.register_buffer("initialized", torch.tensor(False))
+        self._initialized_seen = False  # a Python mirror of `initialized` once it is True (see needs_init)
         # running mean |x| per channel: learned thresholds and amplitudes are relative to it, so they follow
         # the input when its scale drifts in training (otherwise a threshold set at init ends up far below
         # a grown input, the surrogate gradient vanishes, and the site fires on every token)
@@ -158,7 +159,21 @@ class TernarySpike(nn.Module):
                 self.leak_raw = nn.Parameter(leak)
             else:
                 self.register_buffer("leak_raw", leak)
-        self.mix = 1.0  # spike annealing: set by the trainer; 1.0 = fully ternary
+        # spike annealing, set by the trainer (1.0 = fully ternary). The weight is a tensor so a compiled
+        # model takes each step's value as an input instead of recompiling for it
+        self.register_buffer("mix_weight", torch.ones(()), persistent=False)
+        self.mix = 1.0
+
+    @property
+    def mix(self) -> float:
+        return self._mix
+
+    @mix.setter
+    def mix(self, value: float) -> None:
+        self._mix = float(value)
+        self._annealing = self._mix < 1.0
+        with torch.no_grad():
+            self.mix_weight.fill_(self._mix)
 
     # ---- pieces ------------------------------------------------------------------------------
     def threshold(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,6 +229,19 @@ class TernarySpike(nn.Module):
             total, count = _global_sum_((-flat * below).sum(0)), _global_sum_(below.sum(0).to(flat.dtype))
             self.amp_neg.copy_(torch.where(count > 0, total / count.clamp_min(1), fallback) / self.scale)
         self.initialized.fill_(True)
+        self._initialized_seen = True
+
+    def needs_init(self) -> bool:
+        """Whether the data-dependent init is still due. The buffer is read (a host sync, and a graph break
+        under torch.compile) only until it is first seen True; after that a Python flag answers, which
+        torch.compile guards on as a constant. Loading a state dict resets the flag."""
+        if not self._initialized_seen:
+            self._initialized_seen = bool(self.initialized)
+        return not self._initialized_seen
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._initialized_seen = False
+        super()._load_from_state_dict(*args, **kwargs)
 
     def init_state(self, batch: int, device, dtype=torch.float32) -> dict:
         if not self.cfg.lif:
@@ -229,7 +257,7 @@ class TernarySpike(nn.Module):
         In training the running scale moves toward this batch's mean |x - offset| *after* the batch is
         spiked (so a forward and its recomputation under activation checkpointing see the same scale;
         the recomputation passes update_scale=False)."""
-        if self.training and not bool(self.initialized):
+        if self.training and self.needs_init():
             self.init_from(x)
         xc = x - self.offset if self.centered else x
         if not self.cfg.lif:
@@ -246,8 +274,8 @@ class TernarySpike(nn.Module):
                 self.scale = torch.lerp(self.scale, batch_scale, self.scale_momentum)
         if stats is not None:
             stats.add(pos.detach(), neg.detach())
-        if self.mix < 1.0:
-            s = self.mix * s + (1 - self.mix) * x
+        if self._annealing:
+            s = self.mix_weight * s + (1 - self.mix_weight) * x
         return s, state, (pos + neg).mean()
 
     def _lif(self, x: torch.Tensor, state: dict | None):
