@@ -2,8 +2,8 @@
 
 Recipe: load teacher -> check arguments against it -> counting pass over the streamed data (number of
 windows and their fingerprint, nothing kept) -> open (create or resume) the store -> stream the data again,
-tokenised and packed block by block; for each unfinished block: teacher forward in batches, targets ->
-a writer thread (bounded queue) compresses and writes it while the next block is computed -> finalize.
+tokenised and packed block by block; for each unfinished block: teacher forward in batches, targets (on
+CPU on a second thread, overlapping the next batch's forward) -> a writer thread (bounded queue) compresses and writes it while the next block is computed -> finalize.
 Memory is flat in the corpus size. Batches never cross a block boundary and the windows are a deterministic
 function of the data, so a resumed run computes exactly what an uninterrupted one does.
 
@@ -23,6 +23,7 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -236,44 +237,77 @@ def encode_hidden(h: torch.Tensor, layer: int, spec: StoreSpec, pca: dict | None
     return {hidden_name(layer): h.to(torch.float16)}
 
 
+@torch.inference_mode()
+def _batch_targets(logits: torch.Tensor, hidden: dict, ids: torch.Tensor, first: int, spec: StoreSpec,
+                   cfg: CacheTeacherConfig, pca: dict | None, raw: bool) -> dict[str, np.ndarray]:
+    """One batch's arrays from its logits and hidden states (window `first` is the batch's first)."""
+    seeds = [cfg.seed * 1_000_003 + first + i for i in range(len(ids))]
+    try:
+        targets = teacher_targets(logits, ids, top_k=spec.top_k, tail_temperatures=spec.tail_temperatures,
+                                  samples=spec.samples, sample_seeds=seeds)
+    except NonFiniteLogits:
+        raise GooseError(f"the teacher produced non-finite logits in windows {first}..{first + len(ids) - 1}; "
+                         f"try --dtype fp32") from None
+    targets["input_ids"] = ids
+    for layer, h in hidden.items():
+        if raw:
+            targets[hidden_name(layer)] = h.float()
+        else:
+            targets.update(encode_hidden(h, layer, spec, pca))
+    return {name: t.cpu().numpy() for name, t in targets.items()}
+
+
 def compute_block(
     teacher: Teacher, windows: np.ndarray, first_window: int, spec: StoreSpec, cfg: CacheTeacherConfig,
-    pca: dict | None = None,
+    pca: dict | None = None, overlap: bool | None = None,
 ) -> dict[str, np.ndarray]:
     """Teacher targets for consecutive windows, in batches of cfg.batch_size, as the schema's arrays.
 
     Every reduction runs on the teacher's device; only the per-token results (k ids and log-probs, T tail
     masses, two scalars, the hidden states asked for) are copied to the host. A store with hidden-state PCA
     needs its basis (`pca`, layer -> (mean, basis)); without one (the first block) the hidden states come
-    back raw, float32 at full width, for `fit_block_pca` to fit the basis on and encode."""
+    back raw, float32 at full width, for `fit_block_pca` to fit the basis on and encode.
+
+    overlap (default: on CPU): a batch's targets are computed on a second thread while the next batch's
+    forward runs, so the vocabulary-wide reductions (top-k, the tail sums at every temperature, entropy)
+    cost wall time only where they outlast a forward; at most two batches' logits are alive. The arrays
+    are the same either way. On a GPU they run in order on the device, where they take a few percent.
+    """
     raw = bool(spec.hidden_pca_rank) and pca is None
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in spec.arrays() if name != "loss_mask"}  # (the data's)
+    names = [name for name in spec.arrays() if name != "loss_mask"]  # (the mask is the data's)
     if raw:
-        parts = {name: [] for name in parts if not name.startswith(("hidden_scale/", "hidden_channel_scale/"))}
-    for b0 in range(0, len(windows), cfg.batch_size):
-        ids = torch.from_numpy(np.ascontiguousarray(windows[b0 : b0 + cfg.batch_size], dtype=np.int64))
-        ids = ids.to(teacher.device)
-        with torch.inference_mode():
-            out = teacher.model(input_ids=ids, output_hidden_states=bool(spec.hidden_layers), use_cache=False)
-            seeds = [cfg.seed * 1_000_003 + first_window + b0 + i for i in range(len(ids))]
-            try:
-                targets = teacher_targets(
-                    out.logits, ids, top_k=spec.top_k, tail_temperatures=spec.tail_temperatures,
-                    samples=spec.samples, sample_seeds=seeds,
-                )
-            except NonFiniteLogits:
-                raise GooseError(f"the teacher produced non-finite logits in windows {first_window + b0}.."
-                                 f"{first_window + b0 + len(ids) - 1}; try --dtype fp32") from None
-            targets["input_ids"] = ids
-            for layer in spec.hidden_layers:
-                h = out.hidden_states[layer]
-                if raw:
-                    targets[hidden_name(layer)] = h.float()
-                else:
-                    targets.update(encode_hidden(h, layer, spec, pca))
-            del out
+        names = [name for name in names if not name.startswith(("hidden_scale/", "hidden_channel_scale/"))]
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    overlap = teacher.device.type == "cpu" if overlap is None else overlap
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="goose-targets") if overlap else None
+    pending = None
+
+    def collect(arrays: dict[str, np.ndarray]) -> None:
         for name in parts:
-            parts[name].append(targets[name].cpu().numpy())
+            parts[name].append(arrays[name])
+
+    try:
+        for b0 in range(0, len(windows), cfg.batch_size):
+            ids = torch.from_numpy(np.ascontiguousarray(windows[b0 : b0 + cfg.batch_size], dtype=np.int64))
+            ids = ids.to(teacher.device)
+            with torch.inference_mode():
+                out = teacher.model(input_ids=ids, output_hidden_states=bool(spec.hidden_layers), use_cache=False)
+            hidden = {layer: out.hidden_states[layer] for layer in spec.hidden_layers}
+            args = (out.logits, hidden, ids, first_window + b0, spec, cfg, pca, raw)
+            del out
+            if pending is not None:  # the previous batch's targets, computed while this forward ran
+                collect(pending.result())
+                pending = None
+            if pool is None:
+                collect(_batch_targets(*args))
+            else:
+                pending = pool.submit(_batch_targets, *args)
+            del args, hidden
+        if pending is not None:
+            collect(pending.result())
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
 
