@@ -232,11 +232,14 @@ class TernarySpike(nn.Module):
         self._initialized_seen = True
 
     def needs_init(self) -> bool:
-        """Whether the data-dependent init is still due. The buffer is read (a host sync, and a graph break
-        under torch.compile) only until it is first seen True; after that a Python flag answers, which
-        torch.compile guards on as a constant. Loading a state dict resets the flag."""
-        if not self._initialized_seen:
-            self._initialized_seen = bool(self.initialized)
+        """Whether the data-dependent init is still due. The buffer is read (a host sync) only until it is
+        first seen True; after that a Python flag answers, which torch.compile guards on as a constant, so
+        an initialised site costs a compiled model no graph break. Loading a state dict resets the flag."""
+        return not self._initialized_seen and self._read_initialized()
+
+    @torch.compiler.disable  # the one read of the buffer runs eagerly: a quiet graph break, once
+    def _read_initialized(self) -> bool:
+        self._initialized_seen = bool(self.initialized)
         return not self._initialized_seen
 
     def _load_from_state_dict(self, *args, **kwargs):
