@@ -187,8 +187,8 @@ def main():
 def cache_teacher(**kw):
     """Run the teacher once over a corpus and write its targets into a Zarr v3 store (resumable: rerun the
     same command after a crash). Under torchrun, the ranks share the work (docs/SCALING.md)."""
-    from .pipeline.cache_teacher import CacheTeacherConfig, parse_shard, run_cache_teacher
-    from .pipeline.data import DataSpec
+    from .pipeline.stage_one.cache_teacher import CacheTeacherConfig, parse_shard, run_cache_teacher
+    from .pipeline.stage_one.data import DataSpec
 
     as_json = kw.pop("as_json")
     data = DataSpec(dataset=kw.pop("dataset"), dataset_config=kw.pop("dataset_config"), split=kw.pop("split"),
@@ -223,7 +223,7 @@ def cache_teacher(**kw):
     )
 
 
-# built-in defaults of the train-from-cache flags that override config keys (pipeline/config.py TrainConfig;
+# built-in defaults of the train-from-cache flags that override config keys (pipeline/stage_two/config.py TrainConfig;
 # tests/test_cli.py checks they agree)
 _TRAIN_DEFAULTS = {"steps": 1000, "batch_size": 8, "seed": 0, "device": "auto", "amp": "none"}
 
@@ -269,8 +269,8 @@ def train_from_cache(cache, out, config_file, overrides, val_cache, storage_opti
 
     An --out that already holds a run is refused unless --resume (continue it exactly) or --overwrite
     (delete it and start afresh) is given."""
-    from .pipeline.config import load_config, prepare_run_folder
-    from .pipeline.train import run_train
+    from .pipeline.stage_two.config import load_config, prepare_run_folder
+    from .pipeline.stage_two.train import run_train
 
     cfg = load_config(config_file, overrides, cache=cache, out=out, val_cache=val_cache,
                       storage_options=_storage_options(storage_options), steps=steps,
@@ -306,7 +306,7 @@ def train_from_cache(cache, out, config_file, overrides, val_cache, storage_opti
     if s["events"]:
         lines.append("  health events: " + ", ".join(f"{k} x{v}" for k, v in sorted(s["events"].items())))
     if "outputs" in s:  # the files that exist (train.py's run_files), never one a short run did not write
-        from .pipeline.train import summary_files_line
+        from .pipeline.stage_two.train import summary_files_line
 
         lines.append(summary_files_line(s["outputs"]))
     else:
@@ -359,7 +359,7 @@ def eval_cmd(student, teacher, tokenizer, dataset, dataset_config, split, data_f
              harness_data_files, harness_limit, as_json):
     """Perplexity of STUDENT (run folder or saved model) or of --teacher, same protocol for both; with
     --harness, EleutherAI's lm-evaluation-harness on the same model, beside goose's figure."""
-    from .pipeline.data import DataSpec
+    from .pipeline.stage_one.data import DataSpec
     from .pipeline.evaluate import EvalConfig, run_eval
     from .pipeline.harness import HarnessConfig, parse_data_files, parse_tasks
 
@@ -433,7 +433,7 @@ def generate_cmd(student, prompt, max_new_tokens, temperature, top_k, top_p, see
     (with --json: once, at the end)."""
     from .pipeline.evaluate import check_tokenizer, load_tokenizer, student_folder
     from .pipeline.generate import TextStream, check_sampling, generate
-    from .pipeline.teacher import resolve_device
+    from .pipeline.stage_one.teacher import resolve_device
     from .student.model import Student
 
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -483,7 +483,7 @@ def generate_cmd(student, prompt, max_new_tokens, temperature, top_k, top_p, see
 @_json_option()
 def validate_cmd(run, max_ppl_ratio, max_dead, max_saturated, min_rate, max_rate, device, storage_options, as_json):
     """Post-training checks of RUN as a pass/fail table; exit 1 if any check fails."""
-    from .pipeline.teacher import resolve_device
+    from .pipeline.stage_one.teacher import resolve_device
     from .pipeline.validate import ValidateConfig, run_validate
 
     with _stdout_to_stderr(as_json):
@@ -705,7 +705,7 @@ def config_group():
 @_json_option()
 def config_list(as_json):
     """The shipped run configs (usable by name from any directory: --config kd)."""
-    from .pipeline.config import list_configs
+    from .pipeline.stage_two.config import list_configs
 
     configs = list_configs()
     if as_json:
@@ -724,7 +724,7 @@ def config_list(as_json):
 def config_show(name, overrides, as_json):
     """The resolved config NAME (a shipped name or a YAML/JSON file; none: the built-in defaults) with every
     default filled in, as YAML; what train-from-cache would run with the same --config and --set."""
-    from .pipeline.config import show_config
+    from .pipeline.stage_two.config import show_config
 
     resolved = show_config(name, list(overrides))
     if as_json:

@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from goose.pipeline.config import load_config
-from goose.pipeline.train import Trainer
+from goose.pipeline.stage_two.config import load_config
+from goose.pipeline.stage_two.train import Trainer
 
 
 def main() -> None:

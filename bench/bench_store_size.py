@@ -25,7 +25,7 @@ import torch
 from goose.cache.reader import CacheReader
 from goose.cache.schema import EMBEDDING_ARRAY, decode_topk, encode_logprobs, encode_topk, fold_topk, round_mantissa
 from goose.cache.stats import store_nbytes
-from goose.pipeline.losses import teacher_bucket_logprobs
+from goose.pipeline.stage_two.losses import teacher_bucket_logprobs
 
 
 def _by_id(ids, lp):

@@ -42,8 +42,8 @@ BUILTIN_GRIDS = {
 
 
 def resolve_config(name: str) -> str:
-    """A grid run's config: a path, or a shipped config by name (pipeline/config.py resolves both)."""
-    from .config import resolve_config_path
+    """A grid run's config: a path, or a shipped config by name (pipeline/stage_two/config.py resolves both)."""
+    from .stage_two.config import resolve_config_path
 
     return resolve_config_path(name)
 
@@ -98,7 +98,7 @@ def run_commands(grid: dict, cache: str, out: Path, extra_set: list[str] = (),
 def check_grid(grid: dict, cache: str, out: Path, extra_set: list[str] = (),
                storage_options: dict | None = None) -> None:
     """Every run's config resolves (types and ranges), so a bad --set fails once, before any run starts."""
-    from .config import load_config
+    from .stage_two.config import load_config
 
     for name, (config, overrides) in _run_overrides(grid, extra_set).items():
         try:
@@ -110,7 +110,7 @@ def check_grid(grid: dict, cache: str, out: Path, extra_set: list[str] = (),
 def run_ablation(cache: str, grid_name: str, out: str, *, parallel: int = 1, extra_set: list[str] = (),
                  storage_options: dict | None = None, echo=print) -> dict:
     from ..cache.reader import CacheReader
-    from .config import run_entries
+    from .stage_two.config import run_entries
     from .report import run_report
 
     grid = load_grid(grid_name)

@@ -13,7 +13,7 @@ A model is a `Scorer`: log-probabilities of the next tokens for a window, option
 With `harness`, EleutherAI's lm-evaluation-harness runs too, on the same model (pipeline/harness.py), and its
 text perplexity is put next to goose's protocols on the same text.
 
-Local text files are streamed (pipeline/data.py `open_texts`): nothing is written to the datasets cache.
+Local text files are streamed (pipeline/stage_one/data.py `open_texts`): nothing is written to the datasets cache.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 
 from ..errors import GooseError
 from ..student.model import Student
-from .data import DataSpec, open_texts, tokenize_and_pack
+from .stage_one.data import DataSpec, open_texts, tokenize_and_pack
 from .harness import TEXT_TASK, HarnessConfig
 
 PROTOCOLS = ("windows", "sliding", "stream")
@@ -253,8 +253,8 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
 def cache_agreement(model: Student, url: str, n_windows: int, device, storage_options: dict | None = None) -> dict:
     """KL to the teacher (top-k + tail at T=1), top-1 agreement and ECE on a store's held-out windows: the
     first `n_windows` of its last 5 % (what train-from-cache validates on by default), never training ones."""
-    from .loader import read_windows
-    from .losses import student_bucket_logprobs, teacher_bucket_logprobs
+    from .stage_two.loader import read_windows
+    from .stage_two.losses import student_bucket_logprobs, teacher_bucket_logprobs
     from ..cache.reader import CacheReader
 
     reader = CacheReader(url, storage_options=storage_options or None)
@@ -300,7 +300,7 @@ def store_overlap(tokens: np.ndarray, url: str, n: int = 32, storage_options: di
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    from .teacher import load_teacher, resolve_device
+    from .stage_one.teacher import load_teacher, resolve_device
 
     if bool(cfg.student) == bool(cfg.teacher):
         raise GooseError("give exactly one of a student (run folder or saved model) or --teacher")

@@ -116,7 +116,7 @@ def train_teacher(folder: Path, docs: list[str], *, steps: int, seq_len: int, se
     written to FOLDER.partial and renamed into place at the end, so an interrupted run leaves no teacher."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from .data import tokenize_and_pack
+    from .stage_one.data import tokenize_and_pack
 
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -213,12 +213,12 @@ def run_quickstart(out: str, *, seed: int = 0, teacher_steps: int = 300, student
 
 def _run_stages(root: Path, *, seed: int, teacher_steps: int, student_steps: int, train_docs: int,
                 cache_tokens: int, echo) -> dict:
-    from .cache_teacher import CacheTeacherConfig, run_cache_teacher
-    from .config import load_config
-    from .data import DataSpec
+    from .stage_one.cache_teacher import CacheTeacherConfig, run_cache_teacher
+    from .stage_two.config import load_config
+    from .stage_one.data import DataSpec
     from .evaluate import EvalConfig, run_eval
     from .report import run_report
-    from .train import latest_checkpoint, run_train
+    from .stage_two.train import latest_checkpoint, run_train
 
     t_start = time.perf_counter()
     (root / "data").mkdir(parents=True, exist_ok=True)

@@ -39,9 +39,9 @@ class ValidateConfig:
 
 def run_validate(cfg: ValidateConfig) -> list[Check]:
     from ..cache.reader import CacheReader
-    from .config import TrainConfig, from_dict
-    from .loader import read_windows
-    from .train import split_windows, validate_model
+    from .stage_two.config import TrainConfig, from_dict
+    from .stage_two.loader import read_windows
+    from .stage_two.train import split_windows, validate_model
 
     run = Path(cfg.run)
     best = run / "best"

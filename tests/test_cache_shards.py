@@ -147,7 +147,7 @@ def test_shards_on_an_object_store_url(tmp_path, tiny_teacher, corpus_file):
     """fsspec memory:// stands in for an object store: no rename there, the root object is uploaded last."""
     from goose.cache.stats import verify_store
     from goose.cache.writer import finalize_store
-    from goose.pipeline.cache_teacher import run_cache_teacher
+    from goose.pipeline.stage_one.cache_teacher import run_cache_teacher
     from test_cache_teacher import make_cfg
 
     ref = make_cfg(tmp_path / "ref.zarr", tiny_teacher, corpus_file)

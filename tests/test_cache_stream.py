@@ -13,8 +13,8 @@ from conftest import GPT2_TOKENIZER, SHARED, need
 from goose.cache.reader import CacheReader
 from goose.cache.writer import CacheWriter
 from goose.errors import GooseError
-from goose.pipeline.cache_teacher import CacheTeacherConfig, run_cache_teacher
-from goose.pipeline.data import (
+from goose.pipeline.stage_one.cache_teacher import CacheTeacherConfig, run_cache_teacher
+from goose.pipeline.stage_one.data import (
     DataSpec,
     count_windows,
     iter_windows,
@@ -136,7 +136,7 @@ def test_a_failing_background_write_fails_the_run_and_nothing_after_it_is_writte
 
 
 def test_data_that_changes_between_the_passes_is_refused(tmp_path, tiny_teacher, corpus_file, monkeypatch):
-    import goose.pipeline.cache_teacher as ct
+    import goose.pipeline.stage_one.cache_teacher as ct
 
     cfg = make_cfg(tmp_path / "c.zarr", tiny_teacher, corpus_file, max_tokens=None)
     real = ct.iter_windows

@@ -13,9 +13,9 @@ from goose.cache.reader import CacheReader
 from goose.cache.stats import store_info, verify_store
 from goose.cache.writer import CacheWriter
 from goose.errors import GooseError
-from goose.pipeline.cache_teacher import CacheTeacherConfig, run_cache_teacher
-from goose.pipeline.data import DataSpec
-from goose.pipeline.teacher import draw_samples, quantize_int8
+from goose.pipeline.stage_one.cache_teacher import CacheTeacherConfig, run_cache_teacher
+from goose.pipeline.stage_one.data import DataSpec
+from goose.pipeline.stage_one.teacher import draw_samples, quantize_int8
 
 
 def make_cfg(output, teacher, corpus, **kw) -> CacheTeacherConfig:
@@ -300,8 +300,8 @@ def test_enwiki_teacher_on_wikitext_passes_verify_and_matches_hf_loss(tmp_path):
 def test_targets_on_a_second_thread_equal_targets_in_order(tiny_teacher, corpus_file, tmp_path):
     """On CPU a batch's targets are computed while the next batch's forward runs; the arrays are identical."""
     from goose.cache.schema import StoreSpec
-    from goose.pipeline.cache_teacher import compute_block
-    from goose.pipeline.teacher import load_teacher
+    from goose.pipeline.stage_one.cache_teacher import compute_block
+    from goose.pipeline.stage_one.teacher import load_teacher
 
     teacher = load_teacher(str(tiny_teacher), dtype="fp32", device="cpu")
     spec = StoreSpec(n_windows=7, seq_len=16, vocab_size=teacher.vocab_size, top_k=8, tail_temperatures=(1.0, 2.0),

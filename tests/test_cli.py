@@ -20,8 +20,8 @@ import goose
 from conftest import ENWIKI_TEXT
 from goose import cli
 from goose.cli import main
-from goose.pipeline import config as config_mod
-from goose.pipeline.config import TrainConfig, load_config
+from goose.pipeline.stage_two import config as config_mod
+from goose.pipeline.stage_two.config import TrainConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLI_DOC = REPO / "docs" / "CLI.md"

@@ -23,7 +23,7 @@ from goose.pipeline.evaluate import (
 from goose.pipeline.generate import TextStream, filter_logits, generate
 from test_student import float64, random_student  # noqa: F401 - float64 is a fixture
 from test_train import cfg_for
-from goose.pipeline.train import run_train
+from goose.pipeline.stage_two.train import run_train
 
 
 class IndexScorer(Scorer):

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from conftest import GPT2_TOKENIZER, need
 from goose.cli import main
-from goose.pipeline.config import TrainConfig, dump_config
+from goose.pipeline.stage_two.config import TrainConfig, dump_config
 from goose.pipeline.quickstart import make_corpus, save_tokenizer
 from test_student import random_student
 

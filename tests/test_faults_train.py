@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from goose.cli import main
 from goose.errors import GooseError, RunFailed
-from goose.pipeline.train import CKPT_FILE, LOCK_FILE, Trainer, checkpoints
+from goose.pipeline.stage_two.train import CKPT_FILE, LOCK_FILE, Trainer, checkpoints
 
 from test_train import cfg_for  # noqa: E402 (tests/ is on sys.path under pytest)
 
@@ -136,8 +136,8 @@ def test_resume_refuses_a_config_that_breaks_the_run(six_step_run, store, change
 
 
 def test_resume_refuses_another_store(six_step_run, tmp_path, tiny_teacher, corpus_file):
-    from goose.pipeline.cache_teacher import CacheTeacherConfig, run_cache_teacher
-    from goose.pipeline.data import DataSpec
+    from goose.pipeline.stage_one.cache_teacher import CacheTeacherConfig, run_cache_teacher
+    from goose.pipeline.stage_one.data import DataSpec
 
     other = tmp_path / "other.zarr"
     run_cache_teacher(CacheTeacherConfig(output=str(other), teacher=str(tiny_teacher),
@@ -243,8 +243,8 @@ def test_bad_list_elements_and_model_sizes_fail_before_any_work(tmp_path, store,
 
 
 def test_monitor_ignores_the_gradient_norm_of_skipped_steps(tmp_path):
-    from goose.pipeline.config import MonitorConfig
-    from goose.pipeline.monitor import EventLog, HealthMonitor
+    from goose.pipeline.stage_two.config import MonitorConfig
+    from goose.pipeline.stage_two.monitor import EventLog, HealthMonitor
 
     events = EventLog(tmp_path / "e.jsonl", echo=lambda line: None)
     mon = HealthMonitor(MonitorConfig(), events, t_bounds=None, grad_clip=1.0)
@@ -265,7 +265,7 @@ def test_broken_newest_checkpoint_is_moved_aside_so_nothing_picks_it_again(six_s
 
 
 def test_disk_full_on_a_checkpoint_is_one_error_and_keeps_what_is_done(tmp_path, store, monkeypatch):
-    import goose.pipeline.train as train_mod
+    import goose.pipeline.stage_two.train as train_mod
 
     real_save, calls = torch.save, {"n": 0}
 

@@ -22,7 +22,7 @@ import torch
 
 from conftest import ENWIKI_TEACHER, REPO, SHARED, need
 from goose.errors import GooseError
-from goose.pipeline.data import DataSpec, load_texts, open_texts
+from goose.pipeline.stage_one.data import DataSpec, load_texts, open_texts
 from goose.pipeline.evaluate import EvalConfig, StudentScorer, TeacherScorer, run_eval
 from goose.pipeline.harness import (
     GOOSE_TASKS,
@@ -127,7 +127,7 @@ def test_teacher_harness_agrees_with_goose(texts):
 @pytest.fixture(scope="module")
 def student_run(store, tmp_path_factory) -> Path:
     """A quick student: trained a few steps on the shared teacher's store (its best/ carries the tokenizer)."""
-    from goose.pipeline.train import run_train
+    from goose.pipeline.stage_two.train import run_train
     from test_train import cfg_for
 
     run = tmp_path_factory.mktemp("harness_student") / "run"

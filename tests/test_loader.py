@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from goose.pipeline.loader import CacheLoader, epoch_plan
+from goose.pipeline.stage_two.loader import CacheLoader, epoch_plan
 
 
 def test_epoch_plan_covers_the_pool_once_and_is_seeded():

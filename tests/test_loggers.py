@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from goose.errors import GooseError
-from goose.pipeline.config import load_config
-from goose.pipeline.loggers import open_loggers, run_identity, scalars
-from goose.pipeline.train import progress_postfix, run_files, summary_files_line
+from goose.pipeline.stage_two.config import load_config
+from goose.pipeline.stage_two.loggers import open_loggers, run_identity, scalars
+from goose.pipeline.stage_two.train import progress_postfix, run_files, summary_files_line
 
 VAL_ROW = {"step": 2, "kind": "val", "val_ppl": 5.0, "val_loss": 1.6, "spike_rate": None,
            "spike_sites": {"0.tm_r": {"rate": 0.25, "dead": 0.0, "sat": 0.0}}}
@@ -37,7 +37,7 @@ def test_default_loggers_and_validation():
 
 
 def test_a_named_tracker_that_is_not_installed_fails_with_the_config(monkeypatch):
-    from goose.pipeline import loggers
+    from goose.pipeline.stage_two import loggers
 
     monkeypatch.setattr(loggers, "_installed", lambda module: False)
     with pytest.raises(GooseError, match=r"pip install 'goose-distill\[mlflow\]'"):
@@ -45,7 +45,7 @@ def test_a_named_tracker_that_is_not_installed_fails_with_the_config(monkeypatch
 
 
 def test_trackers_are_imported_only_when_named(tmp_path):
-    code = ("import sys; from pathlib import Path; from goose.pipeline import train, loggers; "
+    code = ("import sys; from pathlib import Path; from goose.pipeline.stage_two import train, loggers; "
             "L = loggers.open_loggers(['jsonl', 'tensorboard'], Path(sys.argv[1]), {}); L.close(); "
             "print(sorted(m for m in ('wandb', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
@@ -274,7 +274,7 @@ def test_a_tracker_that_cannot_start_is_one_line(tmp_path, monkeypatch):
 def test_training_logs_to_a_tracker_tagged_with_its_grid_cell(tmp_path, store, mlflow_view):
     from test_train import cfg_for
 
-    from goose.pipeline.train import run_train
+    from goose.pipeline.stage_two.train import run_train
 
     out = tmp_path / "ablate" / "kd"  # what `goose ablate --out ablate` gives grid cell kd
     s = run_train(cfg_for(store, out, "steps=4", "val_every=4", "log_every=2", "loggers=[jsonl, tensorboard, mlflow]",

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from goose.pipeline.curriculum import Curriculum, CurriculumConfig, difficulty_order, rank, stage_pools
-from goose.pipeline.losses import (
+from goose.pipeline.stage_two.curriculum import Curriculum, CurriculumConfig, difficulty_order, rank, stage_pools
+from goose.pipeline.stage_two.losses import (
     ce_loss,
     cka_align,
     cosine_align,
@@ -20,9 +20,9 @@ from goose.pipeline.losses import (
     standardize_channels,
     teacher_bucket_logprobs,
 )
-from goose.pipeline.teacher import teacher_targets
+from goose.pipeline.stage_one.teacher import teacher_targets
 from goose.cache.schema import StoreSpec, decode_logprobs, encode_logprobs
-from goose.pipeline.temperature import Temperature, TemperatureConfig, grad_reverse
+from goose.pipeline.stage_two.temperature import Temperature, TemperatureConfig, grad_reverse
 
 TEMPS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
 
@@ -246,8 +246,8 @@ def test_pocl_order_buckets_and_stages():
 
 
 def test_alignment_pairs_like_with_like():
-    from goose.pipeline.config import TrainConfig
-    from goose.pipeline.train import Distiller, align_loss, align_spans
+    from goose.pipeline.stage_two.config import TrainConfig
+    from goose.pipeline.stage_two.train import Distiller, align_loss, align_spans
 
     # the teacher's last stored state is after its final norm: the student's paired state goes through its own
     g = torch.Generator().manual_seed(0)
@@ -269,7 +269,7 @@ def test_alignment_pairs_like_with_like():
 
 @pytest.mark.parametrize("T", [1.0, 1.7])
 def test_fused_student_buckets_equal_the_reference(T):
-    from goose.pipeline.losses import student_bucket_logprobs, student_bucket_logprobs_reference
+    from goose.pipeline.stage_two.losses import student_bucket_logprobs, student_bucket_logprobs_reference
 
     g = torch.Generator().manual_seed(3)
     z = (torch.randn(2, 5, 300, generator=g, dtype=torch.float64) * 4 - 80).requires_grad_()
@@ -300,7 +300,7 @@ def test_tail_far_below_the_top_stays_exact():
         got = teacher_bucket_logprobs(lp, tail, TEMPS, T)[..., -1].double()
         assert (got - bucket_probs(z, ti, T)[..., -1].log()).abs().max() < 0.05 * 150 / T
     # the student side too: a student whose tail is that far down keeps a finite tail bucket
-    from goose.pipeline.losses import student_bucket_logprobs, student_bucket_logprobs_reference
+    from goose.pipeline.stage_two.losses import student_bucket_logprobs, student_bucket_logprobs_reference
 
     zs = z.clone().requires_grad_()
     out = student_bucket_logprobs(zs, ti, 1.0)

@@ -64,7 +64,7 @@ def test_quickstart_interrupted_exits_128_plus_signal_and_a_rerun_continues(tmp_
 
     from goose.cli import main
     from goose.pipeline import quickstart
-    from goose.pipeline.train import Trainer
+    from goose.pipeline.stage_two.train import Trainer
 
     small = functools.partial(run_quickstart, train_docs=300, cache_tokens=16384)
     monkeypatch.setattr(quickstart, "run_quickstart", small)

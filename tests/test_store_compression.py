@@ -20,8 +20,8 @@ from goose.cache.schema import (
     round_mantissa,
 )
 from goose.cache.writer import CacheWriter
-from goose.pipeline.losses import teacher_bucket_logprobs
-from goose.pipeline.teacher import teacher_targets
+from goose.pipeline.stage_two.losses import teacher_bucket_logprobs
+from goose.pipeline.stage_one.teacher import teacher_targets
 
 TEMPS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
 
@@ -237,7 +237,7 @@ def test_cache_teacher_with_hidden_pca(tmp_path, tiny_teacher, corpus_file, dtyp
     from transformers import AutoModelForCausalLM
 
     from test_cache_teacher import assert_same_store, make_cfg
-    from goose.pipeline.cache_teacher import run_cache_teacher
+    from goose.pipeline.stage_one.cache_teacher import run_cache_teacher
 
     cfg = make_cfg(tmp_path / "p.zarr", tiny_teacher, corpus_file, hidden_layers="0,-1", hidden_dtype=dtype,
                    hidden_pca_rank=4)
@@ -275,7 +275,7 @@ def test_cache_teacher_with_hidden_pca(tmp_path, tiny_teacher, corpus_file, dtyp
 def test_hidden_pca_needs_one_process(tmp_path, tiny_teacher, corpus_file):
     from test_cache_teacher import make_cfg
     from goose.errors import GooseError
-    from goose.pipeline.cache_teacher import run_cache_teacher
+    from goose.pipeline.stage_one.cache_teacher import run_cache_teacher
 
     cfg = make_cfg(tmp_path / "p.zarr", tiny_teacher, corpus_file, hidden_layers="-1", hidden_pca_rank=4,
                    shard=(0, 2))

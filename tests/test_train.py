@@ -15,11 +15,11 @@ from click.testing import CliRunner
 
 from goose.cli import main
 from goose.errors import GooseError
-from goose.pipeline.cache_teacher import CacheTeacherConfig, run_cache_teacher
-from goose.pipeline.config import MonitorConfig, load_config
-from goose.pipeline.data import DataSpec
-from goose.pipeline.monitor import EventLog, HealthMonitor
-from goose.pipeline.train import Trainer, run_train
+from goose.pipeline.stage_one.cache_teacher import CacheTeacherConfig, run_cache_teacher
+from goose.pipeline.stage_two.config import MonitorConfig, load_config
+from goose.pipeline.stage_one.data import DataSpec
+from goose.pipeline.stage_two.monitor import EventLog, HealthMonitor
+from goose.pipeline.stage_two.train import Trainer, run_train
 
 
 def cfg_for(store, out, *overrides, **top):
@@ -213,7 +213,7 @@ def test_ctkd_lambda_scales_the_temperature_step(tmp_path, store):
 
 
 def test_carry_state_rows_follow_their_streams_and_resume_exactly(tmp_path, store, monkeypatch):
-    from goose.pipeline.loader import stream_plan
+    from goose.pipeline.stage_two.loader import stream_plan
 
     plan = stream_plan(np.arange(3, 23), 4)  # 20 windows, 4 lanes of 5
     assert len(plan) == 5 and plan[0].tolist() == [3, 8, 13, 18] and plan[4].tolist() == [7, 12, 17, 22]

@@ -31,7 +31,7 @@ import json
 import math
 from pathlib import Path
 
-from ..errors import GooseError
+from ...errors import GooseError
 
 KNOWN_LOGGERS = ("jsonl", "tensorboard", "wandb", "mlflow")
 DEFAULT_LOGGERS = ("jsonl", "tensorboard")

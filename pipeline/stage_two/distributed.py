@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..errors import GooseError
+from ...errors import GooseError
 
 
 @dataclass

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
-from ..cache.schema import (
+from ... import __version__
+from ...cache.schema import (
     COMPACT_LOGPROB_STEP,
     COMPACT_TAIL_KEEPBITS,
     TOPK_ENCODINGS,
@@ -43,10 +43,10 @@ from ..cache.schema import (
     hidden_scale_name,
     tail_temperature_problem,
 )
-from ..cache.lock import StoreLock, check_unlocked
-from ..cache.stats import store_nbytes
-from ..cache.writer import CacheWriter
-from ..errors import GooseError
+from ...cache.lock import StoreLock, check_unlocked
+from ...cache.stats import store_nbytes
+from ...cache.writer import CacheWriter
+from ...errors import GooseError
 from .data import DataSpec, count_windows, fingerprint_update, iter_windows, open_texts
 from .teacher import (
     NonFiniteLogits,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import GooseError
+from ...errors import GooseError
 from .curriculum import CurriculumConfig
 from .temperature import TemperatureConfig
 
@@ -121,7 +121,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute blocks in backward: less memory, more time
     profile_steps: int = 0
     tensorboard: bool = True
-    loggers: list = field(default_factory=lambda: ["jsonl", "tensorboard"])  # + wandb, mlflow (pipeline/loggers.py)
+    loggers: list = field(default_factory=lambda: ["jsonl", "tensorboard"])  # + wandb, mlflow (pipeline/stage_two/loggers.py)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
@@ -347,7 +347,7 @@ def nearest_key(key: str) -> str | None:
 # directory
 
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 _CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -479,7 +479,7 @@ def prepare_run_folder(cfg: TrainConfig, *, resume: bool = False, overwrite: boo
         raise GooseError(f"--overwrite: run folder {folder} is in use by a running training (pid {holder}); "
                          f"nothing was deleted")
     # the store and the config must be usable before the old run is deleted
-    from ..cache.reader import CacheReader
+    from ...cache.reader import CacheReader
     from .train import check_store
 
     options = cfg.storage_options or None

@@ -26,11 +26,11 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
-from .. import __version__
-from ..cache.reader import CacheReader
-from ..errors import GooseError, RunFailed
-from ..student.model import Student, config_for_store, detach_state
-from ..student.spikes import firing_rate_loss
+from ... import __version__
+from ...cache.reader import CacheReader
+from ...errors import GooseError, RunFailed
+from ...student.model import Student, config_for_store, detach_state
+from ...student.spikes import firing_rate_loss
 from .config import TrainConfig, dump_config
 from .curriculum import Curriculum, difficulty_order
 from .distributed import (DistEnv, clip_grad_norm, full_model_state, full_optimizer_state, load_full_model_state,
@@ -49,7 +49,7 @@ from .losses import (
     teacher_bucket_logprobs,
 )
 from .monitor import EventLog, HealthMonitor
-from .teacher import resolve_device
+from ..stage_one.teacher import resolve_device
 from .temperature import Temperature
 
 CKPT_FILE = "state.pt"

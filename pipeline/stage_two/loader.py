@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..cache.reader import CacheReader
-from ..errors import GooseError
+from ...cache.reader import CacheReader
+from ...errors import GooseError
 
 
 def epoch_plan(pool: np.ndarray, chunk_windows: int, batch_size: int, seed: int, epoch: int,
