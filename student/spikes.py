@@ -235,9 +235,12 @@ class TernarySpike(nn.Module):
         """Whether the data-dependent init is still due. The buffer is read (a host sync) only until it is
         first seen True; after that a Python flag answers, which torch.compile guards on as a constant, so
         an initialised site costs a compiled model no graph break. Loading a state dict resets the flag."""
-        return not self._initialized_seen and self._read_initialized()
+        if self._initialized_seen:
+            return False
+        if torch.compiler.is_compiling():  # the one read runs outside the graph: a quiet graph break, once
+            return torch.compiler.disable(TernarySpike._read_initialized)(self)
+        return self._read_initialized()
 
-    @torch.compiler.disable  # the one read of the buffer runs eagerly: a quiet graph break, once
     def _read_initialized(self) -> bool:
         self._initialized_seen = bool(self.initialized)
         return not self._initialized_seen
