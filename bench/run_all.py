@@ -37,7 +37,7 @@ def suites(args) -> list[tuple[str, list[str]]]:
         ("stage one, enwiki-tiny", ["bench_cache_teacher.py", *reps, *dev, *([] if quick else ["--sizes"])]
          + (["--max-tokens", "16384"] if quick else [])),
         ("stage one, GPT-2-small-shaped", ["bench_cache_teacher.py", "--teacher", "gpt2-small-random", "--seq-len",
-                                           "1024", "--max-tokens", "2048" if quick else "4096", "--batch-size", "1",
+                                           "1024", "--max-tokens", "2048" if quick else "16384", "--batch-size", "1",
                                            *reps, *dev]),
         ("student vs dense GPT-2", ["bench_student_vs_dense.py", *reps, *dev, "--new-tokens", "8" if quick else "16"]
          + (["--context", "1024"] if quick else [])),
