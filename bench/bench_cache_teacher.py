@@ -8,7 +8,7 @@
 Prints tokens/s of both, their time ratio (median over alternating repeats, since this machine is noisy),
 and bytes/token at the given k without hidden states, with one fp16 layer and with one int8 layer. On CPU a
 third variant runs each batch's targets in order after its forward instead of on the targets thread
-(`compute_block(overlap=False)`), so the thread's gain is measured in the same run.
+(`compute_blocks(overlap=False)`: the forward and the reductions on the main thread, one after the other), so the thread's gain is measured in the same run.
 """
 
 from __future__ import annotations
@@ -87,9 +87,9 @@ def main() -> None:
         return run_cache_teacher(cfg)
 
     def in_order(*a, **kw):  # the targets after each forward, on the main thread
-        return overlapped_block(*a, **kw, overlap=False)
+        return overlapped_blocks(*a, **kw, overlap=False)
 
-    overlapped_block = cache_teacher.compute_block
+    overlapped_blocks = cache_teacher.compute_blocks
     compare = teacher.device.type == "cpu"
     bare_s, cache_s, call_s, order_s = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,11 +99,11 @@ def main() -> None:
             cache_s.append(cache_once(tmp, f"plain{r}")["seconds"])
             call_s.append(time.perf_counter() - t0)
             if compare:
-                cache_teacher.compute_block = in_order
+                cache_teacher.compute_blocks = in_order
                 try:
                     order_s.append(cache_once(tmp, f"in_order{r}")["seconds"])
                 finally:
-                    cache_teacher.compute_block = overlapped_block
+                    cache_teacher.compute_blocks = overlapped_blocks
         if args.sizes:
             plain = cache_once(tmp, "sizes")
             fp16 = cache_once(tmp, "h16", hidden_layers=args.hidden_layer)

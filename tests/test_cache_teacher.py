@@ -298,38 +298,41 @@ def test_enwiki_teacher_on_wikitext_passes_verify_and_matches_hf_loss(tmp_path):
 
 
 def test_targets_on_a_second_thread_equal_targets_in_order(tiny_teacher, corpus_file, tmp_path):
-    """On CPU a batch's targets are computed while the next batch's forward runs; the arrays are identical."""
+    """On CPU a batch's targets (and GPT-2's LM head) are computed while the next batch's forward runs, across
+    block boundaries; the arrays are identical to the whole model's logits reduced in order."""
     from goose.cache.schema import StoreSpec
-    from goose.pipeline.stage_one.cache_teacher import compute_block
+    from goose.pipeline.stage_one.cache_teacher import compute_blocks
     from goose.pipeline.stage_one.teacher import load_teacher
 
     teacher = load_teacher(str(tiny_teacher), dtype="fp32", device="cpu")
-    spec = StoreSpec(n_windows=7, seq_len=16, vocab_size=teacher.vocab_size, top_k=8, tail_temperatures=(1.0, 2.0),
+    assert teacher.body_and_head() is not None  # the overlapped path runs the LM head on the targets thread
+    spec = StoreSpec(n_windows=17, seq_len=16, vocab_size=teacher.vocab_size, top_k=8, tail_temperatures=(1.0, 2.0),
                      hidden_layers=(1, 2),
                      hidden_size=teacher.hidden_size, hidden_dtype="int8", samples=4, chunk_windows=7)
     cfg = make_cfg(tmp_path / "unused.zarr", tiny_teacher, corpus_file, batch_size=2)
-    windows = np.random.default_rng(0).integers(0, teacher.vocab_size, (7, 16))
-    in_order = compute_block(teacher, windows, 3, spec, cfg, overlap=False)
-    overlapped = compute_block(teacher, windows, 3, spec, cfg, overlap=True)
-    assert sorted(in_order) == sorted(overlapped) and len(in_order["input_ids"]) == 7
-    for name in in_order:
-        np.testing.assert_array_equal(in_order[name], overlapped[name], err_msg=name)
+    windows = np.random.default_rng(0).integers(0, teacher.vocab_size, (17, 16))
+    blocks = [(b, windows[slice(*spec.block_range(b))], None) for b in (0, 1, 2)]  # 7 + 7 + 3 windows
+    in_order = list(compute_blocks(teacher, blocks, spec, cfg, overlap=False))
+    overlapped = list(compute_blocks(teacher, blocks, spec, cfg, overlap=True))
+    assert [b for b, _, _ in in_order] == [b for b, _, _ in overlapped] == [0, 1, 2]
+    for (_, a, _), (_, b, _) in zip(in_order, overlapped):
+        assert sorted(a) == sorted(b)
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    np.testing.assert_array_equal(np.concatenate([d["input_ids"] for _, d, _ in overlapped]), windows)
 
 
 def test_non_finite_teacher_logits_fail_with_one_line_and_no_complete_store(tiny_teacher, corpus_file, tmp_path,
                                                                              monkeypatch):
     """The error raised on the targets thread reaches the command as its one-line message, naming the windows."""
-    import transformers
+    real = torch.nn.Linear.forward
 
-    real = transformers.GPT2LMHeadModel.forward
-
-    def nan_forward(self, *args, **kwargs):
-        out = real(self, *args, **kwargs)
-        if kwargs["input_ids"].shape[0] and kwargs["input_ids"][0, 0] >= 0:  # every batch
-            out.logits[-1, 3, 5] = float("nan")
+    def nan_head(self, x):  # GPT-2's only nn.Linear is its LM head (its blocks use Conv1D)
+        out = real(self, x)
+        out[-1, 3, 5] = float("nan")  # every batch
         return out
 
-    monkeypatch.setattr(transformers.GPT2LMHeadModel, "forward", nan_forward)
+    monkeypatch.setattr(torch.nn.Linear, "forward", nan_head)
     out = tmp_path / "nan.zarr"
     with pytest.raises(GooseError, match=r"non-finite logits in windows 0\.\.1; try --dtype fp32"):
         run_cache_teacher(make_cfg(out, tiny_teacher, corpus_file))

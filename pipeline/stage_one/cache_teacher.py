@@ -24,6 +24,7 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -238,9 +239,14 @@ def encode_hidden(h: torch.Tensor, layer: int, spec: StoreSpec, pca: dict | None
 
 
 @torch.inference_mode()
-def _batch_targets(logits: torch.Tensor, hidden: dict, ids: torch.Tensor, first: int, spec: StoreSpec,
+def _batch_targets(logits, hidden: dict, ids: torch.Tensor, first: int, spec: StoreSpec,
                    cfg: CacheTeacherConfig, pca: dict | None, raw: bool) -> dict[str, np.ndarray]:
-    """One batch's arrays from its logits and hidden states (window `first` is the batch's first)."""
+    """One batch's arrays from its logits and hidden states (window `first` is the batch's first).
+
+    logits: the (B, L, V) tensor, or a callable that computes it (the LM head, run here on the targets
+    thread rather than in the forward)."""
+    if callable(logits):
+        logits = logits()
     seeds = [cfg.seed * 1_000_003 + first + i for i in range(len(ids))]
     try:
         targets = teacher_targets(logits, ids, top_k=spec.top_k, tail_temperatures=spec.tail_temperatures,
@@ -257,62 +263,99 @@ def _batch_targets(logits: torch.Tensor, hidden: dict, ids: torch.Tensor, first:
     return {name: t.cpu().numpy() for name, t in targets.items()}
 
 
-def compute_block(
-    teacher: Teacher, windows: np.ndarray, first_window: int, spec: StoreSpec, cfg: CacheTeacherConfig,
-    pca: dict | None = None, overlap: bool | None = None,
-) -> dict[str, np.ndarray]:
-    """Teacher targets for consecutive windows, in batches of cfg.batch_size, as the schema's arrays.
+def compute_blocks(
+    teacher: Teacher, blocks, spec: StoreSpec, cfg: CacheTeacherConfig, pca: dict | None = None,
+    overlap: bool | None = None,
+):
+    """Teacher targets for each (block, windows, loss_mask or None) of `blocks`, in batches of
+    cfg.batch_size: yields (block, the schema's arrays for it, the PCA basis fitted on it or None).
 
     Every reduction runs on the teacher's device; only the per-token results (k ids and log-probs, T tail
     masses, two scalars, the hidden states asked for) are copied to the host. A store with hidden-state PCA
-    needs its basis (`pca`, layer -> (mean, basis)); without one (the first block) the hidden states come
-    back raw, float32 at full width, for `fit_block_pca` to fit the basis on and encode.
+    and no basis yet (`pca` None) fits one on the first block's raw float32 states, encodes that block with
+    it and yields it with the block, to be stored; every later block is encoded with it.
 
     overlap (default: on CPU): a batch's targets are computed on a second thread while the next batch's
     forward runs, so the vocabulary-wide reductions (top-k, the tail sums at every temperature, entropy)
-    cost wall time only where they outlast a forward; at most two batches' logits are alive. The arrays
-    are the same either way. On a GPU they run in order on the device, where they take a few percent.
+    cost wall time only where they outlast a forward; at most two batches' logits are alive. The pipeline
+    runs across block boundaries (a block's last targets overlap the next block's first forward: with the
+    default 16-window blocks and batch 8, draining at each block would leave half the work unoverlapped),
+    except after a block that a PCA basis is fitted on. Where the teacher's LM head splits off exactly
+    (`Teacher.body_and_head`: GPT-2), the head's matmul moves to that thread too: the forward stops at the
+    final-norm states, so the two threads' work is closer to even (the head is ~35 % of enwiki-tiny's
+    forward, ~25 % of GPT-2 small's). The arrays are the same either way. On a GPU everything runs in
+    order on the device, where the reductions take a few percent.
     """
-    raw = bool(spec.hidden_pca_rank) and pca is None
     names = [name for name in spec.arrays() if name != "loss_mask"]  # (the mask is the data's)
-    if raw:
-        names = [name for name in names if not name.startswith(("hidden_scale/", "hidden_channel_scale/"))]
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
     overlap = teacher.device.type == "cpu" if overlap is None else overlap
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="goose-targets") if overlap else None
-    pending = None
+    split = teacher.body_and_head() if overlap else None
+    pending = None  # (the previous batch's future, its block's entry in `open_blocks`)
+    open_blocks: list[dict] = []  # blocks with batches in flight, oldest first
 
-    def collect(arrays: dict[str, np.ndarray]) -> None:
-        for name in parts:
-            parts[name].append(arrays[name])
+    def collect(arrays: dict[str, np.ndarray], entry: dict):
+        for name in entry["parts"]:
+            entry["parts"][name].append(arrays[name])
+        entry["left"] -= 1
+
+    def finished():
+        """Pop the oldest open blocks whose every batch is collected, as (block, arrays, basis or None)."""
+        nonlocal pca
+        done = []
+        while open_blocks and open_blocks[0]["left"] == 0:
+            entry = open_blocks.pop(0)
+            data = {name: np.concatenate(chunks) for name, chunks in entry["parts"].items()}
+            basis = None
+            if entry["raw"]:  # the first block of a PCA store: fit the basis on it, encode it with it
+                pca, data = fit_block_pca(data, spec)
+                basis = pca
+            if entry["mask"] is not None:
+                data["loss_mask"] = entry["mask"]
+            done.append((entry["block"], data, basis))
+        return done
 
     try:
-        for b0 in range(0, len(windows), cfg.batch_size):
-            ids = torch.from_numpy(np.ascontiguousarray(windows[b0 : b0 + cfg.batch_size], dtype=np.int64))
-            ids = ids.to(teacher.device)
-            with torch.inference_mode():
-                out = teacher.model(input_ids=ids, output_hidden_states=bool(spec.hidden_layers), use_cache=False)
-            hidden = {layer: out.hidden_states[layer] for layer in spec.hidden_layers}
-            args = (out.logits, hidden, ids, first_window + b0, spec, cfg, pca, raw)
-            del out
-            if pending is not None:  # the previous batch's targets, computed while this forward ran
-                collect(pending.result())
+        for block, windows, mask in blocks:
+            raw = bool(spec.hidden_pca_rank) and pca is None
+            keep = [n for n in names if not n.startswith(("hidden_scale/", "hidden_channel_scale/"))] if raw else names
+            n_batches = -(-len(windows) // cfg.batch_size)
+            entry = {"block": block, "parts": {name: [] for name in keep}, "left": n_batches, "raw": raw,
+                     "mask": mask}
+            open_blocks.append(entry)
+            first_window = spec.block_range(block)[0]
+            for b0 in range(0, len(windows), cfg.batch_size):
+                ids = torch.from_numpy(np.ascontiguousarray(windows[b0 : b0 + cfg.batch_size], dtype=np.int64))
+                ids = ids.to(teacher.device)
+                with torch.inference_mode():
+                    out = (split[0] if split else teacher.model)(
+                        input_ids=ids, output_hidden_states=bool(spec.hidden_layers), use_cache=False)
+                hidden = {layer: out.hidden_states[layer] for layer in spec.hidden_layers}
+                logits = partial(split[1], out.last_hidden_state) if split else out.logits
+                args = (logits, hidden, ids, first_window + b0, spec, cfg, pca, raw)
+                del out
+                if pending is not None:  # the previous batch's targets, computed while this forward ran
+                    collect(pending[0].result(), pending[1])
+                    pending = None
+                    yield from finished()
+                if pool is None:
+                    collect(_batch_targets(*args), entry)
+                else:
+                    pending = (pool.submit(_batch_targets, *args), entry)
+                del args, hidden, logits
+            if raw and pending is not None:  # the basis must exist before the next block's targets
+                collect(pending[0].result(), pending[1])
                 pending = None
-            if pool is None:
-                collect(_batch_targets(*args))
-            else:
-                pending = pool.submit(_batch_targets, *args)
-            del args, hidden
+            yield from finished()
         if pending is not None:
-            collect(pending.result())
+            collect(pending[0].result(), pending[1])
+        yield from finished()
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
 
 def fit_block_pca(data: dict[str, np.ndarray], spec: StoreSpec) -> tuple[dict, dict[str, np.ndarray]]:
-    """Fit each layer's PCA basis on one block's raw hidden states (compute_block without a basis) and encode
+    """Fit each layer's PCA basis on one block's raw hidden states (compute_blocks without a basis) and encode
     them with it: (basis, the block's arrays as the schema stores them)."""
     pca = {layer: fit_pca(data[hidden_name(layer)], spec.hidden_pca_rank) for layer in spec.hidden_layers}
     data = dict(data)
@@ -556,15 +599,11 @@ def _run(cfg: CacheTeacherConfig, ranks: Ranks) -> dict:
                 if spec.hidden_pca_rank and 0 not in todo and pca is None:
                     raise GooseError(f"store {cfg.output} has block 0 done but no PCA basis; delete it and rerun")
                 blocks = iter_blocks(_packed(texts, teacher.tokenizer, cfg, pack), spec, todo, fingerprint)
-                for block, windows, mask in blocks:
-                    start, stop = spec.block_range(block)
-                    data = compute_block(teacher, windows, start, spec, cfg, pca)
-                    if spec.loss_mask:
-                        data["loss_mask"] = mask
-                    if spec.hidden_pca_rank and pca is None:  # block 0, first: fit the basis, store it first
-                        pca, data = fit_block_pca(data, spec)
-                        writer.write_pca_basis(pca)
+                for block, data, basis in compute_blocks(teacher, blocks, spec, cfg, pca):
+                    if basis is not None:  # block 0 of a PCA store, first: its basis is stored before it
+                        writer.write_pca_basis(basis)
                     background.put(block, data)
+                    start, stop = spec.block_range(block)
                     bar.update((stop - start) * spec.seq_len)
             except BaseException:
                 background.abort()

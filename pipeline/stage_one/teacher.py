@@ -104,6 +104,14 @@ class Teacher:
     def embedding_matrix(self):
         return self.model.get_input_embeddings().weight.detach().float().cpu().numpy()
 
+    def body_and_head(self) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+        """(body, head) with model(ids).logits == head(body(ids).last_hidden_state), bit for bit, where this
+        is known to hold (GPT-2: its LM head is one Linear on the final-norm states); None otherwise, as
+        other architectures may scale or cap their logits after the head."""
+        if type(self.model).__name__ == "GPT2LMHeadModel":
+            return self.model.transformer, self.model.lm_head
+        return None
+
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
