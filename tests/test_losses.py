@@ -306,3 +306,21 @@ def test_tail_far_below_the_top_stays_exact():
     out = student_bucket_logprobs(zs, ti, 1.0)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, student_bucket_logprobs_reference(z, ti, 1.0))
+
+
+def test_teacher_targets_shared_among_threads_equal_one_thread():
+    """threads > 1 spreads the row slices over worker threads; every output is bit-identical to one thread,
+    including a part that ends in a short slice and the rows whose tail is recomputed for precision."""
+    torch.manual_seed(0)
+    V = 8192  # 32 rows per slice on CPU: 3 x 50 = 150 rows is 4 full slices and a short one
+    z = torch.randn(3, 50, V) * 4
+    z[1, 7, 64:] = -200.0  # a tail far below the top (the exact recompute path)
+    z[1, 7, :64] = torch.linspace(0.0, -5.0, 64)
+    ids = torch.randint(0, V, (3, 50))
+    one = teacher_targets(z, ids, top_k=64, tail_temperatures=TEMPS)
+    before = torch.get_num_threads()
+    for threads in (2, 3):
+        many = teacher_targets(z, ids, top_k=64, tail_temperatures=TEMPS, threads=threads)
+        for name in one:
+            torch.testing.assert_close(many[name], one[name], rtol=0, atol=0, equal_nan=True, msg=name)
+    assert torch.get_num_threads() == before  # the workers set their own thread count, not the caller's

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -301,6 +302,7 @@ def teacher_targets(
     tail_temperatures: tuple[float, ...],
     samples: int = 0,
     sample_seeds: list[int] | None = None,
+    threads: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Per-token targets from full logits (B, L, V) and the window's ids (B, L).
 
@@ -325,7 +327,8 @@ def teacher_targets(
     T and 2T are both stored) and one sum (the tail mass); the head's mass at each T comes from
     the k top values alone, and the entropy's tail term is one dot product of exp(s) with s. The max is
     shared by all temperatures (max(z / T) = max(z) / T exactly). Everything stays on the logits' device;
-    only the (B, L, k) and (B, L, T) results leave it.
+    only the (B, L, k) and (B, L, T) results leave it. threads > 1 (CPU): the slices are shared out among
+    that many worker threads; every slice is computed as with one, so the results are identical.
     """
     B, L, V = logits.shape
     device = logits.device
@@ -341,10 +344,18 @@ def teacher_targets(
     entropy = torch.empty(B * L, dtype=torch.float32, device=device)
     order, squared_from = _temperature_order(temps)
     rows = _slice_rows(V, device)
-    s_buf = torch.empty(min(rows, B * L), V, dtype=torch.float32, device=device)
-    e_buf = torch.empty_like(s_buf)
-    for r0 in range(0, B * L, rows):
-        z = flat[r0 : r0 + rows].float()
+
+    def reduce_rows(lo: int, hi: int, torch_threads: int | None = None) -> None:
+        """Rows lo..hi of every output, in slices of `rows`, with this call's own scratch buffers."""
+        if torch_threads is not None:  # a worker thread: inference mode and the thread count are per thread
+            torch.set_num_threads(torch_threads)
+        with torch.inference_mode():
+            s_buf = torch.empty(min(rows, hi - lo), V, dtype=torch.float32, device=device)
+            e_buf = torch.empty_like(s_buf)
+            for r0 in range(lo, hi, rows):
+                _reduce_slice(flat[r0 : min(r0 + rows, hi)].float(), r0, s_buf, e_buf)
+
+    def _reduce_slice(z: torch.Tensor, r0: int, s_buf: torch.Tensor, e_buf: torch.Tensor) -> None:
         n = z.shape[0]
         vals, idx = topk_rows(z, top_k)
         topk_ids[r0 : r0 + n] = idx
@@ -369,7 +380,9 @@ def teacher_targets(
             if t == 1.0:
                 # H = log S - sum(e * s) / S over every id: the tail's part as one dot product, the head's
                 # from its k values
-                dot = torch.linalg.vecdot(e, s) + (head_e * head_s).sum(-1)
+                # (in place: e is not read again at this temperature, and a fresh (n, V) product costs
+                # more in allocation than the multiply does)
+                dot = torch.mul(e, s, out=e).sum(-1) + (head_e * head_s).sum(-1)
                 entropy[r0 : r0 + n] = log_total - dot / total
                 gold_nll[r0 : r0 + n] = log_total - (z.gather(-1, gold[r0 : r0 + n]).squeeze(-1) - m[:, 0])
                 topk_logprobs[r0 : r0 + n] = head_s - log_total.unsqueeze(-1)
@@ -379,6 +392,16 @@ def teacher_targets(
             if len(low) and top_k < V:
                 zt = z[low].scatter(-1, idx[low], float("-inf")) / t
                 tail_logmass[r0 + low, j] = torch.logsumexp(zt, -1) - (m[low, 0] / t + log_total[low])
+
+    if threads > 1 and device.type == "cpu" and B * L > rows:
+        # the slices are independent: spread them over `threads` workers of one torch thread each (a slice
+        # is too small for torch's own intra-op threads to help)
+        bounds = [min(B * L, -(-B * L // threads // rows) * rows * i) for i in range(threads + 1)]
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="goose-reduce") as pool:
+            for job in [pool.submit(reduce_rows, lo, hi, 1) for lo, hi in zip(bounds, bounds[1:]) if lo < hi]:
+                job.result()
+    else:
+        reduce_rows(0, B * L)
     # a NaN or infinite logit anywhere in a row makes its entropy NaN (NaN or inf - inf in the sums, or
     # 0 * -inf in the dot product); only such rows are checked exactly (one sync, no full-size pass)
     suspect = (~torch.isfinite(entropy)).nonzero().squeeze(-1)
