@@ -47,6 +47,9 @@ class StudentConfig:
     ffn_mult: float = 4.0
     tie_embeddings: bool = True
     spike_sites: tuple[str, ...] = DEFAULT_SITES
+    # sites spiked {0, +a} (no negative branch, no centring): relu^2 >= 0 at cm_v. A site left out of it
+    # is signed and centred: for cm_v three levels {mu - a_neg, mu, mu + a_pos} instead of two
+    unsigned_sites: tuple[str, ...] = UNSIGNED_SITES
     spike: SpikeConfig = field(default_factory=SpikeConfig)
     ternary_weights: bool = False  # BitNet b1.58 weights for the large matrices
     chunk_size: int = 16
@@ -59,7 +62,8 @@ class StudentConfig:
         if isinstance(self.spike, dict):
             self.spike = SpikeConfig(**self.spike)
         self.spike_sites = tuple(self.spike_sites)
-        unknown = set(self.spike_sites) - set(ALL_SITES)
+        self.unsigned_sites = tuple(self.unsigned_sites)
+        unknown = (set(self.spike_sites) | set(self.unsigned_sites)) - set(ALL_SITES)
         if unknown:
             raise ValueError(f"unknown spike sites {sorted(unknown)}; choose from {ALL_SITES}")
         for name in ("vocab_size", "d_model", "n_layer", "head_size", "chunk_size"):
@@ -83,6 +87,7 @@ class StudentConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["spike_sites"] = list(self.spike_sites)
+        d["unsigned_sites"] = list(self.unsigned_sites)
         return d
 
     @classmethod
@@ -139,7 +144,7 @@ class SpikeSites(nn.Module):
     def __init__(self, cfg: StudentConfig, widths: dict[str, int]):
         super().__init__()
         self.spikes = nn.ModuleDict(
-            {site: TernarySpike(width, cfg.spike, signed=site not in UNSIGNED_SITES and not cfg.spike.binary)
+            {site: TernarySpike(width, cfg.spike, signed=site not in cfg.unsigned_sites and not cfg.spike.binary)
              for site, width in widths.items() if site in cfg.spike_sites}
         )
 
@@ -450,6 +455,8 @@ class Student(nn.Module):
                 key = f"{i}.{site}"
                 if key in rate:
                     acs += rate[key] * ops
+                    if cfg.spike.token_gain:  # the gain: its mean, thresholds times it, outputs times it
+                        macs += 2 * n_in + n_out
                 else:
                     macs += ops
             other = lora + 5 * H * N * N  # low-rank paths; state decay, read, two writes, output read

@@ -99,6 +99,15 @@ class SpikeConfig:
     micro_steps: int = 1  # rate coding: LIF steps per token
     binary: bool = False  # {0, +a} spikes at every site (SpikeGPT-style) instead of ternary
     center: bool = True  # spike x - mu (learned per-channel offset); W mu is a constant bias downstream
+    # per-token gain (SpikeLM's elastic magnitude; BitNet's per-token activation scale): each token is
+    # spiked as x / g with g its mean |x| over channels, and the spikes are scaled back by g, so one
+    # threshold and amplitude per channel fit quiet and loud tokens alike. In hardware: thresholds times g
+    # before the comparison, W (g s) = g (W s) after the additions (energy_report counts both)
+    token_gain: bool = False
+    # the input's gradient: QAT's straight-through estimator, 1 inside the code's range [-a_neg, a_pos]
+    # (times the scale) and 0 beyond it, instead of the surrogate's bump around the threshold (which gives
+    # nothing to inputs far above it); thresholds still learn through the surrogate
+    straight_through: bool = False
 
     def __post_init__(self):
         if self.threshold not in ("learned", "stats"):
@@ -201,11 +210,19 @@ class TernarySpike(nn.Module):
         # std 0.003 and 30 (a fixed-width surrogate gives ~0 gradient to a small input and a boxcar as wide
         # as the whole input to a large one). The 1/ref factor comes from autograd through the division.
         ref = self.reference_scale(x)
-        pos = heaviside((x - theta) / ref, kind, width)
+        xs = x.detach() if self.cfg.straight_through else x
+        pos = heaviside((xs - theta) / ref, kind, width)
         if not self.signed:
-            return self.amp_pos.abs() * self.scale * pos, pos, torch.zeros_like(pos)
-        neg = heaviside((-x - theta) / ref, kind, width)
-        return (self.amp_pos.abs() * pos - self.amp_neg.abs() * neg) * self.scale, pos, neg
+            value, neg = self.amp_pos.abs() * self.scale * pos, torch.zeros_like(pos)
+        else:
+            neg = heaviside((-xs - theta) / ref, kind, width)
+            value = (self.amp_pos.abs() * pos - self.amp_neg.abs() * neg) * self.scale
+        if self.cfg.straight_through:  # + (clip(x) - clip(x)) in value: gradient 1 inside the code's range
+            hi = (self.amp_pos.abs() * self.scale).detach()
+            lo = -(self.amp_neg.abs() * self.scale).detach() if self.signed else torch.zeros_like(hi)
+            clipped = torch.minimum(torch.maximum(x, lo), hi)
+            value = value + (clipped - clipped.detach())
+        return value, pos, neg
 
     @torch.no_grad()
     def init_from(self, x: torch.Tensor) -> None:
@@ -215,6 +232,8 @@ class TernarySpike(nn.Module):
         if self.centered:
             self.offset.copy_(_global_mean_(flat.mean(0)))
             flat = flat - self.offset
+        if self.cfg.token_gain:
+            flat = flat / self.gain(flat)
         self.scale.copy_(_global_mean_(flat.abs().mean(0)).clamp_min(1e-6))
         if self.cfg.threshold == "learned":
             rel = torch.full_like(self.scale, self.cfg.stats_alpha)
@@ -230,6 +249,12 @@ class TernarySpike(nn.Module):
             self.amp_neg.copy_(torch.where(count > 0, total / count.clamp_min(1), fallback) / self.scale)
         self.initialized.fill_(True)
         self._initialized_seen = True
+
+    @staticmethod
+    def gain(x: torch.Tensor) -> torch.Tensor:
+        """A token's mean |x| over channels (..., 1), at least fp32, with gradient."""
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        return x.abs().mean(dim=-1, keepdim=True).clamp_min(1e-12)
 
     def needs_init(self) -> bool:
         """Whether the data-dependent init is still due. The buffer is read (a host sync) only until it is
@@ -259,6 +284,7 @@ class TernarySpike(nn.Module):
     def forward(self, x: torch.Tensor, state: dict | None = None, stats: "SpikeStats | None" = None,
                 update_scale: bool = True):
         """x: (B, T, C). Returns (spikes (B, T, C), new LIF state, mean firing indicator (differentiable)).
+        With a token gain the running scale, thresholds and amplitudes are those of x / gain.
 
         In training the running scale moves toward this batch's mean |x - offset| *after* the batch is
         spiked (so a forward and its recomputation under activation checkpointing see the same scale;
@@ -266,10 +292,15 @@ class TernarySpike(nn.Module):
         if self.training and self.needs_init():
             self.init_from(x)
         xc = x - self.offset if self.centered else x
+        gain = self.gain(xc) if self.cfg.token_gain else None
+        if gain is not None:
+            xc = (xc / gain).to(x.dtype)
         if not self.cfg.lif:
             s, pos, neg = self.fire(xc)
         else:
             s, state, pos, neg = self._lif(xc, state)
+        if gain is not None:
+            s = (s * gain).to(x.dtype)
         if self.centered:
             s = s + self.offset
         if self.training and update_scale:

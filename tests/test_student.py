@@ -130,10 +130,14 @@ def float64():
     torch.set_default_dtype(old)
 
 
-@pytest.mark.parametrize("lif, sites", [(False, "default"), (True, "default"), (False, "dense")])
+@pytest.mark.parametrize("lif, sites", [(False, "default"), (True, "default"), (False, "dense"),
+                                       (False, "token_gain"), (False, "signed_cm_v")])
 @pytest.mark.parametrize("T", [1, 7, 64, 300])
 def test_chunked_equals_token_by_token_recurrent(lif, sites, T, float64):
-    kw = {"spike": SpikeConfig(lif=lif)} if sites == "default" else {"spike_sites": ()}
+    kw = ({"spike": SpikeConfig(lif=lif, token_gain=sites == "token_gain")} if sites != "dense"
+          else {"spike_sites": ()})
+    if sites == "signed_cm_v":
+        kw["unsigned_sites"] = ()
     model = random_student(seed=T, **kw)
     ids = torch.randint(0, 512, (2, T), generator=torch.Generator().manual_seed(T))
     with torch.no_grad():
@@ -430,14 +434,71 @@ def test_thresholds_follow_the_input_scale_during_training():
     assert (spike.scale - 0.8).abs().max() < 0.15  # ~ E|N(0,1)| = 0.80
 
 
+def test_token_gain_fits_loud_and_quiet_tokens():
+    """Gaussian tokens at loudness 0.1x..10x. Without the gain a channel's one threshold sits above every
+    quiet token (they never fire: relative error 1) and its one amplitude is too small for loud ones; with
+    it every token is coded as well as a unit one (~0.45, the ternary code's error on a Gaussian), and the
+    gain carries gradient."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.logspace(-1, 1, 64).view(1, 64, 1) * torch.randn(4, 64, 16, generator=g)
+    quiet, loud, spikes = {}, {}, {}
+    for gain in (False, True):
+        spike = TernarySpike(16, SpikeConfig(token_gain=gain, center=False))
+        spike.train()
+        spike(x)  # data-dependent init
+        spike.eval()
+        with torch.no_grad():
+            out, _, _ = spike(x)
+        rel = (out - x).norm(dim=-1) / x.norm(dim=-1)
+        quiet[gain], loud[gain], spikes[gain] = rel[:, :16].median(), rel[:, -16:].median(), spike
+    assert quiet[False] > 0.99 and quiet[True] < 0.5
+    assert loud[True] < 0.5 < loud[False]
+    xg = x.clone().requires_grad_()
+    out, _, _ = spikes[True](xg)
+    (out * torch.linspace(-1, 1, 16)).sum().backward()
+    assert torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
+
+
+def test_unsigned_sites_choose_which_sites_lose_the_negative_branch():
+    default = random_student()
+    signed = random_student(unsigned_sites=())
+    site = lambda m: m.blocks[0].ffn.spikes.spikes["cm_v"]  # noqa: E731
+    assert not site(default).signed and not site(default).centered
+    assert site(signed).signed and site(signed).centered
+    assert StudentConfig.from_dict(signed.cfg.to_dict()).unsigned_sites == ()
+    with pytest.raises(ValueError, match="unknown spike sites"):
+        StudentConfig(unsigned_sites=("cm_x",))
+
+
+def test_straight_through_input_gradient_is_one_inside_the_code_range():
+    g = torch.Generator().manual_seed(0)
+    x0 = 2 * torch.randn(2, 32, 6, generator=g, dtype=torch.float64)
+    spike = TernarySpike(6, SpikeConfig(straight_through=True, center=False)).double()
+    spike.train()
+    spike(x0)
+    spike.eval()
+    x = x0.clone().requires_grad_()
+    s, _, _ = spike(x)
+    s.sum().backward()
+    hi = spike.amp_pos.abs() * spike.scale
+    lo = -spike.amp_neg.abs() * spike.scale
+    inside = (x0 > lo) & (x0 < hi)
+    assert inside.any() and (~inside).any()
+    torch.testing.assert_close(x.grad, inside.double())  # 1 inside [-a_neg, a_pos], 0 beyond
+    assert spike.threshold_raw.grad.abs().sum() > 0  # thresholds still learn through the surrogate
+    assert set(s.detach().unique().tolist()) <= {0.0, *hi.tolist(), *lo.tolist()}  # the forward is the code
+
+
 @pytest.mark.parametrize("kind", ["ste", "sigmoid", "triangular", "superspike"])
-@pytest.mark.parametrize("site", ["signed_learned", "unsigned_learned", "signed_stats", "lif"])
+@pytest.mark.parametrize("site", ["signed_learned", "unsigned_learned", "signed_stats", "lif", "token_gain",
+                                  "straight_through"])
 def test_surrogate_gradient_is_scale_invariant(kind, site):
     # multiply a site's input and its scale by 100: the spikes scale by 100 and ds/dx must not change
     # (before the fix the surrogate was evaluated at x - theta with a fixed width: mean ds/dx 0.007 at input
     # std 0.003, 0.52 at 0.3, and only 9% of tokens got any gradient at std 30)
     cfg = SpikeConfig(surrogate=kind, threshold="stats" if site == "signed_stats" else "learned",
-                      lif=site == "lif")
+                      lif=site == "lif", token_gain=site == "token_gain",
+                      straight_through=site == "straight_through")
     g = torch.Generator().manual_seed(0)
     base = torch.randn(2, 12, 6, generator=g, dtype=torch.float64)
     grads = {}
@@ -448,7 +509,8 @@ def test_surrogate_gradient_is_scale_invariant(kind, site):
         spike(x0.clone())  # data-dependent init at unit scale, so every factor starts from the same parameters
         spike.eval()
         with torch.no_grad():
-            spike.scale.mul_(factor)
+            if site != "token_gain":  # with a token gain the scale is that of x / gain: unitless
+                spike.scale.mul_(factor)
             if spike.centered:
                 spike.offset.mul_(factor)
         x = (x0 * factor).requires_grad_()
