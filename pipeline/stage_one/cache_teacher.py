@@ -2,8 +2,10 @@
 
 Recipe: load teacher -> check arguments against it -> counting pass over the streamed data (number of
 windows and their fingerprint, nothing kept) -> open (create or resume) the store -> stream the data again,
-tokenised and packed block by block; for each unfinished block: teacher forward in batches, targets (on
-CPU on a second thread, overlapping the next batch's forward) -> a writer thread (bounded queue) compresses and writes it while the next block is computed -> finalize.
+tokenised and packed block by block; for each unfinished block: teacher forward in batches, targets (on CPU
+at one torch thread on a second thread, overlapping the next batch's forward, across blocks; see
+`compute_blocks`) -> a writer thread (bounded queue) compresses and writes each block while the next ones are
+computed -> finalize.
 Memory is flat in the corpus size. Batches never cross a block boundary and the windows are a deterministic
 function of the data, so a resumed run computes exactly what an uninterrupted one does.
 
@@ -275,8 +277,9 @@ def compute_blocks(
     and no basis yet (`pca` None) fits one on the first block's raw float32 states, encodes that block with
     it and yields it with the block, to be stored; every later block is encoded with it.
 
-    overlap (default: on CPU with one torch thread): a batch's targets are computed on a second thread while the next batch's
-    forward runs, so the vocabulary-wide reductions (top-k, the tail sums at every temperature, entropy)
+    overlap (default: on CPU with one torch thread): a batch's targets are computed on a second thread
+    (itself at one torch thread) while the next batch's forward runs, so the vocabulary-wide reductions
+    (top-k, the tail sums at every temperature, entropy)
     cost wall time only where they outlast a forward; at most two batches' logits are alive. The pipeline
     runs across block boundaries (a block's last targets overlap the next block's first forward: with the
     default 16-window blocks and batch 8, draining at each block would leave half the work unoverlapped),
@@ -286,13 +289,15 @@ def compute_blocks(
     forward, ~25 % of GPT-2 small's). With more torch threads the forward already uses every core, and a
     second thread only competes with it (measured on 2 cores: 1.26x the bare forward for GPT-2-shaped,
     2.16x for enwiki-tiny, against 1.24x and 1.91x in order), so there the targets run in order, their
-    cache-sized slices shared out among that many threads. The arrays are the same every way. On a GPU
+    cache-sized slices shared out among that many threads. The arrays are the same either way. On a GPU
     everything runs in order on the device, where the reductions take a few percent.
     """
     names = [name for name in spec.arrays() if name != "loss_mask"]  # (the mask is the data's)
     cpu_threads = torch.get_num_threads() if teacher.device.type == "cpu" else 1
     overlap = teacher.device.type == "cpu" and cpu_threads == 1 if overlap is None else overlap
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="goose-targets") if overlap else None
+    # (a new thread's torch thread count is the process default, not what the caller may have set)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="goose-targets", initializer=torch.set_num_threads,
+                              initargs=(1,)) if overlap else None
     split = teacher.body_and_head() if overlap else None
     pending = None  # (the previous batch's future, its block's entry in `open_blocks`)
     open_blocks: list[dict] = []  # blocks with batches in flight, oldest first
