@@ -466,6 +466,8 @@ class Student(nn.Module):
         dense += head
         if "head.head" in rate:
             acs += rate["head.head"] * head
+            if cfg.spike.token_gain:
+                macs += 2 * C + V
         else:
             macs += head
         return {

@@ -195,8 +195,7 @@ class TernarySpike(nn.Module):
         thresholds) or this token's mean |x| (stats thresholds), without gradient."""
         if self.cfg.threshold == "learned":
             return self.scale
-        x = x.detach().to(torch.promote_types(x.dtype, torch.float32))  # at least fp32: no 0/0 under fp16
-        return x.abs().mean(dim=-1, keepdim=True).clamp_min(1e-12)
+        return self.gain(x.detach())
 
     def leak(self) -> torch.Tensor:
         return torch.sigmoid(self.leak_raw)
@@ -252,7 +251,7 @@ class TernarySpike(nn.Module):
 
     @staticmethod
     def gain(x: torch.Tensor) -> torch.Tensor:
-        """A token's mean |x| over channels (..., 1), at least fp32, with gradient."""
+        """A token's mean |x| over channels (..., 1), with gradient; at least fp32 (no 0/0 under fp16)."""
         x = x.to(torch.promote_types(x.dtype, torch.float32))
         return x.abs().mean(dim=-1, keepdim=True).clamp_min(1e-12)
 

@@ -359,6 +359,15 @@ def test_energy_estimate():
     assert e["acs_per_token"] == pytest.approx(acs)
     assert e["energy_pj_per_token"] == pytest.approx(e["macs_per_token"] * 4.6 + acs * 0.9)
     assert e["energy_ratio_vs_dense"] < 1.0
+    # a per-token gain costs 2 x in + out multiplies per spiked matmul per token (its mean, the thresholds
+    # times it, the outputs times it), the head included when it is spiked
+    sites = (*model.cfg.spike_sites, "head")
+    gained = random_student(spike_sites=sites, spike=SpikeConfig(token_gain=True))
+    plain = random_student(spike_sites=sites)
+    stats = plain(ids, collect_stats=True).spike_stats
+    extra = cfg.n_layer * (4 * 3 * C + (2 * C + Fd) + (2 * Fd + C)) + 2 * C + cfg.vocab_size
+    assert gained.energy_report(stats)["macs_per_token"] - plain.energy_report(stats)["macs_per_token"] == \
+        pytest.approx(extra)
 
 
 def test_detach_state_cuts_the_graph():
