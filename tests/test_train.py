@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -122,6 +123,13 @@ def test_rskd_and_val_cache_and_accumulation(tmp_path, store):
     assert summary["steps"] == 4 and summary["last_val"]["val_ppl"] > 1
 
 
+def test_topk_rskd_trains_and_logs_its_kl(tmp_path, store):
+    summary = run_train(cfg_for(store, tmp_path / "h", "loss.kd=topk_rskd", "steps=3", "log_every=1"), progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines()]
+    kls = [r["kl"] for r in rows if "kl" in r]
+    assert summary["steps"] == 3 and len(kls) == 3 and all(math.isfinite(v) and v > 0 for v in kls)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -131,6 +139,7 @@ def test_rskd_and_val_cache_and_accumulation(tmp_path, store):
         (["temperature.mode=stage"], "needs curriculum.enabled"),
         (["model.preset=huge"], "unknown preset"),
         (["loss.kd=full"], "loss.kd must be"),
+        (["loss.kd=topk_rskd", "temperature.value=2"], "forward KL at T = 1"),
         (["optim.lrr=1"], "unknown config key 'optim.lrr'"),
     ],
 )
@@ -148,6 +157,8 @@ def test_store_without_samples_or_hidden_states_is_refused(tmp_path, tiny_teache
                                          top_k=8, chunk_windows=4, device="cpu", progress=False))
     with pytest.raises(GooseError, match="needs RS-KD samples"):
         run_train(cfg_for(str(out), tmp_path / "x", "loss.kd=rskd"), progress=False)
+    with pytest.raises(GooseError, match="needs RS-KD samples"):
+        run_train(cfg_for(str(out), tmp_path / "x2", "loss.kd=topk_rskd"), progress=False)
     with pytest.raises(GooseError, match="needs teacher hidden states"):
         run_train(cfg_for(str(out), tmp_path / "y", "loss.align_weight=0.1"), progress=False)
 

@@ -54,7 +54,7 @@ class LossConfig:
     kd_weight: float = 0.5
     ce_weight: float = 0.5
     align_weight: float = 0.0
-    kd: str = "topk"  # topk (top-k + tail bucket) | rskd (stored samples) | none
+    kd: str = "topk"  # topk (top-k + tail bucket) | rskd (stored samples) | topk_rskd (top-k + sampled tail) | none
     reverse_kl: bool = False
     align: AlignConfig = field(default_factory=AlignConfig)
     firing_rate_target: float = 0.3

@@ -45,6 +45,7 @@ from .losses import (
     layer_map,
     mse_align,
     rskd_loss,
+    topk_rskd_loss,
     student_bucket_logprobs,
     teacher_bucket_logprobs,
 )
@@ -171,10 +172,16 @@ def temperature_optimizer(cfg: TrainConfig, distiller: Distiller) -> torch.optim
 def check_store(cfg: TrainConfig, reader: CacheReader, val_reader: CacheReader | None) -> None:
     """Mismatches between the store and the run config fail here, before any training."""
     spec = reader.spec
-    if cfg.loss.kd == "rskd" and not spec.samples:
-        raise GooseError(f"loss.kd=rskd needs RS-KD samples but store {reader.url} has none (cache with --samples)")
-    if cfg.loss.kd not in ("topk", "rskd", "none"):
-        raise GooseError(f"loss.kd must be topk, rskd or none, got {cfg.loss.kd!r}")
+    if cfg.loss.kd not in ("topk", "rskd", "topk_rskd", "none"):
+        raise GooseError(f"loss.kd must be topk, rskd, topk_rskd or none, got {cfg.loss.kd!r}")
+    if cfg.loss.kd in ("rskd", "topk_rskd") and not spec.samples:
+        raise GooseError(f"loss.kd={cfg.loss.kd} needs RS-KD samples but store {reader.url} has none "
+                         f"(cache with --samples)")
+    if cfg.loss.kd == "topk_rskd" and (cfg.temperature.mode != "fixed" or cfg.temperature.value != 1.0
+                                       or cfg.loss.reverse_kl):
+        # the draws are from the teacher at T = 1; their tail distribution at another T is not stored
+        raise GooseError("loss.kd=topk_rskd is forward KL at T = 1: it needs temperature.mode=fixed, "
+                         "temperature.value=1 and loss.reverse_kl=false")
     if cfg.loss.kd == "topk":
         lo, hi = cfg.temperature.range()
         if cfg.curriculum.enabled and cfg.temperature.mode == "stage":
@@ -525,9 +532,9 @@ class Trainer:
 
         # data
         self.fields = ["input_ids"]
-        if cfg.loss.kd == "topk":
+        if cfg.loss.kd in ("topk", "topk_rskd"):
             self.fields += ["topk_ids", "topk_logprobs", "tail_logmass"]
-        elif cfg.loss.kd == "rskd":
+        if cfg.loss.kd in ("rskd", "topk_rskd"):
             self.fields += ["sample_ids", "sample_counts"]
         layers_needed = sorted({t for _, t in self.pairs} | ({t0 for *_, t0 in align_spans(self.pairs)}
                                                              if cfg.loss.align.feature_deltas else set()))
@@ -637,6 +644,12 @@ class Trainer:
             total = total + stage["kd_weight"] * kd
         elif c.loss.kd == "rskd":
             kd = rskd_loss(logits, batch["sample_ids"], batch["sample_counts"], mask=mask)
+            parts["kd"] = kd
+            total = total + stage["kd_weight"] * kd
+        elif c.loss.kd == "topk_rskd":
+            kd = topk_rskd_loss(logits, batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"],
+                                self.reader.spec.tail_temperatures, batch["sample_ids"], batch["sample_counts"],
+                                mask=mask)
             parts["kd"] = kd
             total = total + stage["kd_weight"] * kd
         with contextlib.nullcontext() if stage["ce_weight"] > 0 else torch.no_grad():  # logged even when unused
