@@ -4,7 +4,8 @@
     python bench/bench_quality.py --out runs/quality --runs ce,kd --long-tokens 500000   # a quicker look
 
 1. Builds the store (if missing): enwiki-tiny over ../shared/data/enwiki-wikiextractor-2015/ (2.6M tokens,
-   256-token windows, top-64, hidden layers 2 and 4 in int8). ../shared/data/enwiki-eval/ is never cached.
+   256-token windows, top-64, hidden layers 2 and 4 in int8, 128 RS-KD draws per token). ../shared/data/enwiki-eval/
+   is never cached.
 2. Trains the `proxy` student (2.37M parameters, 0.44x the teacher) from it with `goose train-from-cache`:
    CE-only, KD and the best combination to --long-tokens, the other variants to --short-tokens, with a
    checkpoint at every validation point (--val-tokens). Runs go --parallel at a time, with cores / parallel
@@ -50,6 +51,12 @@ RUNS = {
     # KD on its own schedule to half CE's tokens (--long kd_1m --long-tokens 1000000), in the long runs'
     # configuration (no spike annealing, as when `ce` and `kd` were measured): the 2x-sample-efficiency check
     "kd_1m": ("kd", ["spike_anneal_fraction=0"], "long"),
+    # KD from the stored RS-KD draws (configs/kd_rs.yaml, the store's --samples 128; sixth session), with its
+    # 1M-token run for the 2x-sample-efficiency check, its dense twin, and the top-k + sampled-tail variant
+    "kd_rs": ("kd_rs", [], "long"),
+    "kd_rs_1m": ("kd_rs", [], "long"),
+    "kd_rs_dense": ("kd_rs", ["spike_anneal_fraction=0", "model.overrides={spike_sites: []}"], "short"),
+    "kd_hyb": ("kd_rs", ["loss.kd=topk_rskd"], "long"),
 }
 
 
@@ -57,6 +64,7 @@ def build_store(store: Path) -> None:
     files = sorted(TRAIN_TEXT.glob("wiki_*"))
     cmd = ["goose", "cache-teacher", "--teacher", str(TEACHER), *sum((["--data-files", str(f)] for f in files), []),
            "--seq-len", str(SEQ_LEN), "--max-tokens", "2621440", "--hidden-layers", "2,4", "--hidden-dtype", "int8",
+           "--samples", "128",
            "--output", str(store), "--device", "cpu", "--no-progress"]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
