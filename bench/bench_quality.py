@@ -56,6 +56,7 @@ RUNS = {
     "kd_rs": ("kd_rs", [], "long"),
     "kd_rs_1m": ("kd_rs", [], "long"),
     "kd_rs_1m_lr6": ("kd_rs", ["optim.lr=6e-3"], "long"),
+    "kd_rs_lr6": ("kd_rs", ["optim.lr=6e-3"], "long"),
     "kd_rs_dense": ("kd_rs", ["spike_anneal_fraction=0", "model.overrides={spike_sites: []}"], "short"),
     "kd_hyb": ("kd_rs", ["loss.kd=topk_rskd"], "long"),
 }

@@ -140,6 +140,7 @@ def test_topk_rskd_trains_and_logs_its_kl(tmp_path, store):
         (["model.preset=huge"], "unknown preset"),
         (["loss.kd=full"], "loss.kd must be"),
         (["loss.kd=topk_rskd", "temperature.value=2"], "forward KL at T = 1"),
+        (["loss.kd=rskd", "temperature.mode=ctkd", "temperature.value=1.5"], "forward KL at T = 1"),
         (["optim.lrr=1"], "unknown config key 'optim.lrr'"),
     ],
 )

@@ -181,9 +181,9 @@ def topk_rskd_loss(student_logits, topk_ids, topk_logprobs, tail_logmass, temps,
     the full-vocabulary KD gradient's tail part; the top-k + tail-bucket loss alone gives the student no
     direction inside a tail that holds a third of enwiki-tiny's mass. Tokens with no draw in the tail keep the
     bucket term only, and the tail term of the others is divided by the probability of at least one tail draw,
-    1 - (1 - P_tail)^N, so the estimate stays unbiased. q(j|tail) = z_j - logsumexp over the non-top-k logits, taken from the bucket
-    log-probabilities (log q_j - log Q_tail = z_j - z_top1 + log q_top1 - log Q_tail), so no second
-    full-vocabulary pass runs.
+    1 - (1 - P_tail)^N, so the estimate stays unbiased. q(j|tail) = z_j - logsumexp over the non-top-k logits,
+    taken from the bucket log-probabilities (log q_j - log Q_tail = z_j - z_top1 + log q_top1 - log Q_tail), so
+    no second full-vocabulary pass runs.
     """
     if topk_ids.shape[-1] >= student_logits.shape[-1]:  # k = V: no tail to resolve
         return kd_loss(student_logits, topk_ids, topk_logprobs, tail_logmass, temps, 1.0, mask=mask)

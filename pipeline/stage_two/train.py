@@ -177,11 +177,11 @@ def check_store(cfg: TrainConfig, reader: CacheReader, val_reader: CacheReader |
     if cfg.loss.kd in ("rskd", "topk_rskd") and not spec.samples:
         raise GooseError(f"loss.kd={cfg.loss.kd} needs RS-KD samples but store {reader.url} has none "
                          f"(cache with --samples)")
-    if cfg.loss.kd == "topk_rskd" and (cfg.temperature.mode != "fixed" or cfg.temperature.value != 1.0
-                                       or cfg.loss.reverse_kl):
-        # the draws are from the teacher at T = 1; their tail distribution at another T is not stored
-        raise GooseError("loss.kd=topk_rskd is forward KL at T = 1: it needs temperature.mode=fixed, "
-                         "temperature.value=1 and loss.reverse_kl=false")
+    if cfg.loss.kd in ("rskd", "topk_rskd") and (cfg.temperature.mode != "fixed" or cfg.temperature.value != 1.0
+                                                 or cfg.loss.reverse_kl):
+        # the draws are from the teacher at T = 1: another T (or a learned one) would be silently ignored
+        raise GooseError(f"loss.kd={cfg.loss.kd} is forward KL at T = 1: it needs temperature.mode=fixed, "
+                         f"temperature.value=1 and loss.reverse_kl=false")
     if cfg.loss.kd == "topk":
         lo, hi = cfg.temperature.range()
         if cfg.curriculum.enabled and cfg.temperature.mode == "stage":
