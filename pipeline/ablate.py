@@ -178,7 +178,16 @@ def _reap(running: dict, out_dir: Path, done: list, failed: list, echo, stopping
             echo(f"  stopped {name} (exit {proc.returncode}); rerun the same command to resume it")
         else:
             failed.append(name)
-            echo(f"  FAILED {name} (exit {proc.returncode}; see {out_dir / (name + '.log')})")
+            echo(f"  FAILED {name} (exit {proc.returncode}; see {out_dir / (name + '.log')}): {_last_line(log.name)}")
+
+
+def _last_line(path: str) -> str:
+    """The failed run's last log line (its one-line error, usually), so the grid's output says why."""
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "(no log)"
+    return lines[-1][:300] if lines else "(empty log)"
 
 
 def _stop_children(running: dict, signum: int, out_dir: Path, done: list, failed: list, echo) -> None:

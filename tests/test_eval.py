@@ -238,3 +238,20 @@ def test_ablate_runs_a_grid_and_resumes_without_redoing_finished_runs(tmp_path, 
     assert second.exit_code == 0, second.output
     assert "2 already done, 1 to run" in second.stdout and "| kd_lif |" in second.stdout
     assert (tmp_path / "abl" / "kd" / "metrics.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_ablate_reports_a_failed_runs_last_log_line(tmp_path):
+    """A run that dies says why in the grid's own output, not only in its log file."""
+    import subprocess
+    import sys
+
+    from goose.pipeline.ablate import _reap
+
+    log = open(tmp_path / "bad.log", "a")
+    proc = subprocess.Popen([sys.executable, "-c", "print('step 1'); print('error: the store is gone'); raise SystemExit(3)"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    proc.wait()
+    lines, done, failed = [], [], []
+    _reap({"bad": (proc, log)}, tmp_path, done, failed, lines.append)
+    assert failed == ["bad"] and done == [] and not (tmp_path / "bad" / "DONE").exists()
+    assert lines[-1].startswith("  FAILED bad (exit 3;") and lines[-1].endswith("error: the store is gone")

@@ -87,8 +87,8 @@ class _PlanDataset(Dataset):
 class _ThreadPrefetch:
     """The next `depth` batches read on a background thread while the training step computes (the
     num_workers 0 path): zarr's decompression and the numpy copies release the GIL, so the store's reads
-    overlap the step. Order is kept; an error surfaces at the batch it belongs to; `close` stops the thread
-    (a new plan starts a new one). The loader's position counts only batches handed out, so a checkpoint
+    overlap the step. Order is kept; an error surfaces at the batch it belongs to; `close` stops and joins
+    the thread (a new plan starts a new one). The loader's position counts only batches handed out, so a checkpoint
     never includes one that was merely read ahead."""
 
     def __init__(self, iterator, depth: int):
@@ -124,7 +124,11 @@ class _ThreadPrefetch:
         return item
 
     def close(self) -> None:
+        """Stop and join the thread: one left mid-read when the interpreter exits can abort the process
+        ("terminate called without an active exception") after the run has finished."""
         self.stopped.set()
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout=60)
 
 
 class CacheLoader:
