@@ -45,8 +45,6 @@ def test_loader_workers_and_resume_give_the_same_batches(store):
 def test_close_joins_the_read_ahead_thread(store):
     """A read-ahead thread left running at interpreter exit aborted a finished run ("terminate called
     without an active exception", exit -6); close must leave no thread behind."""
-    import threading
-
     loader = CacheLoader(store, ["input_ids", "topk_logprobs"], batch_size=4, chunk_windows=8, seed=3, prefetch=2)
     loader.set_pool(np.arange(40), 0)
     loader.next()
@@ -54,4 +52,3 @@ def test_close_joins_the_read_ahead_thread(store):
     assert thread.is_alive()  # it is reading ahead
     loader.close()
     assert not thread.is_alive()
-    assert not [t for t in threading.enumerate() if t.name == "goose-prefetch"]
