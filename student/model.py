@@ -50,6 +50,9 @@ class StudentConfig:
     # sites spiked {0, +a} (no negative branch, no centring): relu^2 >= 0 at cm_v. A site left out of it
     # is signed and centred: for cm_v three levels {mu - a_neg, mu, mu + a_pos} instead of two
     unsigned_sites: tuple[str, ...] = UNSIGNED_SITES
+    # residual spike steps per site, e.g. {"cm_v": 2}: the site codes each token as K ternary spikes, each
+    # spiking what the steps before it left (up to 3^K levels; K rounds of additions downstream)
+    site_steps: dict[str, int] = field(default_factory=dict)
     spike: SpikeConfig = field(default_factory=SpikeConfig)
     ternary_weights: bool = False  # BitNet b1.58 weights for the large matrices
     chunk_size: int = 16
@@ -63,9 +66,15 @@ class StudentConfig:
             self.spike = SpikeConfig(**self.spike)
         self.spike_sites = tuple(self.spike_sites)
         self.unsigned_sites = tuple(self.unsigned_sites)
-        unknown = (set(self.spike_sites) | set(self.unsigned_sites)) - set(ALL_SITES)
+        self.site_steps = dict(self.site_steps or {})
+        unknown = (set(self.spike_sites) | set(self.unsigned_sites) | set(self.site_steps)) - set(ALL_SITES)
         if unknown:
             raise ValueError(f"unknown spike sites {sorted(unknown)}; choose from {ALL_SITES}")
+        for site, steps in self.site_steps.items():
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise ValueError(f"site_steps[{site!r}] must be a positive integer, got {steps!r}")
+            if steps > 1 and self.spike.lif:
+                raise ValueError("site_steps > 1 needs spike.lif off (LIF sites use spike.micro_steps)")
         for name in ("vocab_size", "d_model", "n_layer", "head_size", "chunk_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -144,7 +153,8 @@ class SpikeSites(nn.Module):
     def __init__(self, cfg: StudentConfig, widths: dict[str, int]):
         super().__init__()
         self.spikes = nn.ModuleDict(
-            {site: TernarySpike(width, cfg.spike, signed=site not in cfg.unsigned_sites and not cfg.spike.binary)
+            {site: TernarySpike(width, cfg.spike, signed=site not in cfg.unsigned_sites and not cfg.spike.binary,
+                                steps=cfg.site_steps.get(site, 1))
              for site, width in widths.items() if site in cfg.spike_sites}
         )
 
@@ -430,11 +440,16 @@ class Student(nn.Module):
         out["total"] = sum(out.values())
         return out
 
+    def _steps_per_token(self, site: str) -> int:
+        return self.cfg.site_steps.get(site, 1) * (self.cfg.spike.micro_steps if self.cfg.spike.lif else 1)
+
     def energy_report(self, stats: dict) -> dict:
         """Per-token op counts and energy (45 nm: MAC 4.6 pJ, AC 0.9 pJ) next to the dense equivalent.
 
         A linear layer whose input is a spike site costs one accumulate per *non-zero* input per output
         (firing rate x in x out ACs); every other matmul, the delta-rule state update and the head cost MACs.
+        Firing rates are per step: a site with K steps per token (residual steps, LIF micro-steps) costs K
+        times its rate.
         """
         cfg = self.cfg
         C, F_, V, H, N = cfg.d_model, cfg.d_ffn, cfg.vocab_size, cfg.n_head, cfg.head_size
@@ -454,7 +469,7 @@ class Student(nn.Module):
                 dense += ops
                 key = f"{i}.{site}"
                 if key in rate:
-                    acs += rate[key] * ops
+                    acs += rate[key] * ops * self._steps_per_token(site)
                     if cfg.spike.token_gain:  # the gain: its mean, thresholds times it, outputs times it
                         macs += 2 * n_in + n_out
                 else:
@@ -465,7 +480,7 @@ class Student(nn.Module):
         head = C * V
         dense += head
         if "head.head" in rate:
-            acs += rate["head.head"] * head
+            acs += rate["head.head"] * head * self._steps_per_token("head")
             if cfg.spike.token_gain:
                 macs += 2 * C + V
         else:

@@ -14,10 +14,18 @@ LIF (optional): a membrane potential per channel carried across tokens (and acro
 model state), V_t = beta * V_{t-1} + I_t - s_{t-1} (reset by subtracting what was emitted, so the spike
 train tracks its input: sigma-delta coding), s_t = spike(V_t). With `micro_steps` = T > 1 each token runs
 T LIF steps on the same input and emits the mean spike (rate coding).
+
+Residual steps (optional, per site, `steps` = K > 1): a token is coded as K ternary spikes, step k spiking
+what steps < k left of the input, r_k = x - (s_1 + ... + s_{k-1}), each step with its own channel-wise
+threshold, amplitudes and running scale (the residual is smaller than the input, and signed even when the
+input is not). The output s_1 + ... + s_K has up to 3^K levels per channel, and the next linear layer does
+K rounds of column additions (energy_report counts every step's events). Multi-timestep coding, as in
+Spikformer's T steps, but each step refines the one before instead of repeating it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -142,11 +150,20 @@ class TernarySpike(nn.Module):
     the per-token work is still additions of weight columns.
     """
 
-    def __init__(self, channels: int, cfg: SpikeConfig, signed: bool = True):
+    def __init__(self, channels: int, cfg: SpikeConfig, signed: bool = True, steps: int = 1):
         super().__init__()
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"spike steps must be a positive integer, got {steps!r}")
+        if steps > 1 and cfg.lif:
+            raise ValueError("residual spike steps > 1 need lif=False (LIF sites use micro_steps for more steps)")
         self.cfg = cfg
         self.channels = channels
         self.signed = signed
+        self.steps = steps
+        # the next step spikes what this one left: signed, uncentred (a residual has no DC offset to remove),
+        # and in the units this step saw (after its token gain)
+        self.residual = (TernarySpike(channels, dataclasses.replace(cfg, center=False, token_gain=False), signed=True, steps=steps - 1)
+                         if steps > 1 else None)
         if cfg.threshold == "learned":
             self.threshold_raw = nn.Parameter(torch.full((channels,), _inv_softplus(cfg.threshold_init)))
         self.register_buffer("initialized", torch.tensor(False))
@@ -295,24 +312,44 @@ class TernarySpike(nn.Module):
         if gain is not None:
             xc = (xc / gain).to(x.dtype)
         if not self.cfg.lif:
-            s, pos, neg = self.fire(xc)
+            s, rate = self._code(xc, stats, update_scale)
         else:
             s, state, pos, neg = self._lif(xc, state)
+            self._track_scale(xc, update_scale)
+            if stats is not None:
+                stats.add(pos.detach(), neg.detach())
+            rate = (pos + neg).mean()
         if gain is not None:
             s = (s * gain).to(x.dtype)
         if self.centered:
             s = s + self.offset
+        if self._annealing:
+            s = self.mix_weight * s + (1 - self.mix_weight) * x
+        return s, state, rate
+
+    def _code(self, x: torch.Tensor, stats: "SpikeStats | None", update_scale: bool):
+        """This step's spikes of x plus the residual steps' spikes of what it left; the mean firing
+        indicator over the steps. Each step's indicators go into `stats` (its rates are per step)."""
+        s, pos, neg = self.fire(x)
+        self._track_scale(x, update_scale)
+        if stats is not None:
+            stats.add(pos.detach(), neg.detach())
+        rate = (pos + neg).mean()
+        if self.residual is None:
+            return s, rate
+        left = x - s
+        if self.training and self.residual.needs_init():
+            self.residual.init_from(left)
+        s_rest, rate_rest = self.residual._code(left, stats, update_scale)
+        return s + s_rest, (rate + (self.steps - 1) * rate_rest) / self.steps
+
+    def _track_scale(self, xc: torch.Tensor, update_scale: bool) -> None:
         if self.training and update_scale:
             with torch.no_grad():  # a new tensor, not in place: autograd saved the old scale for backward
                 batch_scale = _global_mean_(xc.detach().float().abs().mean(dim=tuple(range(xc.dim() - 1))))
                 batch_scale = batch_scale.clamp_min(1e-6)
                 batch_scale = batch_scale.to(self.scale.dtype)
                 self.scale = torch.lerp(self.scale, batch_scale, self.scale_momentum)
-        if stats is not None:
-            stats.add(pos.detach(), neg.detach())
-        if self._annealing:
-            s = self.mix_weight * s + (1 - self.mix_weight) * x
-        return s, state, (pos + neg).mean()
 
     def _lif(self, x: torch.Tensor, state: dict | None):
         B, T, C = x.shape
