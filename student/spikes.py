@@ -337,7 +337,9 @@ class TernarySpike(nn.Module):
         rate = (pos + neg).mean()
         if self.residual is None:
             return s, rate
-        left = x - s
+        # the residual's gradient reaches x directly, not through this step's surrogate as well: the
+        # chain rule through both (s2'(1 - s1'), a product of bumps) made training diverge (proxy, cm_v)
+        left = x - s.detach()
         if self.training and self.residual.needs_init():
             self.residual.init_from(left)
         s_rest, rate_rest = self.residual._code(left, stats, update_scale)

@@ -585,3 +585,24 @@ def test_energy_counts_every_step_of_a_site():
         pytest.approx(2 * cm_v_acs)
     lif1, lif4 = random_student(spike=SpikeConfig(lif=True)), random_student(spike=SpikeConfig(lif=True, micro_steps=4))
     assert lif4.energy_report(stats)["acs_per_token"] == pytest.approx(4 * lif1.energy_report(stats)["acs_per_token"])
+
+
+def test_a_residual_steps_gradient_reaches_the_input_directly():
+    """d(s_1 + s_2(x - s_1))/dx is taken as s_1'(x) + s_2'(r): the residual's surrogate passes its gradient
+    straight to the input, not also through s_1's surrogate (that product of bumps diverged in training)."""
+    torch.manual_seed(1)
+    x0 = torch.relu(torch.randn(2, 16, 24)) ** 2
+    site = TernarySpike(24, SpikeConfig(), signed=False, steps=2).train()
+    site(x0)
+    site.eval()
+    x = x0.clone().requires_grad_()
+    s, _, _ = site(x)
+    g = torch.randn_like(s)
+    (s * g).sum().backward()
+    x1 = x0.clone().requires_grad_()
+    first = site.fire(x1)[0]
+    r = (x0 - first.detach()).requires_grad_()
+    second = site.residual.fire(r)[0]
+    (first * g).sum().backward()
+    (second * g).sum().backward()
+    torch.testing.assert_close(x.grad, x1.grad + r.grad)

@@ -269,3 +269,26 @@ def test_spike_anneal_fraction_blends_spikes_in_over_that_share_of_the_steps(tmp
     monkeypatch.setattr(Student, "set_spike_mix", lambda self, mix: (mixes.append(mix), real(self, mix))[1])
     run_train(cfg_for(store, tmp_path / "a", "steps=8", "val_every=8", "spike_anneal_fraction=0.5"), progress=False)
     assert mixes == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_spike_lr_mult_scales_the_spike_parameters_step_only(tmp_path, store):
+    """optim.spike_lr_mult: Adam's first step moves every parameter by about its lr (sign of the gradient),
+    so with the multiplier the spike parameters move that many times as far and every other parameter
+    exactly as far as without it."""
+    moved = {}
+    for mult in (1.0, 10.0):
+        trainer = Trainer(cfg_for(store, tmp_path / f"m{mult}", f"optim.spike_lr_mult={mult}", "optim.warmup_steps=0",
+                                  "steps=4", "val_every=100"), progress=False)
+        trainer.train_step()  # the spikes' data-dependent init happens in this first forward
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        trainer.train_step()
+        moved[mult] = {n: (p.detach() - before[n]).abs() for n, p in trainer.model.named_parameters()}
+    spike = [n for n in moved[1.0] if ".spikes." in n]
+    assert spike and all(n in moved[10.0] for n in spike)
+    ratio = torch.cat([moved[10.0][n].flatten() for n in spike]).sum() / torch.cat([moved[1.0][n].flatten() for n in spike]).sum()
+    assert float(ratio) == pytest.approx(10.0, rel=0.2)
+    for n in moved[1.0]:
+        if n not in spike:
+            torch.testing.assert_close(moved[10.0][n], moved[1.0][n], rtol=1e-5, atol=1e-8)
+    with pytest.raises(GooseError, match="spike_lr_mult"):
+        cfg_for(store, tmp_path / "bad", "optim.spike_lr_mult=0")

@@ -73,6 +73,9 @@ class OptimConfig:
     grad_clip: float = 1.0
     accumulation: int = 1
     rewarm_steps_at_stage: int = 0  # > 0: short linear LR re-warm-up after each curriculum stage change
+    # learning rate of the spike parameters (thresholds, amplitudes, offsets, leaks) as a multiple of lr:
+    # LSQ scales its step sizes' gradient for the same reason (their gradients are small and noisy)
+    spike_lr_mult: float = 1.0
 
 
 @dataclass
@@ -210,7 +213,7 @@ _RANGES = [
     ("optim.lr", 0, None, False), ("optim.min_lr_ratio", 0, 1, True), ("optim.warmup_steps", 0, None, True),
     ("optim.weight_decay", 0, None, True), ("optim.beta1", 0, 1, True), ("optim.beta2", 0, 1, True),
     ("optim.eps", 0, None, False), ("optim.grad_clip", 0, None, True), ("optim.accumulation", 1, None, True),
-    ("optim.rewarm_steps_at_stage", 0, None, True),
+    ("optim.rewarm_steps_at_stage", 0, None, True), ("optim.spike_lr_mult", 0, None, False),
     ("loss.kd_weight", 0, None, True), ("loss.ce_weight", 0, None, True), ("loss.align_weight", 0, None, True),
     ("loss.firing_rate_weight", 0, None, True), ("loss.align.last_k", 1, None, True),
     ("loss.align.warmup_steps", 0, None, True), ("loss.align.ramp_steps", 0, None, True),

@@ -141,17 +141,25 @@ def param_groups(cfg: TrainConfig, model: Student, distiller: Distiller, replica
     temperature is not here: it has its own SGD optimiser (`temperature_optimizer`). `replicated`: under
     FSDP the parameters left unsharded, in a group of their own (one foreach step cannot mix them with
     sharded ones)."""
-    decay, no_decay = [], []
+    decay, no_decay, spikes = [], [], []
     apart = {id(p) for p in replicated}
+    own_spike_lr = cfg.optim.spike_lr_mult != 1.0  # a group of their own only then: old checkpoints resume
     for name, p in model.named_parameters():
         if id(p) in apart:
+            continue
+        if own_spike_lr and (".spikes." in name or name.startswith("head_spike")):
+            spikes.append(p)
             continue
         big = p.ndim == 2 and ".spikes." not in name and not name.endswith("r_k")
         (decay if big else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-    if replicated:
-        groups.append({"params": list(replicated), "weight_decay": 0.0, "name": "replicated"})
+    if spikes:
+        groups.append({"params": spikes, "weight_decay": 0.0, "name": "spikes",
+                       "lr": cfg.optim.lr * cfg.optim.spike_lr_mult})
+    if replicated:  # under FSDP: the spike parameters (left unsharded)
+        groups.append({"params": list(replicated), "weight_decay": 0.0, "name": "replicated",
+                       "lr": cfg.optim.lr * cfg.optim.spike_lr_mult})
     if len(distiller.projectors):
         groups.append({"params": list(distiller.projectors.parameters()), "weight_decay": cfg.optim.weight_decay,
                        "name": "projectors"})
