@@ -37,10 +37,10 @@ def test_spike_init_flag_mirrors_the_buffer_and_load_resets_it():
     assert torch.equal(fresh.amp_pos.detach(), before)
 
 
-@pytest.mark.parametrize("mode", ["chunked", "recurrent"])
-def test_initialised_student_traces_as_one_graph(mode):
+@pytest.mark.parametrize("mode, site_steps", [("chunked", {}), ("recurrent", {}), ("chunked", {"cm_v": 2})])
+def test_initialised_student_traces_as_one_graph(mode, site_steps):
     torch._dynamo.reset()
-    model = random_student()
+    model = random_student(site_steps=site_steps)
     model.train()
     ids = torch.randint(0, model.cfg.vocab_size, (2, 16 if mode == "chunked" else 1))
     explained = torch._dynamo.explain(model)(ids, mode=mode)
