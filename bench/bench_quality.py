@@ -60,6 +60,13 @@ RUNS = {
     "kd_rs_1m_lr4": ("kd_rs", ["optim.lr=4e-3"], "long"),
     "kd_rs_dense": ("kd_rs", ["spike_anneal_fraction=0", "model.overrides={spike_sites: []}"], "short"),
     "kd_hyb": ("kd_rs", ["loss.kd=topk_rskd"], "long"),
+    # seventh session: the shipped kd_rs on the short schedule (its seeds: --seeds 0,1,2), its dense twin to
+    # the long budget (the spiking gap at 2M tokens), and what was tried on the gap
+    "kd_rs_short": ("kd_rs", [], "short"),
+    "kd_rs_dense_long": ("kd_rs", ["spike_anneal_fraction=0", "model.overrides={spike_sites: []}"], "long"),
+    "kd_rs_steps2": ("kd_rs", ["model.overrides={site_steps: {cm_v: 2}}"], "short"),
+    "kd_rs_no_cmv": ("kd_rs", ["model.overrides={spike_sites: [tm_r, tm_k, tm_v, tm_out, cm_k]}"], "short"),
+    "kd_rs_spike_lr10": ("kd_rs", ["optim.spike_lr_mult=10"], "short"),
 }
 
 
