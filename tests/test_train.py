@@ -292,3 +292,21 @@ def test_spike_lr_mult_scales_the_spike_parameters_step_only(tmp_path, store):
             torch.testing.assert_close(moved[10.0][n], moved[1.0][n], rtol=1e-5, atol=1e-8)
     with pytest.raises(GooseError, match="spike_lr_mult"):
         cfg_for(store, tmp_path / "bad", "optim.spike_lr_mult=0")
+
+
+def test_residual_spike_steps_train_from_a_config_and_reload(tmp_path, store):
+    """model.overrides={site_steps: ...} reaches the student the trainer builds: its residual steps initialise
+    from real batches, learn, count in the logged energy, and come back from the saved best model."""
+    from goose.student.model import Student
+
+    out = tmp_path / "steps"
+    run_train(cfg_for(store, out, "steps=4", "val_every=4", "model.overrides={site_steps: {cm_v: 2}}"), progress=False)
+    model = Student.from_pretrained(str(out / "best"))
+    assert model.cfg.site_steps == {"cm_v": 2}
+    residual = model.blocks[0].ffn.spikes.spikes["cm_v"].residual
+    assert residual is not None and bool(residual.initialized)
+    assert not torch.equal(residual.amp_pos.detach(), torch.ones_like(residual.amp_pos))  # set from the batch
+    val = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"kind": "val"' in x][-1]
+    stats = model(torch.randint(0, model.cfg.vocab_size, (2, 32)), collect_stats=True).spike_stats
+    assert stats["0.cm_v"].tokens == 2 * 2 * 32  # both steps' indicators
+    assert 0 < val["energy_ratio_vs_dense"] < 1

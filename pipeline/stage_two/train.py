@@ -147,7 +147,7 @@ def param_groups(cfg: TrainConfig, model: Student, distiller: Distiller, replica
     for name, p in model.named_parameters():
         if id(p) in apart:
             continue
-        if own_spike_lr and (".spikes." in name or name.startswith("head_spike")):
+        if own_spike_lr and ".spikes." in name:  # every site, the head's included (head_spike.spikes.head)
             spikes.append(p)
             continue
         big = p.ndim == 2 and ".spikes." not in name and not name.endswith("r_k")
