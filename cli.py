@@ -175,6 +175,10 @@ def main():
               help="Store each --hidden-layers layer as its R leading principal components (fitted on the first "
                    "block, basis kept in the store; readers get the full-width reconstruction). 0 = full width. "
                    "One process only.")
+@click.option("--compile-targets/--no-compile-targets", default=None,
+              help="Run the vocabulary-wide reductions (top-k, tail sums, entropy) as torch.compile'd fused loops "
+                   "(CPU; 1.3-1.5x cheaper, equal to the eager ops to fp32 rounding; compiling takes 4-20 s) "
+                   "[default: on for a CPU teacher when tokens x vocabulary >= 2^33, e.g. 1M tokens at V 8192].")
 @click.option("--compression", type=click.Choice(["zstd", "blosc", "none"]), default="blosc", show_default=True,
               help="Compressor of every array; blosc is zstd with byte shuffle (best for the compact encoding).")
 @click.option("--compression-level", type=int, default=3, show_default=True, help="Level of the compressor.")

@@ -5,7 +5,8 @@
     python bench/bench_cache_teacher.py --teacher gpt2-small-random --seq-len 1024 --max-tokens 8192 --batch-size 4
         # GPT2Config() with random weights (V = 50257, 12 x 768) and the shared GPT-2 tokenizer
 
-Prints tokens/s of both, their time ratio (median over alternating repeats, since this machine is noisy),
+The targets run as compiled kernels by default (`--compile-targets on`, what a large run picks; compiled
+once before the timed repeats) with an eager variant alongside. Prints tokens/s of both, their time ratio (median over alternating repeats, since this machine is noisy),
 and bytes/token at the given k without hidden states, with one fp16 layer and with one int8 layer. On CPU a
 third variant runs each batch's targets in order after its forward instead of on the targets thread
 (`compute_blocks(overlap=False)`: the forward and the reductions on the main thread, one after the other), so the thread's gain is measured in the same run.
@@ -65,6 +66,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sizes", action="store_true", help="also build the stores that measure bytes/token")
+    ap.add_argument("--compile-targets", choices=("on", "off", "auto"), default="on",
+                    help="the reductions as compiled kernels (on: as a large run does by default; compiled once "
+                         "before the timed repeats) or eager ops; with 'on' an eager variant runs alongside")
     args = ap.parse_args()
 
     scratch = tempfile.TemporaryDirectory()
@@ -80,10 +84,13 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}")
     bare_forward(teacher, windows[: args.batch_size], args.batch_size)  # warm-up
 
+    compile_targets = {"on": True, "off": False, "auto": None}[args.compile_targets]
+
     def cache_once(tmp, name, **kw):
+        kw = {"compile_targets": compile_targets, "max_tokens": args.max_tokens, **kw}
         cfg = CacheTeacherConfig(output=str(Path(tmp) / f"{name}.zarr"), teacher=args.teacher, dtype=args.dtype,
                                  device=args.device, batch_size=args.batch_size, data=data, seq_len=args.seq_len,
-                                 max_tokens=args.max_tokens, top_k=args.top_k, progress=False, **kw)
+                                 top_k=args.top_k, progress=False, **kw)
         return run_cache_teacher(cfg)
 
     def in_order(*a, **kw):  # the targets after each forward, on the main thread
@@ -91,13 +98,22 @@ def main() -> None:
 
     overlapped_blocks = cache_teacher.compute_blocks
     compare = teacher.device.type == "cpu"
-    bare_s, cache_s, call_s, order_s = [], [], [], []
+    # the figures name the thread count on CPU: at one torch thread cache-teacher has a core the bare forward
+    # leaves idle, at two both compete for the same cores
+    label = Path(args.teacher).name + (f", {torch.get_num_threads()} thread(s)" if compare else "")
+    bare_s, cache_s, call_s, order_s, eager_s = [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
+        if compile_targets:  # the one-off compilation (4-20 s) is not part of the per-token cost measured
+            t0 = time.perf_counter()
+            cache_once(tmp, "compile", max_tokens=args.seq_len * args.batch_size)
+            print(f"compiling the targets kernels (and one batch): {time.perf_counter() - t0:.1f} s")
         for r in range(args.repeats):  # alternate the variants so drift in machine speed hits all alike
             bare_s.append(bare_forward(teacher, windows, args.batch_size))
             t0 = time.perf_counter()
             cache_s.append(cache_once(tmp, f"plain{r}")["seconds"])
             call_s.append(time.perf_counter() - t0)
+            if compile_targets:
+                eager_s.append(cache_once(tmp, f"eager{r}", compile_targets=False)["seconds"])
             if compare:
                 cache_teacher.compute_blocks = in_order
                 try:
@@ -118,24 +134,30 @@ def main() -> None:
           f"{', '.join(f'{c / b:.2f}' for b, c in zip(bare_s, cache_s))})")
     print(f"whole call incl. teacher load and the counting pass: {call / bare:.2f}x  (median of "
           f"{', '.join(f'{s:.2f}' for s in call_s)} s)")
+    if eager_s:
+        eager = statistics.median(eager_s)
+        print(f"eager targets (--no-compile-targets): {eager / bare:.2f}x  (per repeat: "
+              f"{', '.join(f'{c / b:.2f}' for b, c in zip(bare_s, eager_s))})")
+        print(json.dumps({"bench": "cache_teacher", "value": eager / bare,
+                          "figure": f"P1 with eager targets, {label}"}))
     if order_s:
         order = statistics.median(order_s)
         print(f"targets in order, no targets thread: {order / bare:.2f}x  (per repeat: "
               f"{', '.join(f'{c / b:.2f}' for b, c in zip(bare_s, order_s))})")
         print(json.dumps({"bench": "cache_teacher", "value": order / bare,
-                          "figure": f"P1 without the targets thread, {Path(args.teacher).name}"}))
+                          "figure": f"P1 without the targets thread, {label}"}))
     # one JSON line per figure, for bench/run_all.py
-    print(json.dumps({"bench": "cache_teacher", "figure": f"P1: cache-teacher / bare forward, {Path(args.teacher).name}",
+    print(json.dumps({"bench": "cache_teacher", "figure": f"P1: cache-teacher / bare forward, {label}",
                       "value": cache / bare, "target": "<= 1.10", "per_repeat": [c / b for b, c in zip(bare_s, cache_s)]}))
     if args.sizes:
         emb = plain["spec"]["vocab_size"] * plain["spec"]["hidden_size"] * 2 / n_tokens  # once-per-store share
-        for label, s in (("top-k only", plain), (f"+ hidden {args.hidden_layer} fp16", fp16),
+        for store, s in (("top-k only", plain), (f"+ hidden {args.hidden_layer} fp16", fp16),
                          (f"+ hidden {args.hidden_layer} int8", int8), ("top-k only, blosc-zstd", blosc)):
-            print(f"bytes/token {label:<24}: {s['bytes_per_token']:8.1f}  "
+            print(f"bytes/token {store:<24}: {s['bytes_per_token']:8.1f}  "
                   f"({s['bytes_per_token'] - emb:6.1f} without the once-per-store teacher embedding)")
-            print(json.dumps({"bench": "cache_teacher", "figure": f"P2: bytes/token, {label}, k {args.top_k}",
+            print(json.dumps({"bench": "cache_teacher", "figure": f"P2: bytes/token, {store}, k {args.top_k}",
                               "value": s["bytes_per_token"] - emb,
-                              **({"target": "<= 128"} if label == "top-k only" else {})}))
+                              **({"target": "<= 128"} if store == "top-k only" else {})}))
     scratch.cleanup()
 
 

@@ -6,7 +6,8 @@
 
 Runs, each as its own process (so one's memory and threads do not colour the next), every bench that prints
 JSON figure lines ({"bench", "figure", "value", "target"}): stage one against a bare teacher forward
-(enwiki-tiny and a GPT-2-small-shaped teacher), stage two's step against the same step with its batches in
+(enwiki-tiny and a GPT-2-small-shaped teacher, on CPU also at two torch threads, and its per-token
+reductions alone, compiled against eager), stage two's step against the same step with its batches in
 memory, and the student against a dense GPT-2 of the same size (training throughput, generation at long
 context). Each bench takes medians over alternating repeats itself. The table replaces the block between
 the `run_all` markers in docs/BENCHMARKS.md (--no-write to only print it); the closing line says which
@@ -29,30 +30,41 @@ DOC = ROOT / "docs" / "BENCHMARKS.md"
 BEGIN, END = "<!-- run_all: begin -->", "<!-- run_all: end -->"
 
 
-def suites(args) -> list[tuple[str, list[str]]]:
+def suites(args) -> list[tuple[str, list[str], dict]]:
+    """(name, bench argv, environment overrides) of every bench to run."""
     quick = args.quick
     reps = ["--repeats", "2" if quick else "3"]
     dev = ["--device", args.device]
+    tiny = ["bench_cache_teacher.py", *reps, *dev] + (["--max-tokens", "16384"] if quick else [])
+    gpt2 = ["bench_cache_teacher.py", "--teacher", "gpt2-small-random", "--seq-len", "1024", "--max-tokens",
+            "2048" if quick else "16384", "--batch-size", "1", *reps, *dev]
     out = [
-        ("stage one, enwiki-tiny", ["bench_cache_teacher.py", *reps, *dev, *([] if quick else ["--sizes"])]
-         + (["--max-tokens", "16384"] if quick else [])),
-        ("stage one, GPT-2-small-shaped", ["bench_cache_teacher.py", "--teacher", "gpt2-small-random", "--seq-len",
-                                           "1024", "--max-tokens", "2048" if quick else "16384", "--batch-size", "1",
-                                           *reps, *dev]),
+        ("stage one, enwiki-tiny", tiny + ([] if quick else ["--sizes"]), {}),
+        ("stage one, GPT-2-small-shaped", gpt2, {}),
+    ]
+    if args.device == "cpu" and os.environ.get("OMP_NUM_THREADS") != "2":
+        # at one torch thread cache-teacher has the second core to itself; with both given both cores
+        # (two threads each) the comparison is of equal resources
+        out += [("stage one, enwiki-tiny, two threads", tiny, {"OMP_NUM_THREADS": "2"}),
+                ("stage one, GPT-2-small-shaped, two threads", gpt2, {"OMP_NUM_THREADS": "2"})]
+    if args.device == "cpu":
+        out.append(("stage one reductions alone", ["bench_teacher_targets.py"] + (["--repeats", "2"] if quick else []),
+                    {}))
+    out += [
         ("student vs dense GPT-2", ["bench_student_vs_dense.py", *reps, *dev, "--new-tokens", "8" if quick else "16"]
-         + (["--context", "1024"] if quick else [])),
+         + (["--context", "1024"] if quick else []), {}),
     ]
     if args.cache:
         out.append(("stage two streaming overhead (P3)", ["bench_loader_overhead.py", "--cache", args.cache, *dev,
-                                                          "--blocks", "2" if quick else "5"]))
+                                                          "--blocks", "2" if quick else "5"], {}))
     return out
 
 
-def run_one(name: str, argv: list[str]) -> tuple[list[dict], str]:
+def run_one(name: str, argv: list[str], env: dict) -> tuple[list[dict], str]:
     cmd = [sys.executable, str(ROOT / "bench" / argv[0]), *argv[1:]]
-    print(f"$ {' '.join(cmd[1:])}", flush=True)
+    print(f"$ {' '.join([*(f'{k}={v}' for k, v in env.items()), *cmd[1:]])}", flush=True)
     t = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env})
     rows = []
     for line in r.stdout.splitlines():
         if line.startswith("{"):
@@ -103,8 +115,8 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print the table only")
     args = ap.parse_args()
     rows, notes = [], []
-    for name, argv in suites(args):
-        got, status = run_one(name, argv)
+    for name, argv, env in suites(args):
+        got, status = run_one(name, argv, env)
         rows += got
         if status != "ok":
             notes.append(f"- {name}: {status}")

@@ -337,3 +337,56 @@ def test_non_finite_teacher_logits_fail_with_one_line_and_no_complete_store(tiny
     with pytest.raises(GooseError, match=r"non-finite logits in windows 0\.\.1; try --dtype fp32"):
         run_cache_teacher(make_cfg(out, tiny_teacher, corpus_file))
     assert not zarr.open_group(str(out), mode="r").attrs["goose"]["complete"]
+
+
+def test_compiled_targets_store_equals_eager_store(tmp_path):
+    """`compile_targets` on: enwiki-tiny's store through the compiled kernels holds the eager store's values
+    (ids exactly; quantised codes within one step where fp32 rounding crossed a boundary, almost never)."""
+    teacher = need(ENWIKI_TEACHER)
+    stores = {}
+    for on in (True, False):
+        cfg = make_cfg(tmp_path / f"{on}.zarr", teacher, need(WIKITEXT_VALID), seq_len=128, max_tokens=2048,
+                       top_k=64, chunk_windows=4, batch_size=4, compile_targets=on)
+        assert run_cache_teacher(cfg)["targets_compiled"] is on
+        stores[on] = store_arrays(cfg.output)
+    compiled, eager = stores[True], stores[False]
+    assert sorted(compiled) == sorted(eager)
+    for name in eager:
+        a, b = compiled[name], eager[name]
+        if name == "chunk_checksums":  # of the bytes written, which may differ by those rounding steps
+            continue
+        if "ids" in name or name == "input_ids":
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        elif np.issubdtype(b.dtype, np.integer):
+            assert np.abs(a.astype(np.int64) - b.astype(np.int64)).max() <= 1, name
+            assert (a == b).mean() > 0.99, name
+        else:
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5, err_msg=name)
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(tiny_teacher, corpus_file, tmp_path, monkeypatch):
+    """Where inductor cannot build the kernels (no C++ compiler, say), the run warns once and finishes with
+    the eager ops: the store equals one made without compiling. And the default picks compiling only for a
+    CPU run large enough to repay it."""
+    from goose.pipeline.stage_one import cache_teacher, teacher as teacher_mod
+
+    def no_compiler(*a, **kw):
+        raise RuntimeError("inductor: no working C++ compiler found")
+
+    monkeypatch.setattr(teacher_mod, "compiled_reductions", no_compiler)
+    monkeypatch.setattr(cache_teacher, "_COMPILE_FAILED", [])
+    with pytest.warns(UserWarning, match="compiled teacher targets failed .*no working C\\+\\+ compiler"):
+        summary = run_cache_teacher(make_cfg(tmp_path / "fallback.zarr", tiny_teacher, corpus_file, compile_targets=True))
+    assert summary["targets_compiled"] is False
+    assert len(cache_teacher._COMPILE_FAILED) == 1  # once: every later batch goes straight to eager
+    run_cache_teacher(make_cfg(tmp_path / "eager.zarr", tiny_teacher, corpus_file, compile_targets=False))
+    assert_same_store(tmp_path / "fallback.zarr", tmp_path / "eager.zarr")
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = make_cfg(tmp_path / "x.zarr", tiny_teacher, corpus_file)
+    assert not cache_teacher.use_compiled_targets(auto, cpu, 8192, 100_000)  # compiling would cost more
+    assert cache_teacher.use_compiled_targets(auto, cpu, 8192, 2_000_000)
+    assert cache_teacher.use_compiled_targets(auto, cpu, 50257, 200_000)
+    assert not cache_teacher.use_compiled_targets(auto, cuda, 50257, 10**9)  # GPU reductions are cheap already
+    forced = make_cfg(tmp_path / "x.zarr", tiny_teacher, corpus_file, compile_targets=False)
+    assert not cache_teacher.use_compiled_targets(forced, cpu, 50257, 10**9)

@@ -373,3 +373,65 @@ def test_teacher_targets_shared_among_threads_equal_one_thread():
         for name in one:
             torch.testing.assert_close(many[name], one[name], rtol=0, atol=0, equal_nan=True, msg=name)
     assert torch.get_num_threads() == before  # the workers set their own thread count, not the caller's
+
+
+def _targets_reference_fp64(z: torch.Tensor, ids: torch.Tensor, topk_ids: torch.Tensor, temps=TEMPS) -> dict:
+    """Brute force over the whole vocabulary in float64, given which ids are the top-k."""
+    z = z.double()
+    head = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, topk_ids, True)
+    out = {"tail_logmass": torch.stack([torch.logsumexp((z / t).masked_fill(head, float("-inf")), -1)
+                                        - torch.logsumexp(z / t, -1) for t in temps], -1)}
+    logp = torch.log_softmax(z, -1)
+    out["topk_logprobs"] = logp.gather(-1, topk_ids)
+    out["entropy"] = -(logp.exp() * logp).sum(-1)
+    nll = -logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    out["gold_nll"] = torch.cat([nll, torch.full_like(nll[:, :1], float("nan"))], 1)
+    return out
+
+
+def _hard_logits(V: int, seed: int = 0) -> torch.Tensor:
+    """GPT-2-scale logits (around -80) with the cases a value mask could get wrong: a tie across the k-th
+    value (one copy in the top-k, one in the tail), a row of 100 equal maxima, a row whose tail sits 200 nats
+    down (the exact recompute path), and an all-equal row."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(2, 40, V, generator=g) * 3 - 80
+    row = z[0, 3]
+    order = row.argsort(descending=True)
+    row[order[64]] = row[order[63]]  # the 64th and 65th largest equal
+    z[0, 5, :100] = z[0, 5].max() + 1.0
+    z[1, 7, 64:] = -280.0
+    z[1, 7, :64] = torch.linspace(-80.0, -85.0, 64)
+    z[1, 9] = -80.0
+    return z
+
+
+def _check_compiled_targets(V: int) -> None:
+    z = _hard_logits(V)
+    ids = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(1))
+    eager = teacher_targets(z, ids, top_k=64, tail_temperatures=TEMPS)
+    compiled = teacher_targets(z, ids, top_k=64, tail_temperatures=TEMPS, compiled=True)
+    assert torch.equal(compiled["topk_ids"], eager["topk_ids"])
+    ref = _targets_reference_fp64(z, ids, compiled["topk_ids"])
+    for name, r in ref.items():
+        for got in (compiled[name], eager[name]):
+            torch.testing.assert_close(got.double(), r, rtol=1e-5, atol=2e-5, equal_nan=True, msg=name)
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-5, atol=1e-5, equal_nan=True, msg=name)
+    # the tie across the k-th value: the copy outside the top-k is in the tail (a value mask z < v_k alone
+    # would leave it out of both)
+    assert (compiled["tail_logmass"][0, 3] - eager["tail_logmass"][0, 3]).abs().max() < 1e-5
+    # shared among worker threads: bit-identical to one thread (the last slice of each part padded)
+    two = teacher_targets(z, ids, top_k=64, tail_temperatures=TEMPS, compiled=True, threads=2)
+    for name in compiled:
+        torch.testing.assert_close(two[name], compiled[name], rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+def test_compiled_teacher_targets_equal_the_full_vocabulary_reference():
+    """The compiled kernels against float64 brute force and the eager path, at enwiki-tiny's vocabulary
+    (80 rows: two full slices of 32 and a padded one)."""
+    _check_compiled_targets(8192)
+
+
+@pytest.mark.slow
+def test_compiled_teacher_targets_at_gpt2_vocabulary():
+    """The same at V = 50257 (16 x 3141 + 1: the top-k's remainder column; 8-row slices)."""
+    _check_compiled_targets(50257)
