@@ -366,8 +366,8 @@ def test_compiled_targets_store_equals_eager_store(tmp_path):
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(tiny_teacher, corpus_file, tmp_path, monkeypatch):
     """Where inductor cannot build the kernels (no C++ compiler, say), the run warns once and finishes with
-    the eager ops: the store equals one made without compiling. And the default picks compiling only for a
-    CPU run large enough to repay it."""
+    the eager ops: the store equals one made without compiling. An error while running them is not taken for
+    a compiler's. And the default picks compiling only for a CPU run large enough to repay it."""
     from goose.pipeline.stage_one import cache_teacher, teacher as teacher_mod
 
     def no_compiler(*a, **kw):
@@ -381,6 +381,16 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tiny_teacher, corpus
     assert len(cache_teacher._COMPILE_FAILED) == 1  # once: every later batch goes straight to eager
     run_cache_teacher(make_cfg(tmp_path / "eager.zarr", tiny_teacher, corpus_file, compile_targets=False))
     assert_same_store(tmp_path / "fallback.zarr", tmp_path / "eager.zarr")
+
+    def broken_kernels(*a, **kw):  # built fine, then fails at run time: the run's error, no fallback
+        raise MemoryError("out of memory in a kernel")
+
+    monkeypatch.setattr(cache_teacher, "_COMPILE_FAILED", [])
+    monkeypatch.setattr(teacher_mod, "compiled_reductions", lambda *a, **kw: None)
+    monkeypatch.setattr(teacher_mod, "topk_rows", broken_kernels)
+    with pytest.raises(MemoryError):
+        run_cache_teacher(make_cfg(tmp_path / "broken.zarr", tiny_teacher, corpus_file, compile_targets=True))
+    assert cache_teacher._COMPILE_FAILED == []
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     auto = make_cfg(tmp_path / "x.zarr", tiny_teacher, corpus_file)

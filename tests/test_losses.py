@@ -21,7 +21,7 @@ from goose.pipeline.stage_two.losses import (
     topk_rskd_loss,
     teacher_bucket_logprobs,
 )
-from goose.pipeline.stage_one.teacher import teacher_targets
+from goose.pipeline.stage_one.teacher import NonFiniteLogits, teacher_targets
 from goose.cache.schema import StoreSpec, decode_logprobs, encode_logprobs
 from goose.pipeline.stage_two.temperature import Temperature, TemperatureConfig, grad_reverse
 
@@ -423,6 +423,13 @@ def _check_compiled_targets(V: int) -> None:
     two = teacher_targets(z, ids, top_k=64, tail_temperatures=TEMPS, compiled=True, threads=2)
     for name in compiled:
         torch.testing.assert_close(two[name], compiled[name], rtol=0, atol=0, equal_nan=True, msg=name)
+    # a NaN or infinite logit anywhere fails as on the eager path, naming its rows
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        zb = z.clone()
+        zb[1, 4, 300] = bad
+        with pytest.raises(NonFiniteLogits) as err:
+            teacher_targets(zb, ids, top_k=64, tail_temperatures=TEMPS, compiled=True)
+        assert err.value.rows == [40 + 4]
 
 
 def test_compiled_teacher_targets_equal_the_full_vocabulary_reference():

@@ -52,6 +52,7 @@ from ...cache.stats import store_nbytes
 from ...cache.writer import CacheWriter
 from ...errors import GooseError
 from .data import DataSpec, count_windows, fingerprint_update, iter_windows, open_texts
+from . import teacher as stage_one_teacher
 from .teacher import (
     NonFiniteLogits,
     Teacher,
@@ -292,18 +293,19 @@ _COMPILE_FAILED: list[Exception] = []  # set once inductor has failed in this pr
 
 
 def _targets(logits, ids, compiled: bool, **kw) -> dict[str, torch.Tensor]:
-    """teacher_targets with the compiled kernels where asked, falling back (once, with a warning) to the
-    eager reference if inductor cannot build them (no C++ compiler, ...)."""
+    """teacher_targets with the compiled kernels where asked. If inductor cannot build them (no C++
+    compiler, ...) the run warns once and uses the eager reference from then on; an error while running
+    them is the run's error, as it would be with eager ops."""
     if compiled and not _COMPILE_FAILED:
         try:
-            return teacher_targets(logits, ids, compiled=True, **kw)
-        except NonFiniteLogits:
-            raise
-        except Exception as exc:
+            stage_one_teacher.compiled_reductions(kw["tail_temperatures"], logits.shape[-1], kw["top_k"])
+        except Exception as exc:  # noqa: BLE001 - whatever the compiler raised, the eager ops still work
             _COMPILE_FAILED.append(exc)
             first = str(exc).splitlines()[0] if str(exc) else ""
             warnings.warn(f"compiled teacher targets failed ({type(exc).__name__}: {first}); using eager ops "
                           f"(--no-compile-targets skips the attempt)", stacklevel=2)
+        else:
+            return teacher_targets(logits, ids, compiled=True, **kw)
     return teacher_targets(logits, ids, **kw)
 
 

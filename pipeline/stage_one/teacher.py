@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import types
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -318,14 +319,12 @@ class _CompiledReductions:
     Kernels are generated for one thread (`cpp.threads` 1): slices are small, and the caller shares them out
     among its own worker threads. They are called through inductor's C++ wrapper (`cpp_wrapper`), which
     releases the GIL; through the default Python wrapper two worker threads ran them no faster than one.
-    Built once per (temperatures, rows, vocabulary)."""
+    Built, and compiled by one call on random logits, once per (temperatures, rows, vocabulary, k), on the
+    thread that asks first (`compiled_reductions`), so worker threads never race to compile."""
 
-    def __init__(self, temps: tuple[float, ...], rows: int, vocab: int, group: int):
-        import torch._inductor.config as inductor_config
-
-        self.rows, self.vocab, self.group = rows, vocab, group
+    def __init__(self, temps: tuple[float, ...], rows: int, vocab: int, top_k: int, group: int):
+        self.rows, self.vocab, self.top_k = rows, vocab, top_k
         self.width = vocab // group
-        self._config = inductor_config
         order, squared_from = _temperature_order(list(temps))
 
         def group_maxima(z):
@@ -359,17 +358,20 @@ class _CompiledReductions:
             return (logprobs, torch.stack(logmass, -1), entropy, gold_nll, torch.stack(tails, -1),
                     torch.stack(log_totals, -1))
 
-        self.group_maxima = torch.compile(_own_code(group_maxima), dynamic=False, fullgraph=True)
-        self.slice_targets = torch.compile(_own_code(slice_targets), dynamic=False, fullgraph=True)
-        self._compiled = set()
+        # the options go with every compilation, a recompilation included (a guard that fails on new inputs)
+        options = {"cpp.threads": 1, "cpp_wrapper": True}
+        self.group_maxima = torch.compile(_own_code(group_maxima), dynamic=False, fullgraph=True, options=options)
+        self.slice_targets = torch.compile(_own_code(slice_targets), dynamic=False, fullgraph=True, options=options)
 
-    def __call__(self, fn, *args):
-        if fn in self._compiled:
-            return fn(*args)
-        with self._config.patch({"cpp.threads": 1, "cpp_wrapper": True}):  # the first call compiles
-            out = fn(*args)
-        self._compiled.add(fn)
-        return out
+    @torch.inference_mode()
+    def compile_now(self) -> None:
+        """One call of each kernel on random logits of the slice shape (inference tensors, as the teacher's
+        logits are): the compilation happens here, not in the first worker thread to need it."""
+        z = torch.randn(self.rows, self.vocab)
+        vals = torch.topk(z, self.top_k, dim=-1).values
+        if topk_uses_groups(self.vocab, self.top_k, z.device):
+            self.group_maxima(z)
+        self.slice_targets(z, vals, torch.zeros(self.rows, 1, dtype=torch.long))
 
 
 def _own_code(fn):
@@ -380,13 +382,20 @@ def _own_code(fn):
 
 
 _COMPILED: dict[tuple, _CompiledReductions] = {}
+_COMPILED_LOCK = threading.Lock()
 
 
-def compiled_reductions(temps: tuple[float, ...], rows: int, vocab: int) -> _CompiledReductions:
-    key = (tuple(temps), rows, vocab)
-    if key not in _COMPILED:
-        _COMPILED[key] = _CompiledReductions(tuple(temps), rows, vocab, _TOPK_GROUP)
-    return _COMPILED[key]
+def compiled_reductions(tail_temperatures, vocab: int, top_k: int) -> _CompiledReductions:
+    """The compiled kernels for CPU slices of this shape, built and compiled on first use (4-20 s; raises
+    whatever inductor raises if it cannot build them, e.g. without a C++ compiler)."""
+    rows = _slice_rows(vocab, torch.device("cpu"))
+    key = (tuple(float(t) for t in tail_temperatures), rows, vocab, top_k)
+    with _COMPILED_LOCK:
+        if key not in _COMPILED:
+            kernels = _CompiledReductions(key[0], rows, vocab, top_k, _TOPK_GROUP)
+            kernels.compile_now()
+            _COMPILED[key] = kernels
+        return _COMPILED[key]
 
 
 @torch.inference_mode()
@@ -444,9 +453,10 @@ def teacher_targets(
     order, squared_from = _temperature_order(temps)
     rows = _slice_rows(V, device)
 
-    kernels = compiled_reductions(tuple(temps), rows, V) if compiled else None
-    maxima_fn = ((lambda x: kernels(kernels.group_maxima, x))
-                 if kernels is not None and topk_uses_groups(V, top_k, device) else None)
+    if compiled and device.type != "cpu":
+        raise ValueError("compiled teacher targets are for CPU logits (on a GPU the eager reductions are cheap)")
+    kernels = compiled_reductions(temps, V, top_k) if compiled else None
+    maxima_fn = kernels.group_maxima if kernels is not None and topk_uses_groups(V, top_k, device) else None
 
     def reduce_rows(lo: int, hi: int, torch_threads: int | None = None) -> None:
         """Rows lo..hi of every output, in slices of `rows`, with this call's own scratch buffers."""
@@ -466,7 +476,7 @@ def teacher_targets(
                     g = gold[r0 : r0 + n]
                     if n < rows:
                         g = torch.cat([g, g.new_zeros(rows - n, 1)])
-                    logprobs, logmass, ent, nll, tails, log_totals = kernels(kernels.slice_targets, z, vals, g)
+                    logprobs, logmass, ent, nll, tails, log_totals = kernels.slice_targets(z, vals, g)
                     topk_ids[r0 : r0 + n], topk_logprobs[r0 : r0 + n] = idx[:n], logprobs[:n]
                     tail_logmass[r0 : r0 + n], entropy[r0 : r0 + n], gold_nll[r0 : r0 + n] = logmass[:n], ent[:n], nll[:n]
                     if bool((tails[:n] < 1e-30).any()):  # one check for every temperature
