@@ -229,8 +229,15 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_teacher, c
     with pytest.raises(GooseError, match="not complete"):
         CacheReader(str(part.output))
 
+    from goose.pipeline.stage_one import cache_teacher
+
+    sizes = []  # the size the kernels are chosen by: the whole store's, so a resume chooses as the first run did
+    real_choice = cache_teacher.use_compiled_targets
+    monkeypatch.setattr(cache_teacher, "use_compiled_targets", lambda cfg, device, vocab, tokens: sizes.append(tokens)
+                        or real_choice(cfg, device, vocab, tokens))
     summary = run_cache_teacher(part)
     assert summary["blocks_resumed_from"] == 2 and summary["tokens_computed"] == 3 * 2 * 32
+    assert sizes == [summary["tokens"]] and summary["tokens"] > summary["tokens_computed"]
     assert_same_store(full.output, part.output)
     again = run_cache_teacher(part)  # a finished store: nothing to do, nothing changed
     assert again["already_complete"] and again["tokens_computed"] == 0

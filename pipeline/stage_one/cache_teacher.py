@@ -107,8 +107,8 @@ COMPILE_TARGETS_MIN_LOGITS = 1 << 33
 
 
 def use_compiled_targets(cfg: CacheTeacherConfig, device: torch.device, vocab: int, tokens: int) -> bool:
-    """Whether this run computes its targets with the compiled kernels (CPU only: on a GPU the eager
-    reductions already take a few percent of the forward)."""
+    """Whether a store of `tokens` tokens computes its targets with the compiled kernels (CPU only: on a GPU
+    the eager reductions already take a few percent of the forward)."""
     if device.type != "cpu":
         return False
     if cfg.compile_targets is not None:
@@ -645,7 +645,9 @@ def _run(cfg: CacheTeacherConfig, ranks: Ranks) -> dict:
     desc += f" (rank 0 of {ranks.world})" if ranks.world > 1 else ""
     bar = tqdm(total=int(tokens_todo), unit="tok", unit_scale=True, desc=desc, dynamic_ncols=True,
                disable=not cfg.progress or not todo or ranks.rank > 0)
-    compiled = bool(todo) and use_compiled_targets(cfg, teacher.device, teacher.vocab_size, int(tokens_todo))
+    # decided by the whole store's size, not what is left of it: a resumed or sharded store gets the same
+    # kernels (and so the same rounding) in every block as an uninterrupted run
+    compiled = bool(todo) and use_compiled_targets(cfg, teacher.device, teacher.vocab_size, spec.n_tokens)
     try:
         # Blocks are written in a background thread while the next ones are computed (a bounded queue);
         # the windows are tokenised and packed block by block as the loop reaches them
