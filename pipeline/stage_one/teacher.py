@@ -309,8 +309,8 @@ class _CompiledReductions:
     """The vocabulary-wide passes of `teacher_targets`, fused by torch.compile (inductor) into two loops per
     slice: the strided group maxima of `topk_rows`, then every temperature's tail sum, the entropy's tail dot
     product and the count of ties with the k-th value, all in one read of the logits. The eager ops they
-    replace make one pass (and one (n, V) temporary) per shift, mask, exp, square and sum; with them the
-    whole of `teacher_targets` takes 1/1.3 the time on one thread and 1/1.4-1/1.5 on two (V = 8192, 50257;
+    replace make one pass (and one (n, V) temporary) per shift, mask, exp, square and sum; with the kernels
+    the whole of `teacher_targets` runs 1.3x faster on one thread and 1.4-1.5x on two (V = 8192 and 50257,
     bench/bench_teacher_targets.py). Equal to the eager reference to fp32 rounding (summation order
     differs), tested.
 
