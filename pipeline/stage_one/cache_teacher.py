@@ -370,11 +370,12 @@ def compute_blocks(
             done.append((entry["block"], data, basis))
         return done
 
-    # One forward before the first batch, its output discarded: a process's very first forward can differ
-    # from every later one at rounding level (the tiny GPT-2 test teacher: 2 fresh processes in 6), which
-    # would make a store's first block depend on whether the run that computed it was a resume
+    # One small forward before the first batch, its output discarded: a process's very first forward can
+    # differ from every later one at rounding level (the tiny GPT-2 test teacher: 2 fresh processes in 6; a
+    # warm-up of 4 tokens fixed 8 in 8), which would make a store's first block depend on whether the run
+    # that computed it was a resume
     with torch.inference_mode():
-        warm = torch.full((cfg.batch_size, spec.seq_len), teacher.tokenizer.eos_token_id or 0, dtype=torch.long,
+        warm = torch.full((1, min(spec.seq_len, 8)), teacher.tokenizer.eos_token_id or 0, dtype=torch.long,
                           device=teacher.device)
         out = (split[0] if split else teacher.model)(input_ids=warm, output_hidden_states=bool(spec.hidden_layers),
                                                       use_cache=False)
