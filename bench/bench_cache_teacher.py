@@ -134,18 +134,16 @@ def main() -> None:
           f"{', '.join(f'{c / b:.2f}' for b, c in zip(bare_s, cache_s))})")
     print(f"whole call incl. teacher load and the counting pass: {call / bare:.2f}x  (median of "
           f"{', '.join(f'{s:.2f}' for s in call_s)} s)")
+    def variant(title: str, times: list[float], figure: str) -> None:
+        """A variant's median ratio to the bare forward, per repeat, and its JSON figure line."""
+        ratio = statistics.median(times) / bare
+        print(f"{title}: {ratio:.2f}x  (per repeat: {', '.join(f'{c / b:.2f}' for b, c in zip(bare_s, times))})")
+        print(json.dumps({"bench": "cache_teacher", "value": ratio, "figure": f"{figure}, {label}"}))
+
     if eager_s:
-        eager = statistics.median(eager_s)
-        print(f"eager targets (--no-compile-targets): {eager / bare:.2f}x  (per repeat: "
-              f"{', '.join(f'{c / b:.2f}' for b, c in zip(bare_s, eager_s))})")
-        print(json.dumps({"bench": "cache_teacher", "value": eager / bare,
-                          "figure": f"P1 with eager targets, {label}"}))
+        variant("eager targets (--no-compile-targets)", eager_s, "P1 with eager targets")
     if order_s:
-        order = statistics.median(order_s)
-        print(f"targets in order, no targets thread: {order / bare:.2f}x  (per repeat: "
-              f"{', '.join(f'{c / b:.2f}' for b, c in zip(bare_s, order_s))})")
-        print(json.dumps({"bench": "cache_teacher", "value": order / bare,
-                          "figure": f"P1 without the targets thread, {label}"}))
+        variant("targets in order, no targets thread", order_s, "P1 without the targets thread")
     # one JSON line per figure, for bench/run_all.py
     print(json.dumps({"bench": "cache_teacher", "figure": f"P1: cache-teacher / bare forward, {label}",
                       "value": cache / bare, "target": "<= 1.10", "per_repeat": [c / b for b, c in zip(bare_s, cache_s)]}))

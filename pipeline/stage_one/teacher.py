@@ -464,14 +464,11 @@ def teacher_targets(
             torch.set_num_threads(torch_threads)
         with torch.inference_mode():
             if kernels is not None:  # compiled for one slice shape: a short last slice is padded to it
-                pad = torch.empty(rows, V, dtype=torch.float32, device=device)
                 for r0 in range(lo, hi, rows):
                     n = min(rows, hi - r0)
                     z = flat[r0 : r0 + n].float()
                     if n < rows:
-                        pad[:n] = z
-                        pad[n:] = z[:1]
-                        z = pad
+                        z = torch.cat([z, z[:1].expand(rows - n, V)])
                     vals, idx = topk_rows(z, top_k, maxima_fn=maxima_fn)
                     g = gold[r0 : r0 + n]
                     if n < rows:
