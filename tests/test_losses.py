@@ -21,7 +21,7 @@ from goose.pipeline.stage_two.losses import (
     topk_rskd_loss,
     teacher_bucket_logprobs,
 )
-from goose.pipeline.stage_one.teacher import NonFiniteLogits, teacher_targets
+from goose.pipeline.stage_one.teacher import NonFiniteLogits, _powers_of, exp_power_plan, teacher_targets
 from goose.cache.schema import StoreSpec, decode_logprobs, encode_logprobs
 from goose.pipeline.stage_two.temperature import Temperature, TemperatureConfig, grad_reverse
 
@@ -405,13 +405,26 @@ def _hard_logits(V: int, seed: int = 0) -> torch.Tensor:
     return z
 
 
-def _check_compiled_targets(V: int) -> None:
+def test_exp_power_plan():
+    """The default grid is one exp per logit: 1 / T_j = n_j / 60."""
+    assert exp_power_plan(TEMPS) == (60, [60, 48, 40, 30, 20, 15])
+    assert exp_power_plan((1.0, 2.0)) == (2, [2, 1])
+    assert exp_power_plan((1.1, 1.25)) == (55, [50, 44])
+    # 1 / 1.33 = 100 / 133: no base with every power <= 64, so one exp per temperature (the fallback)
+    assert exp_power_plan((1.0, 1.33)) is None
+    u = torch.rand(1000, dtype=torch.float64)
+    powers = _powers_of(u, [60, 48, 40, 30, 20, 15, 7])
+    for n in (60, 48, 40, 30, 20, 15, 7):
+        torch.testing.assert_close(powers[n], u**n, rtol=1e-12, atol=0)
+
+
+def _check_compiled_targets(V: int, temps=TEMPS) -> None:
     z = _hard_logits(V)
     ids = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(1))
-    eager = teacher_targets(z, ids, top_k=64, tail_temperatures=TEMPS)
-    compiled = teacher_targets(z, ids, top_k=64, tail_temperatures=TEMPS, compiled=True)
+    eager = teacher_targets(z, ids, top_k=64, tail_temperatures=temps)
+    compiled = teacher_targets(z, ids, top_k=64, tail_temperatures=temps, compiled=True)
     assert torch.equal(compiled["topk_ids"], eager["topk_ids"])
-    ref = _targets_reference_fp64(z, ids, compiled["topk_ids"])
+    ref = _targets_reference_fp64(z, ids, compiled["topk_ids"], temps)
     for name, r in ref.items():
         for got in (compiled[name], eager[name]):
             torch.testing.assert_close(got.double(), r, rtol=1e-5, atol=2e-5, equal_nan=True, msg=name)
@@ -420,7 +433,7 @@ def _check_compiled_targets(V: int) -> None:
     # would leave it out of both)
     assert (compiled["tail_logmass"][0, 3] - eager["tail_logmass"][0, 3]).abs().max() < 1e-5
     # shared among worker threads: bit-identical to one thread (the last slice of each part padded)
-    two = teacher_targets(z, ids, top_k=64, tail_temperatures=TEMPS, compiled=True, threads=2)
+    two = teacher_targets(z, ids, top_k=64, tail_temperatures=temps, compiled=True, threads=2)
     for name in compiled:
         torch.testing.assert_close(two[name], compiled[name], rtol=0, atol=0, equal_nan=True, msg=name)
     # a NaN or infinite logit anywhere fails as on the eager path, naming its rows
@@ -428,7 +441,7 @@ def _check_compiled_targets(V: int) -> None:
         zb = z.clone()
         zb[1, 4, 300] = bad
         with pytest.raises(NonFiniteLogits) as err:
-            teacher_targets(zb, ids, top_k=64, tail_temperatures=TEMPS, compiled=True)
+            teacher_targets(zb, ids, top_k=64, tail_temperatures=temps, compiled=True)
         assert err.value.rows == [40 + 4]
 
 
@@ -436,6 +449,12 @@ def test_compiled_teacher_targets_equal_the_full_vocabulary_reference():
     """The compiled kernels against float64 brute force and the eager path, at enwiki-tiny's vocabulary
     (80 rows: two full slices of 32 and a padded one)."""
     _check_compiled_targets(8192)
+
+
+def test_compiled_teacher_targets_without_a_power_plan():
+    """A grid with no common exp base (1.33) takes one exp per temperature, squares where T and 2T are both
+    stored: the same reference."""
+    _check_compiled_targets(8192, temps=(1.0, 1.33, 2.0, 2.66))
 
 
 @pytest.mark.slow
