@@ -16,6 +16,7 @@ from goose.errors import GooseError
 from goose.pipeline.stage_one.cache_teacher import CacheTeacherConfig, run_cache_teacher
 from goose.pipeline.stage_one.data import (
     DataSpec,
+    WindowSpill,
     count_windows,
     iter_windows,
     load_texts,
@@ -50,12 +51,14 @@ def write_shards(folder, n_files: int, docs_per_file: int = 250) -> tuple[str, .
 
 
 def packing_peak(files, tokenizer, seq_len=64) -> tuple[int, int]:
-    """Peak traced memory of both passes of stage one's input path (count, then stream every window)."""
+    """Peak traced memory of stage one's input path: the counting pass into a spill file, then every
+    window read back from it."""
     ds = open_texts(DataSpec(data_files=files))
     tracemalloc.start()
     try:
-        n, _ = count_windows(ds, tokenizer, text_column="text", seq_len=seq_len)
-        seen = sum(len(w) for w in iter_windows(ds, tokenizer, text_column="text", seq_len=seq_len))
+        with WindowSpill(seq_len, len(tokenizer), masked=False) as spill:
+            n, _ = count_windows(ds, tokenizer, text_column="text", seq_len=seq_len, spill=spill)
+            seen = sum(len(w) for w, _ in spill.batches())
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -96,6 +99,37 @@ def test_streamed_windows_equal_packing_in_memory(tmp_path, tokenizer):
     np.testing.assert_array_equal(capped, whole[:2])  # 100 tokens cap: two whole windows
 
 
+def test_spilled_windows_read_back_as_packed(tmp_path, tokenizer):
+    """The spill file gives back exactly the windows (and masks) the counting pass packed, as int64, and is
+    gone after the `with` block, error or not."""
+    path = tmp_path / "c.jsonl"
+    write_corpus(path, 40)
+    stream = open_texts(DataSpec(data_files=(str(path),)))
+    whole = tokenize_and_pack(load_texts(DataSpec(data_files=(str(path),))), tokenizer, text_column="text", seq_len=48)
+    for vocab, dtype in ((len(tokenizer), np.uint16), (70_000, np.int32)):
+        with WindowSpill(48, vocab, masked=False, directory=str(tmp_path)) as spill:
+            n, fingerprint = count_windows(stream, tokenizer, text_column="text", seq_len=48, spill=spill)
+            assert spill.dtype == dtype and (n, fingerprint) == (len(whole), windows_fingerprint(whole))
+            back = list(spill.batches(batch_windows=7))
+            assert all(w.dtype == np.int64 and m is None for w, m in back)
+            np.testing.assert_array_equal(np.concatenate([w for w, _ in back]), whole)
+            # read twice (a second pass over the same spill gives the same)
+            np.testing.assert_array_equal(np.concatenate([w for w, _ in spill.batches()]), whole)
+        assert not list(tmp_path.glob("goose-windows-*"))
+    # masked windows: the mask comes back with them
+    windows = whole[:5]
+    mask = (np.arange(windows.size).reshape(windows.shape) % 3 == 0).astype(np.uint8)
+    with pytest.raises(RuntimeError):
+        with WindowSpill(48, len(tokenizer), masked=True, directory=str(tmp_path)) as spill:
+            spill.append(windows[:2], mask[:2])
+            spill.append(windows[2:], mask[2:])
+            (w, m), = spill.batches()
+            np.testing.assert_array_equal(w, windows)
+            np.testing.assert_array_equal(m, mask)
+            raise RuntimeError("an error inside the block")
+    assert not list(tmp_path.glob("goose-windows-*"))
+
+
 def make_cfg(output, teacher, corpus, **kw) -> CacheTeacherConfig:
     defaults = dict(teacher=str(teacher), data=DataSpec(data_files=(str(corpus),)), seq_len=32, max_tokens=320,
                     top_k=8, chunk_windows=2, batch_size=2, progress=False, dtype="fp32", device="cpu")
@@ -103,9 +137,21 @@ def make_cfg(output, teacher, corpus, **kw) -> CacheTeacherConfig:
     return CacheTeacherConfig(output=str(output), **defaults)
 
 
-def test_store_holds_the_streamed_windows_and_max_tokens_caps(tmp_path, tiny_teacher, corpus_file, tokenizer):
+def test_store_holds_the_streamed_windows_and_max_tokens_caps(tmp_path, tiny_teacher, corpus_file, tokenizer,
+                                                                monkeypatch):
+    import goose.pipeline.stage_one.data as data
+
+    passes = []
+    real = data.iter_windows
+
+    def counted(*args, **kw):
+        passes.append(1)
+        yield from real(*args, **kw)
+
+    monkeypatch.setattr(data, "iter_windows", counted)
     cfg = make_cfg(tmp_path / "s.zarr", tiny_teacher, corpus_file, max_tokens=330)
     summary = run_cache_teacher(cfg)
+    assert len(passes) == 1  # tokenised once: the teacher pass reads the counting pass's spill
     assert summary["windows"] == 10
     whole = tokenize_and_pack(load_texts(cfg.data), tokenizer, text_column="text", seq_len=32, max_tokens=330)
     stored = CacheReader(cfg.output).read(0, 10, ["input_ids"])["input_ids"].astype(np.int64)
@@ -135,17 +181,17 @@ def test_a_failing_background_write_fails_the_run_and_nothing_after_it_is_writte
     assert summary["blocks_resumed_from"] == 1 and CacheReader(cfg.output).complete
 
 
-def test_data_that_changes_between_the_passes_is_refused(tmp_path, tiny_teacher, corpus_file, monkeypatch):
-    import goose.pipeline.stage_one.cache_teacher as ct
-
+def test_windows_read_back_unlike_the_counted_ones_are_refused(tmp_path, tiny_teacher, corpus_file, monkeypatch):
+    """The teacher pass checks the windows it reads back against the counting pass's count and fingerprint
+    (here the spill gives one window less): an error, and the store is not marked complete."""
     cfg = make_cfg(tmp_path / "c.zarr", tiny_teacher, corpus_file, max_tokens=None)
-    real = ct.iter_windows
+    real = WindowSpill.batches
 
-    def fewer(*args, **kw):  # the second pass sees one window less than the counting pass did
-        windows = np.concatenate(list(real(*args, **kw)))
-        yield windows[:-1]
+    def fewer(self, batch_windows=64):
+        windows = np.concatenate([w for w, _ in real(self, batch_windows)])
+        yield windows[:-1], None
 
-    monkeypatch.setattr(ct, "iter_windows", fewer)
-    with pytest.raises(GooseError, match="the data changed while it was read"):
+    monkeypatch.setattr(WindowSpill, "batches", fewer)
+    with pytest.raises(GooseError, match="the windows read back are not the counted ones"):
         run_cache_teacher(cfg)
     assert not CacheReader(cfg.output, allow_incomplete=True).complete

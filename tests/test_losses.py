@@ -21,7 +21,7 @@ from goose.pipeline.stage_two.losses import (
     topk_rskd_loss,
     teacher_bucket_logprobs,
 )
-from goose.pipeline.stage_one.teacher import NonFiniteLogits, _powers_of, exp_power_plan, teacher_targets
+from goose.pipeline.stage_one.teacher import NonFiniteLogits, _powers_of, exp_power_plan, teacher_targets, topk_rows
 from goose.cache.schema import StoreSpec, decode_logprobs, encode_logprobs
 from goose.pipeline.stage_two.temperature import Temperature, TemperatureConfig, grad_reverse
 
@@ -403,6 +403,28 @@ def _hard_logits(V: int, seed: int = 0) -> torch.Tensor:
     z[1, 7, :64] = torch.linspace(-80.0, -85.0, 64)
     z[1, 9] = -80.0
     return z
+
+
+@pytest.mark.parametrize("V", [8192, 8200, 50257])
+def test_topk_rows_equals_torch_topk(V):
+    """The grouped top-k (two levels at V = 50257: the 3,142 group maxima searched the same way) gives
+    torch.topk's values, sorted, at ids that hold them, with the k largest packed into as few strided groups
+    as possible, into the remainder columns, and tied across the k-th value."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, V, generator=g) * 3 - 80
+    width = V // 16
+    z[1, torch.arange(16) * width] = -10.0 - torch.arange(16.0)  # one group holds 16 of the top 64
+    z[1, torch.arange(16) * width + 1] = -30.0 - torch.arange(16.0)
+    z[2, 16 * width :] = -5.0  # the remainder columns (V 8200, 50257) on top
+    z[3, :200] = -20.0  # 200 equal values across the k-th
+    z[4, 100:164] = -1.0 - torch.arange(64.0)  # the top 64 in consecutive ids (64 different groups)
+    z[5] = -80.0  # all equal
+    ref = torch.topk(z, 64, dim=-1, sorted=True).values
+    for fused in (False, True):
+        vals, idx = topk_rows(z, 64, fused_maxima=fused)
+        assert torch.equal(vals, ref)
+        assert torch.equal(z.gather(-1, idx), vals)
+        assert all(len(set(row.tolist())) == 64 for row in idx)
 
 
 def test_exp_power_plan():

@@ -1,8 +1,8 @@
 """Stage one: run the teacher once over a corpus and write its targets into a Zarr v3 store.
 
 Recipe: load teacher -> check arguments against it -> counting pass over the streamed data (number of
-windows and their fingerprint, nothing kept) -> open (create or resume) the store -> stream the data again,
-tokenised and packed block by block; for each unfinished block: teacher forward in batches, targets (on CPU
+windows and their fingerprint; the packed windows go to a local spill file, not memory) -> open (create or
+resume) the store -> read the windows back block by block; for each unfinished block: teacher forward in batches, targets (on CPU
 at one torch thread on a second thread, overlapping the next batch's forward, across blocks; see
 `compute_blocks`) -> a writer thread (bounded queue) compresses and writes each block while the next ones are
 computed -> finalize.
@@ -51,7 +51,7 @@ from ...cache.lock import StoreLock, check_unlocked
 from ...cache.stats import store_nbytes
 from ...cache.writer import CacheWriter
 from ...errors import GooseError
-from .data import DataSpec, count_windows, fingerprint_update, iter_windows, open_texts
+from .data import DataSpec, WindowSpill, count_windows, fingerprint_update, open_texts
 from . import teacher as stage_one_teacher
 from .teacher import (
     NonFiniteLogits,
@@ -501,18 +501,11 @@ class BlockWriterThread:
         self._thread.join()
 
 
-def _packed(texts, tokenizer, cfg: CacheTeacherConfig, pack: dict):
-    """(windows, loss_mask or None) batches of the data: `iter_windows` (with the mask for masked data)."""
-    if cfg.data.masked:
-        return iter_windows(texts, tokenizer, response_column=cfg.data.response_column, with_mask=True, **pack)
-    return ((windows, None) for windows in iter_windows(texts, tokenizer, **pack))
-
-
 def iter_blocks(windows, spec: StoreSpec, blocks: list[int], fingerprint: str):
     """(block, its windows, their loss mask or None) for each of `blocks` (ascending), from the stream of
-    (windows, loss_mask or None) batches that `_packed` yields, holding one block at a time. Windows of other blocks (done, or another
-    shard's) are read past, not kept. When the whole stream is read, its count and fingerprint must be
-    the counting pass's: the data must not change between the two passes."""
+    (windows, loss_mask or None) batches that `WindowSpill.batches` yields, holding one block at a time.
+    Windows of other blocks (done, or another shard's) are read past, not kept. When the whole stream is
+    read, its count and fingerprint must be the counting pass's."""
     wanted = set(blocks)
     last = max(blocks, default=-1)
     digest = hashlib.sha256()
@@ -538,9 +531,8 @@ def iter_blocks(windows, spec: StoreSpec, blocks: list[int], fingerprint: str):
                 if last < block < spec.n_blocks:
                     return  # nothing more to compute here: the rest of the data need not be read
     if seen != spec.n_windows or digest.hexdigest()[:16] != fingerprint:
-        raise GooseError(f"the data changed while it was read ({seen} windows now, {spec.n_windows} when counted): "
-                         f"rerun on unchanging data (blocks written from the changed data are in the store: "
-                         f"delete it)")
+        raise GooseError(f"the windows read back are not the counted ones ({seen} windows now, {spec.n_windows} "
+                         f"when counted): blocks written from them are in the store; delete it and rerun")
 
 
 def _write_problem(exc: OSError) -> str:
@@ -621,11 +613,20 @@ def _writer_lock(cfg: CacheTeacherConfig, ranks: Ranks) -> StoreLock:
 def _run(cfg: CacheTeacherConfig, ranks: Ranks) -> dict:
     teacher = load_teacher(cfg.teacher, revision=cfg.revision, dtype=cfg.dtype, device=ranks.device(cfg.device))
     layers = _check_against_teacher(cfg, teacher)
-    # counting pass: the number of windows and their fingerprint, streamed (nothing is kept), so the store's
-    # shape and identity are known before it is opened; the data is read again, block by block, below
+    # counting pass: the number of windows and their fingerprint, streamed, so the store's shape and identity
+    # are known before it is opened; the windows go to a local spill file (not memory) that the teacher pass
+    # reads back block by block, so the data is tokenised once
     texts = open_texts(cfg.data)
     pack = dict(text_column=cfg.data.text_column, seq_len=cfg.seq_len, max_tokens=cfg.max_tokens)
-    n_windows, fingerprint = count_windows(texts, teacher.tokenizer, response_column=cfg.data.response_column, **pack)
+    with WindowSpill(cfg.seq_len, max(len(teacher.tokenizer), teacher.vocab_size), cfg.data.masked) as spill:
+        n_windows, fingerprint = count_windows(texts, teacher.tokenizer, response_column=cfg.data.response_column,
+                                               spill=spill, **pack)
+        return _cache_windows(cfg, ranks, teacher, layers, spill, n_windows, fingerprint)
+
+
+def _cache_windows(cfg: CacheTeacherConfig, ranks: Ranks, teacher: Teacher, layers, spill: WindowSpill,
+                   n_windows: int, fingerprint: str) -> dict:
+    """Create or resume the store of these windows and compute this process's blocks of it."""
     spec = StoreSpec(
         n_windows=n_windows, seq_len=cfg.seq_len, vocab_size=teacher.vocab_size, top_k=cfg.top_k,
         tail_temperatures=tuple(float(t) for t in cfg.tail_temperatures), hidden_layers=layers,
@@ -669,7 +670,7 @@ def _run(cfg: CacheTeacherConfig, ranks: Ranks) -> dict:
                 pca = writer.pca_basis() if spec.hidden_pca_rank and 0 not in todo else None
                 if spec.hidden_pca_rank and 0 not in todo and pca is None:
                     raise GooseError(f"store {cfg.output} has block 0 done but no PCA basis; delete it and rerun")
-                blocks = iter_blocks(_packed(texts, teacher.tokenizer, cfg, pack), spec, todo, fingerprint)
+                blocks = iter_blocks(spill.batches(), spec, todo, fingerprint)
                 for block, data, basis in compute_blocks(teacher, blocks, spec, cfg, pca, compiled=compiled):
                     if basis is not None:  # block 0 of a PCA store, first: its basis is stored before it
                         writer.write_pca_basis(basis)

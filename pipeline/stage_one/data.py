@@ -310,10 +310,65 @@ def iter_masked_windows(ds, tokenizer, *, text_column: str, response_column: str
         yield cut(carry, carry_flags, 1)
 
 
+class WindowSpill:
+    """The counting pass's windows (and loss masks) in a local temporary file, read back in batches by the
+    teacher pass: the corpus is tokenised (and, for a hub stream, downloaded) once instead of twice. At
+    GPT-2 scale tokenising again cost ~4 % of the teacher's forward on two CPU threads (bench/
+    bench_cache_teacher.py). 2 bytes a token (uint16 ids where the vocabulary allows, else int32; one more
+    for a mask), written and read in batches with plain file I/O, so memory stays flat in the corpus size
+    (a memory map would count every page read in the resident set). The file lives in `directory` (the
+    system's temporary directory by default, so TMPDIR moves it) and is removed by `close` (a `with` block),
+    error or not."""
+
+    def __init__(self, seq_len: int, vocab: int, masked: bool, directory: str | None = None):
+        self.seq_len, self.masked, self.n_windows = seq_len, masked, 0
+        self.dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.int32)
+        self._dir = tempfile.mkdtemp(prefix="goose-windows-", dir=directory)
+        self._ids = open(os.path.join(self._dir, "ids.bin"), "w+b")
+        self._mask = open(os.path.join(self._dir, "mask.bin"), "w+b") if masked else None
+
+    def __enter__(self) -> "WindowSpill":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def append(self, windows: np.ndarray, mask: np.ndarray | None) -> None:
+        if windows.size and (windows.min() < 0 or windows.max() > np.iinfo(self.dtype).max):
+            raise GooseError(f"a token id outside 0..{np.iinfo(self.dtype).max} cannot be spilled as {self.dtype}")
+        self._ids.write(np.ascontiguousarray(windows, dtype=self.dtype).tobytes())
+        if self._mask is not None:
+            self._mask.write(np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
+        self.n_windows += len(windows)
+
+    def batches(self, batch_windows: int = 64):
+        """(windows (n, seq_len) int64, loss_mask (n, seq_len) uint8 or None), in order: what was appended."""
+        for f in (self._ids, self._mask):
+            if f is not None:
+                f.flush()
+                f.seek(0)
+        row = self.seq_len * self.dtype.itemsize
+        for start in range(0, self.n_windows, batch_windows):
+            n = min(batch_windows, self.n_windows - start)
+            ids = np.frombuffer(self._ids.read(n * row), dtype=self.dtype)
+            mask = None if self._mask is None else np.frombuffer(self._mask.read(n * self.seq_len), dtype=np.uint8)
+            if ids.size != n * self.seq_len or (mask is not None and mask.size != ids.size):
+                raise GooseError(f"the spilled windows in {self._dir} were truncated while this run read them")
+            yield ids.astype(np.int64).reshape(n, self.seq_len), None if mask is None else mask.reshape(n, self.seq_len)
+
+    def close(self) -> None:
+        for f in (self._ids, self._mask):
+            if f is not None:
+                f.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
 def count_windows(ds, tokenizer, *, text_column: str, seq_len: int, max_tokens: int | None = None,
-                  batch_docs: int = 256, response_column: str | None = None) -> tuple[int, str]:
-    """One streamed pass: how many windows `iter_windows` yields and their `windows_fingerprint`, keeping
-    nothing (the counting pass of `cache-teacher`, which must know the store's shape before it writes).
+                  batch_docs: int = 256, response_column: str | None = None,
+                  spill: WindowSpill | None = None) -> tuple[int, str]:
+    """One streamed pass: how many windows `iter_windows` yields and their `windows_fingerprint` (the counting
+    pass of `cache-teacher`, which must know the store's shape before it writes), keeping nothing in memory;
+    with `spill` every window (and mask) also goes to that file, for the teacher pass to read back.
     For masked data the fingerprint covers the loss mask too (`fingerprint_update`)."""
     digest = hashlib.sha256()
     n_windows = 0
@@ -322,6 +377,8 @@ def count_windows(ds, tokenizer, *, text_column: str, seq_len: int, max_tokens: 
                                       response_column=response_column, with_mask=True):
         fingerprint_update(digest, windows, mask)
         n_windows += len(windows)
+        if spill is not None:
+            spill.append(windows, mask)
     if n_windows == 0:
         tokens = _count_tokens(ds, tokenizer, text_column, batch_docs, response_column)
         if tokens == 0:
