@@ -301,7 +301,7 @@ def _write_once(group, spec: StoreSpec, teacher_embedding: np.ndarray, tokenizer
     """Write the teacher embedding and the tokenizer files; returns their arrays."""
     emb_spec = spec.embedding_spec()
     emb = _ensure_array(group, EMBEDDING_ARRAY, emb_spec, spec)
-    emb[:] = teacher_embedding.astype(emb_spec.dtype)
+    emb[:] = np.asarray(teacher_embedding, dtype=emb_spec.dtype)  # no copy when already float16
     once = [emb]
     for name, data in sorted((tokenizer_files or {}).items()):
         path = f"{TOKENIZER_GROUP}/{name}"

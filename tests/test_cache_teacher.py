@@ -119,7 +119,8 @@ def test_stored_values_equal_full_logit_computation(tmp_path, tiny_teacher, corp
     stored_tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
     assert stored_tok("Hello world")["input_ids"] == [15496, 995]
     emb = reader.teacher_embedding()
-    torch.testing.assert_close(torch.from_numpy(emb).float(), model.transformer.wte.weight, atol=2e-3, rtol=2e-3)
+    # the float16 rounding of the weights, bit for bit numpy's (the store converts with torch)
+    np.testing.assert_array_equal(emb, model.transformer.wte.weight.detach().numpy().astype(np.float16))
     # RS-KD samples: exactly what 20 seeded draws per token give, counted by np.unique
     counts, sample_ids = data["sample_counts"], data["sample_ids"]
     assert (counts.sum(-1) == 20).all()

@@ -105,7 +105,10 @@ class Teacher:
             return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
 
     def embedding_matrix(self):
-        return self.model.get_input_embeddings().weight.detach().float().cpu().numpy()
+        """The input embedding (V, d) as a float16 numpy array, the store's dtype: converted by torch, bit for
+        bit numpy's rounding but 10x faster (numpy's float32 -> float16 cast took 0.26 s at GPT-2's size, a
+        once-per-store cost that showed in a short run's wall time)."""
+        return self.model.get_input_embeddings().weight.detach().to("cpu", torch.float16).numpy()
 
     def body_and_head(self) -> tuple[torch.nn.Module, torch.nn.Module] | None:
         """(body, head) with model(ids).logits == head(body(ids).last_hidden_state), bit for bit, where this
