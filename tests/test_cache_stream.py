@@ -110,7 +110,7 @@ def test_spilled_windows_read_back_as_packed(tmp_path, tokenizer):
         with WindowSpill(48, vocab, masked=False, directory=str(tmp_path)) as spill:
             n, fingerprint = count_windows(stream, tokenizer, text_column="text", seq_len=48, spill=spill)
             assert spill.dtype == dtype and (n, fingerprint) == (len(whole), windows_fingerprint(whole))
-            back = list(spill.batches(batch_windows=7))
+            back = list(spill.batches())
             assert all(w.dtype == np.int64 and m is None for w, m in back)
             np.testing.assert_array_equal(np.concatenate([w for w, _ in back]), whole)
             # read twice (a second pass over the same spill gives the same)
@@ -123,9 +123,10 @@ def test_spilled_windows_read_back_as_packed(tmp_path, tokenizer):
         with WindowSpill(48, len(tokenizer), masked=True, directory=str(tmp_path)) as spill:
             spill.append(windows[:2], mask[:2])
             spill.append(windows[2:], mask[2:])
-            (w, m), = spill.batches()
-            np.testing.assert_array_equal(w, windows)
-            np.testing.assert_array_equal(m, mask)
+            (w1, m1), (w2, m2) = spill.batches()  # in the batches appended
+            assert len(w1) == 2
+            np.testing.assert_array_equal(np.concatenate([w1, w2]), windows)
+            np.testing.assert_array_equal(np.concatenate([m1, m2]), mask)
             raise RuntimeError("an error inside the block")
     assert not list(tmp_path.glob("goose-windows-*"))
 
@@ -187,8 +188,8 @@ def test_windows_read_back_unlike_the_counted_ones_are_refused(tmp_path, tiny_te
     cfg = make_cfg(tmp_path / "c.zarr", tiny_teacher, corpus_file, max_tokens=None)
     real = WindowSpill.batches
 
-    def fewer(self, batch_windows=64):
-        windows = np.concatenate([w for w, _ in real(self, batch_windows)])
+    def fewer(self):
+        windows = np.concatenate([w for w, _ in real(self)])
         yield windows[:-1], None
 
     monkeypatch.setattr(WindowSpill, "batches", fewer)

@@ -90,7 +90,7 @@ class CacheTeacherConfig:
     topk_encoding: str = "compact"
     logprob_step: float | None = None  # fixed-point step of the top-k log-probabilities (None: the encoding's)
     hidden_pca_rank: int = 0  # > 0: store each hidden layer as this many principal components (fit on block 0)
-    # the vocabulary-wide reductions as torch.compile'd fused loops (CPU: 1.3x cheaper on one thread, 1.4-1.5x
+    # the vocabulary-wide reductions as torch.compile'd fused loops (CPU: 1.9-2.0x cheaper on one thread, 2.5-2.7x
     # on two, at V = 8192 and 50257; equal to the eager reference to fp32 rounding). None: on CPU when the run is large enough to
     # repay the one-off compilation (4-20 s; see use_compiled_targets). Falls back to eager ops, with a
     # warning, if inductor cannot build them
@@ -100,9 +100,10 @@ class CacheTeacherConfig:
     shard: tuple[int, int] | None = None  # (I, N): compute only blocks b with b % N == I; do not finalize
 
 
-# tokens x vocabulary above which the compiled reductions repay their compilation: they save 1.1-1.6 ns per
-# logit (measured on one thread: 13 us/token at V = 8192, 56 at 50257) and compiling costs 4 s (inductor's
-# disk cache warm) to 20 s (cold), so about a million tokens at V = 8192 or 170k at V = 50257
+# tokens x vocabulary above which the compiled reductions repay their compilation: they save 2.6-3.2 ns per
+# logit (measured on one thread: 26 us/token at V = 8192, 130 at 50257) and compiling costs 4 s (inductor's
+# disk cache warm) to 20 s (cold), so they repay it by 2^33 logits even cold (a million tokens at V = 8192,
+# 170k at V = 50257)
 COMPILE_TARGETS_MIN_LOGITS = 1 << 33
 
 

@@ -1,6 +1,7 @@
 """Corpus -> packed token windows: load with `datasets` (streamed), tokenise in batches, join documents with EOS,
 pack. `iter_windows` yields the windows lazily, so memory does not grow with the corpus; `count_windows` is
-the counting pass that gives their number and fingerprint without keeping them.
+the counting pass that gives their number and fingerprint without keeping them in memory (`WindowSpill`
+keeps them in a temporary file for stage one's teacher pass).
 
 Local text files are read one document per file, and WikiExtractor `<doc ...>` ... `</doc>` markup (as in
 `shared/data/enwiki-wikiextractor-2015`) splits a file into its articles and is removed.
@@ -322,6 +323,8 @@ class WindowSpill:
 
     def __init__(self, seq_len: int, vocab: int, masked: bool, directory: str | None = None):
         self.seq_len, self.masked, self.n_windows = seq_len, masked, 0
+        self._sizes: list[int] = []  # windows per appended batch: read back in the same batches, since a
+        # masked fingerprint interleaves each batch's windows and mask (`fingerprint_update`)
         self.dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.int32)
         self._dir = tempfile.mkdtemp(prefix="goose-windows-", dir=directory)
         self._ids = open(os.path.join(self._dir, "ids.bin"), "w+b")
@@ -340,16 +343,16 @@ class WindowSpill:
         if self._mask is not None:
             self._mask.write(np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
         self.n_windows += len(windows)
+        self._sizes.append(len(windows))
 
-    def batches(self, batch_windows: int = 64):
-        """(windows (n, seq_len) int64, loss_mask (n, seq_len) uint8 or None), in order: what was appended."""
+    def batches(self):
+        """(windows (n, seq_len) int64, loss_mask (n, seq_len) uint8 or None): the batches appended, in order."""
         for f in (self._ids, self._mask):
             if f is not None:
                 f.flush()
                 f.seek(0)
         row = self.seq_len * self.dtype.itemsize
-        for start in range(0, self.n_windows, batch_windows):
-            n = min(batch_windows, self.n_windows - start)
+        for n in self._sizes:
             ids = np.frombuffer(self._ids.read(n * row), dtype=self.dtype)
             mask = None if self._mask is None else np.frombuffer(self._mask.read(n * self.seq_len), dtype=np.uint8)
             if ids.size != n * self.seq_len or (mask is not None and mask.size != ids.size):
