@@ -453,8 +453,11 @@ def _ensure_array(group, name: str, array_spec: ArraySpec, spec: StoreSpec | Non
         chunks = (spec.chunk_windows,) + array_spec.shape[1:]
         shards = (spec.block_windows,) + array_spec.shape[1:] if spec.shard_chunks > 1 else None
         comp = compressors(spec)
-    else:
-        chunks, shards, comp = array_spec.shape, None, compressors(spec)
+    else:  # once-per-store arrays: ~2 MB row chunks, so a large one (GPT-2's 77 MB embedding) is compressed in
+        # parallel chunks (0.12 s instead of 0.27 s, a cost every store pays at its finalize)
+        row_bytes = max(1, int(np.prod(array_spec.shape[1:], dtype=np.int64)) * dtype.itemsize)
+        chunks = (max(1, min(array_spec.shape[0], (2 << 20) // row_bytes)),) + array_spec.shape[1:]
+        shards, comp = None, compressors(spec)
     fill = fill_value if fill_value is not None else np.nan if dtype.kind == "f" else 0
     return _writable(group.create_array(
         name, shape=array_spec.shape, chunks=chunks, shards=shards, dtype=dtype, compressors=comp, fill_value=fill

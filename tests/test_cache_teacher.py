@@ -358,6 +358,15 @@ def test_compiled_targets_store_equals_eager_store(tmp_path):
         assert run_cache_teacher(cfg)["targets_compiled"] is on
         stores[on] = store_arrays(cfg.output)
     compiled, eager = stores[True], stores[False]
+    # the 4 MB embedding is written in 2 MB row chunks, each checksummed and read back whole
+    reader = CacheReader(cfg.output)
+    assert reader.array("teacher_embedding").chunks == (4096, 256)
+    assert sum(key.startswith("teacher_embedding/") for key in reader.group.attrs["goose"]["checksums"]["once"]) == 2
+    assert verify_store(cfg.output).ok
+    from transformers import AutoModelForCausalLM
+
+    wte = AutoModelForCausalLM.from_pretrained(str(teacher)).get_input_embeddings().weight.detach()
+    np.testing.assert_array_equal(reader.teacher_embedding(), wte.numpy().astype(np.float16))
     assert sorted(compiled) == sorted(eager)
     for name in eager:
         a, b = compiled[name], eager[name]

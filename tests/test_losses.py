@@ -481,5 +481,5 @@ def test_compiled_teacher_targets_without_a_power_plan():
 
 @pytest.mark.slow
 def test_compiled_teacher_targets_at_gpt2_vocabulary():
-    """The same at V = 50257 (16 x 3141 + 1: the top-k's remainder column; 8-row slices)."""
+    """The same at V = 50257 (16 x 3141 + 1: the top-k's remainder column; 16-row slices)."""
     _check_compiled_targets(50257)

@@ -235,6 +235,13 @@ def _slice_rows(vocab: int, device: torch.device) -> int:
     return max(8, (1 << 18) // vocab)
 
 
+def _compiled_slice_rows(vocab: int) -> int:
+    """Rows per call of the compiled kernels: as `_slice_rows`, but at least 16 (3.2 MB at V = 50257): each
+    call pays dynamo's guards and wrappers, under the GIL, and with two worker threads 16-row calls ran
+    ~13 % faster than 8-row ones (a fused kernel reads the slice twice, not once per op, so L2 matters less)."""
+    return max(16, (1 << 18) // vocab)
+
+
 _TOPK_GROUP = 16
 _TOPK_INNER_MIN_GROUPS = 2
 
@@ -445,7 +452,7 @@ _COMPILED_LOCK = threading.Lock()
 def compiled_reductions(tail_temperatures, vocab: int, top_k: int) -> _CompiledReductions:
     """The compiled kernels for CPU slices of this shape, built and compiled on first use (4-20 s; raises
     whatever inductor raises if it cannot build them, e.g. without a C++ compiler)."""
-    rows = _slice_rows(vocab, torch.device("cpu"))
+    rows = _compiled_slice_rows(vocab)
     key = (tuple(float(t) for t in tail_temperatures), rows, vocab, top_k)
     with _COMPILED_LOCK:
         if key not in _COMPILED:
@@ -508,7 +515,7 @@ def teacher_targets(
     gold_nll = torch.empty(B * L, dtype=torch.float32, device=device)
     entropy = torch.empty(B * L, dtype=torch.float32, device=device)
     order, squared_from = _temperature_order(temps)
-    rows = _slice_rows(V, device)
+    rows = _compiled_slice_rows(V) if compiled else _slice_rows(V, device)
 
     if compiled and device.type != "cpu":
         raise ValueError("compiled teacher targets are for CPU logits (on a GPU the eager reductions are cheap)")
