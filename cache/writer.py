@@ -56,6 +56,9 @@ from .schema import (
 
 # Attributes that may differ between the run that created a store and the run that resumes it.
 _VOLATILE = ("created_at", "completed_at", "complete", "package_version", "resumed")
+# provenance that only matters to blocks still to compute (how the targets are computed): not compared
+# against a complete store, which a rerun only reports
+_COMPUTE_ONLY = ("provenance.targets",)
 
 
 def _now() -> str:
@@ -432,6 +435,7 @@ def _check_same(url: str, existing: dict, meta: dict) -> None:
         f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         for key in sorted(set(old) | set(new))
         if key.split(".")[-1] not in _VOLATILE and old.get(key) != new.get(key)
+        and not (existing.get("complete") and key in _COMPUTE_ONLY)
     ]
     if diffs:
         raise GooseError(

@@ -100,8 +100,9 @@ def test_streamed_windows_equal_packing_in_memory(tmp_path, tokenizer):
 
 
 def test_spilled_windows_read_back_as_packed(tmp_path, tokenizer):
-    """The spill file gives back exactly the windows (and masks) the counting pass packed, as int64, and is
-    gone after the `with` block, error or not."""
+    """The spill gives back exactly the windows (and masks) the counting pass packed, as int64, in the batches
+    appended; its files are never visible in their directory (unlinked at creation, so not even a kill leaves
+    them behind); a directory it cannot write to is a one-line error."""
     path = tmp_path / "c.jsonl"
     write_corpus(path, 40)
     stream = open_texts(DataSpec(data_files=(str(path),)))
@@ -115,7 +116,7 @@ def test_spilled_windows_read_back_as_packed(tmp_path, tokenizer):
             np.testing.assert_array_equal(np.concatenate([w for w, _ in back]), whole)
             # read twice (a second pass over the same spill gives the same)
             np.testing.assert_array_equal(np.concatenate([w for w, _ in spill.batches()]), whole)
-        assert not list(tmp_path.glob("goose-windows-*"))
+            assert not list(tmp_path.glob("goose-*"))  # while in use
     # masked windows: the mask comes back with them
     windows = whole[:5]
     mask = (np.arange(windows.size).reshape(windows.shape) % 3 == 0).astype(np.uint8)
@@ -128,7 +129,9 @@ def test_spilled_windows_read_back_as_packed(tmp_path, tokenizer):
             np.testing.assert_array_equal(np.concatenate([w1, w2]), windows)
             np.testing.assert_array_equal(np.concatenate([m1, m2]), mask)
             raise RuntimeError("an error inside the block")
-    assert not list(tmp_path.glob("goose-windows-*"))
+    assert not list(tmp_path.glob("goose-*"))
+    with pytest.raises(GooseError, match="cannot create the temporary copy of the token windows in .*TMPDIR"):
+        WindowSpill(48, len(tokenizer), masked=False, directory=str(tmp_path / "absent"))
 
 
 def make_cfg(output, teacher, corpus, **kw) -> CacheTeacherConfig:
@@ -143,13 +146,13 @@ def test_store_holds_the_streamed_windows_and_max_tokens_caps(tmp_path, tiny_tea
     import goose.pipeline.stage_one.data as data
 
     passes = []
-    real = data.iter_windows
+    real = data._text_batches  # every read of the text goes through it, whichever function packs
 
     def counted(*args, **kw):
         passes.append(1)
         yield from real(*args, **kw)
 
-    monkeypatch.setattr(data, "iter_windows", counted)
+    monkeypatch.setattr(data, "_text_batches", counted)
     cfg = make_cfg(tmp_path / "s.zarr", tiny_teacher, corpus_file, max_tokens=330)
     summary = run_cache_teacher(cfg)
     assert len(passes) == 1  # tokenised once: the teacher pass reads the counting pass's spill
@@ -196,3 +199,30 @@ def test_windows_read_back_unlike_the_counted_ones_are_refused(tmp_path, tiny_te
     with pytest.raises(GooseError, match="the windows read back are not the counted ones"):
         run_cache_teacher(cfg)
     assert not CacheReader(cfg.output, allow_incomplete=True).complete
+
+
+def test_a_resume_with_other_targets_arithmetic_is_refused(tmp_path, tiny_teacher, corpus_file, monkeypatch):
+    """The store's provenance names how its targets were computed (eager or compiled kernels, and the
+    arithmetic's revision): an unfinished store is not resumed by a goose that rounds differently (its blocks
+    would mix two roundings); a complete one is only reported."""
+    import goose.pipeline.stage_one.cache_teacher as ct
+
+    cfg = make_cfg(tmp_path / "r.zarr", tiny_teacher, corpus_file)
+    real, revision = CacheWriter.write_block, ct.TARGETS_REVISION
+
+    def write_block(self, block, data):
+        if block == 1:
+            raise ValueError("simulated write failure")
+        real(self, block, data)
+
+    monkeypatch.setattr(CacheWriter, "write_block", write_block)
+    with pytest.raises(ValueError, match="simulated write failure"):
+        run_cache_teacher(cfg)
+    monkeypatch.setattr(CacheWriter, "write_block", real)
+    monkeypatch.setattr(ct, "TARGETS_REVISION", revision + 1)
+    with pytest.raises(GooseError, match=f"provenance.targets: 'eager r{revision}' -> 'eager r{revision + 1}'"):
+        run_cache_teacher(cfg)
+    monkeypatch.setattr(ct, "TARGETS_REVISION", revision)
+    assert run_cache_teacher(cfg)["blocks_resumed_from"] == 1
+    monkeypatch.setattr(ct, "TARGETS_REVISION", revision + 1)
+    assert run_cache_teacher(cfg)["already_complete"]

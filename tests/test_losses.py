@@ -479,7 +479,6 @@ def test_compiled_teacher_targets_without_a_power_plan():
     _check_compiled_targets(8192, temps=(1.0, 1.33, 2.0, 2.66))
 
 
-@pytest.mark.slow
 def test_compiled_teacher_targets_at_gpt2_vocabulary():
     """The same at V = 50257 (16 x 3141 + 1: the top-k's remainder column; 16-row slices)."""
     _check_compiled_targets(50257)

@@ -90,7 +90,7 @@ class CacheTeacherConfig:
     topk_encoding: str = "compact"
     logprob_step: float | None = None  # fixed-point step of the top-k log-probabilities (None: the encoding's)
     hidden_pca_rank: int = 0  # > 0: store each hidden layer as this many principal components (fit on block 0)
-    # the vocabulary-wide reductions as torch.compile'd fused loops (CPU: 1.9-2.0x cheaper on one thread, 2.5-2.7x
+    # the vocabulary-wide reductions as torch.compile'd fused loops (CPU: 2.0-2.3x cheaper on one thread, 2.8-3.7x
     # on two, at V = 8192 and 50257; equal to the eager reference to fp32 rounding). None: on CPU when the run is large enough to
     # repay the one-off compilation (4-20 s; see use_compiled_targets). Falls back to eager ops, with a
     # warning, if inductor cannot build them
@@ -99,6 +99,11 @@ class CacheTeacherConfig:
     progress: bool = True
     shard: tuple[int, int] | None = None  # (I, N): compute only blocks b with b % N == I; do not finalize
 
+
+# The per-token targets' arithmetic, in the store's provenance: bumped whenever a change can move a stored
+# value by a rounding step (kernels, summation order, which of tied ids the top-k keeps), so a resume never
+# mixes blocks computed two ways. 2: one exp per logit in the compiled kernels, the two-level top-k.
+TARGETS_REVISION = 2
 
 # tokens x vocabulary above which the compiled reductions repay their compilation: they save 2.6-3.2 ns per
 # logit (measured on one thread: 26 us/token at V = 8192, 130 at 50257) and compiling costs 4 s (inductor's
@@ -293,20 +298,27 @@ def _batch_targets(logits, hidden: dict, ids: torch.Tensor, first: int, spec: St
 _COMPILE_FAILED: list[Exception] = []  # set once inductor has failed in this process: eager from then on
 
 
+def kernels_available(tail_temperatures, vocab: int, top_k: int) -> bool:
+    """Build (once per process and shape) the compiled kernels; False, with one warning, if inductor cannot
+    (no C++ compiler, ...): the run then uses the eager reference from then on."""
+    if _COMPILE_FAILED:
+        return False
+    try:
+        stage_one_teacher.compiled_reductions(tail_temperatures, vocab, top_k)
+    except Exception as exc:  # noqa: BLE001 - whatever the compiler raised, the eager ops still work
+        _COMPILE_FAILED.append(exc)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        warnings.warn(f"compiled teacher targets failed ({type(exc).__name__}: {first}); using eager ops "
+                      f"(--no-compile-targets skips the attempt)", stacklevel=2)
+        return False
+    return True
+
+
 def _targets(logits, ids, compiled: bool, **kw) -> dict[str, torch.Tensor]:
-    """teacher_targets with the compiled kernels where asked. If inductor cannot build them (no C++
-    compiler, ...) the run warns once and uses the eager reference from then on; an error while running
-    them is the run's error, as it would be with eager ops."""
-    if compiled and not _COMPILE_FAILED:
-        try:
-            stage_one_teacher.compiled_reductions(kw["tail_temperatures"], logits.shape[-1], kw["top_k"])
-        except Exception as exc:  # noqa: BLE001 - whatever the compiler raised, the eager ops still work
-            _COMPILE_FAILED.append(exc)
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            warnings.warn(f"compiled teacher targets failed ({type(exc).__name__}: {first}); using eager ops "
-                          f"(--no-compile-targets skips the attempt)", stacklevel=2)
-        else:
-            return teacher_targets(logits, ids, compiled=True, **kw)
+    """teacher_targets with the compiled kernels where asked and buildable (`kernels_available`); an error
+    while running them is the run's error, as it would be with eager ops."""
+    if compiled and kernels_available(kw["tail_temperatures"], logits.shape[-1], kw["top_k"]):
+        return teacher_targets(logits, ids, compiled=True, **kw)
     return teacher_targets(logits, ids, **kw)
 
 
@@ -637,6 +649,10 @@ def _cache_windows(cfg: CacheTeacherConfig, ranks: Ranks, teacher: Teacher, laye
         hidden_pca_rank=cfg.hidden_pca_rank if layers else 0, loss_mask=cfg.data.masked,
         **_encoding_spec(cfg),
     )
+    # built before the store opens, so its provenance says which kernels really compute it (a compiler that
+    # fails falls back to eager ops here, not after blocks were labelled compiled)
+    compiled_choice = (use_compiled_targets(cfg, teacher.device, teacher.vocab_size, spec.n_tokens)
+                       and kernels_available(spec.tail_temperatures, teacher.vocab_size, spec.top_k))
     provenance = {
         **teacher.provenance(),
         "n_layers": teacher.n_layers,
@@ -647,6 +663,10 @@ def _cache_windows(cfg: CacheTeacherConfig, ranks: Ranks, teacher: Teacher, laye
         # the batch (and the device, in teacher.provenance) changes the float rounding of the forward pass,
         # so a resume with another one would mix blocks that an uninterrupted run would not write
         "batch_size": cfg.batch_size,
+        # so do the reductions' kernels (decided by the whole store's size, so a resumed or sharded store gets
+        # the same ones as an uninterrupted run) and their arithmetic's revision: a resume with other ones
+        # (--compile-targets flipped, or a goose whose kernels round differently) is refused
+        "targets": f"{'compiled' if compiled_choice else 'eager'} r{TARGETS_REVISION}",
     }
     writer = _open_writer(cfg, spec, provenance, teacher, ranks)
     # every rank deals from rank 0's list, read before any rank writes
@@ -659,12 +679,10 @@ def _cache_windows(cfg: CacheTeacherConfig, ranks: Ranks, teacher: Teacher, laye
     desc += f" (rank 0 of {ranks.world})" if ranks.world > 1 else ""
     bar = tqdm(total=int(tokens_todo), unit="tok", unit_scale=True, desc=desc, dynamic_ncols=True,
                disable=not cfg.progress or not todo or ranks.rank > 0)
-    # decided by the whole store's size, not what is left of it: a resumed or sharded store gets the same
-    # kernels (and so the same rounding) in every block as an uninterrupted run
-    compiled = bool(todo) and use_compiled_targets(cfg, teacher.device, teacher.vocab_size, spec.n_tokens)
+    compiled = bool(todo) and compiled_choice
     try:
         # Blocks are written in a background thread while the next ones are computed (a bounded queue);
-        # the windows are tokenised and packed block by block as the loop reaches them
+        # the windows are read back from the counting pass's spill block by block as the loop reaches them
         if todo:
             background = BlockWriterThread(writer, maxsize=2)
             try:

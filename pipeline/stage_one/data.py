@@ -9,6 +9,7 @@ Local text files are read one document per file, and WikiExtractor `<doc ...>` .
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -312,23 +313,26 @@ def iter_masked_windows(ds, tokenizer, *, text_column: str, response_column: str
 
 
 class WindowSpill:
-    """The counting pass's windows (and loss masks) in a local temporary file, read back in batches by the
+    """The counting pass's windows (and loss masks) in local temporary files, read back in batches by the
     teacher pass: the corpus is tokenised (and, for a hub stream, downloaded) once instead of twice. At
     GPT-2 scale tokenising again cost ~4 % of the teacher's forward on two CPU threads (bench/
     bench_cache_teacher.py). 2 bytes a token (uint16 ids where the vocabulary allows, else int32; one more
     for a mask), written and read in batches with plain file I/O, so memory stays flat in the corpus size
-    (a memory map would count every page read in the resident set). The file lives in `directory` (the
-    system's temporary directory by default, so TMPDIR moves it) and is removed by `close` (a `with` block),
-    error or not."""
+    (a memory map would count every page read in the resident set; a TMPDIR on tmpfs is memory, though:
+    point TMPDIR at a disk for a large corpus). Every process of a torchrun job keeps its own copy. The files
+    are unlinked as they are created (`tempfile.TemporaryFile`), so their space is freed however the process
+    ends, a kill included; nothing is ever left behind in `directory` (TMPDIR by default)."""
 
     def __init__(self, seq_len: int, vocab: int, masked: bool, directory: str | None = None):
         self.seq_len, self.masked, self.n_windows = seq_len, masked, 0
+        self.dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.int32)
         self._sizes: list[int] = []  # windows per appended batch: read back in the same batches, since a
         # masked fingerprint interleaves each batch's windows and mask (`fingerprint_update`)
-        self.dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.int32)
-        self._dir = tempfile.mkdtemp(prefix="goose-windows-", dir=directory)
-        self._ids = open(os.path.join(self._dir, "ids.bin"), "w+b")
-        self._mask = open(os.path.join(self._dir, "mask.bin"), "w+b") if masked else None
+        self._where = directory or tempfile.gettempdir()
+        self._ids = self._mask = None
+        with self._io("create"):
+            self._ids = tempfile.TemporaryFile(prefix="goose-windows-", dir=directory)
+            self._mask = tempfile.TemporaryFile(prefix="goose-mask-", dir=directory) if masked else None
 
     def __enter__(self) -> "WindowSpill":
         return self
@@ -336,34 +340,46 @@ class WindowSpill:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @contextlib.contextmanager
+    def _io(self, what: str):
+        try:
+            yield
+        except OSError as exc:
+            raise GooseError(f"cannot {what} the temporary copy of the token windows in {self._where} "
+                             f"({exc.strerror or exc}; it takes 2 bytes a token): free space there or point "
+                             f"TMPDIR at a disk with room") from None
+
     def append(self, windows: np.ndarray, mask: np.ndarray | None) -> None:
         if windows.size and (windows.min() < 0 or windows.max() > np.iinfo(self.dtype).max):
             raise GooseError(f"a token id outside 0..{np.iinfo(self.dtype).max} cannot be spilled as {self.dtype}")
-        self._ids.write(np.ascontiguousarray(windows, dtype=self.dtype).tobytes())
-        if self._mask is not None:
-            self._mask.write(np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
+        with self._io("write"):
+            self._ids.write(np.ascontiguousarray(windows, dtype=self.dtype).tobytes())
+            if self._mask is not None:
+                self._mask.write(np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
         self.n_windows += len(windows)
         self._sizes.append(len(windows))
 
     def batches(self):
         """(windows (n, seq_len) int64, loss_mask (n, seq_len) uint8 or None): the batches appended, in order."""
-        for f in (self._ids, self._mask):
-            if f is not None:
-                f.flush()
-                f.seek(0)
         row = self.seq_len * self.dtype.itemsize
+        with self._io("read"):
+            for f in (self._ids, self._mask):
+                if f is not None:
+                    f.flush()
+                    f.seek(0)
         for n in self._sizes:
-            ids = np.frombuffer(self._ids.read(n * row), dtype=self.dtype)
-            mask = None if self._mask is None else np.frombuffer(self._mask.read(n * self.seq_len), dtype=np.uint8)
+            with self._io("read"):
+                ids = np.frombuffer(self._ids.read(n * row), dtype=self.dtype)
+                mask = None if self._mask is None else np.frombuffer(self._mask.read(n * self.seq_len), np.uint8)
             if ids.size != n * self.seq_len or (mask is not None and mask.size != ids.size):
-                raise GooseError(f"the spilled windows in {self._dir} were truncated while this run read them")
+                raise GooseError(f"the temporary copy of the token windows in {self._where} was truncated while "
+                                 f"this run read it")
             yield ids.astype(np.int64).reshape(n, self.seq_len), None if mask is None else mask.reshape(n, self.seq_len)
 
     def close(self) -> None:
         for f in (self._ids, self._mask):
             if f is not None:
                 f.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 def count_windows(ds, tokenizer, *, text_column: str, seq_len: int, max_tokens: int | None = None,
