@@ -191,8 +191,8 @@ def main():
 def cache_teacher(**kw):
     """Run the teacher once over a corpus and write its targets into a Zarr v3 store (resumable: rerun the
     same command after a crash). Under torchrun, the ranks share the work (docs/SCALING.md). The data is
-    read and tokenised once; its packed windows wait in a temporary file (2 bytes a token, in TMPDIR),
-    removed at the end."""
+    read and tokenised once; its packed windows wait in a temporary file (2 bytes a token, in TMPDIR; one
+    per torchrun rank; a tmpfs TMPDIR is memory), unlinked from the start so nothing is left behind."""
     from .pipeline.stage_one.cache_teacher import CacheTeacherConfig, parse_shard, run_cache_teacher
     from .pipeline.stage_one.data import DataSpec
 
