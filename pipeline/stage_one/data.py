@@ -324,7 +324,7 @@ class WindowSpill:
     ends, a kill included; nothing is ever left behind in `directory` (TMPDIR by default)."""
 
     def __init__(self, seq_len: int, vocab: int, masked: bool, directory: str | None = None):
-        self.seq_len, self.masked, self.n_windows = seq_len, masked, 0
+        self.seq_len, self.n_windows = seq_len, 0
         self.dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.int32)
         self._sizes: list[int] = []  # windows per appended batch: read back in the same batches, since a
         # masked fingerprint interleaves each batch's windows and mask (`fingerprint_update`)

@@ -380,9 +380,8 @@ class _CompiledReductions:
     Built, and compiled by one call on random logits, once per (temperatures, rows, vocabulary, k), on the
     thread that asks first (`compiled_reductions`), so worker threads never race to compile."""
 
-    def __init__(self, temps: tuple[float, ...], rows: int, vocab: int, top_k: int, group: int):
-        self.rows, self.vocab, self.top_k = rows, vocab, top_k
-        self.width = vocab // group
+    def __init__(self, temps: tuple[float, ...], rows: int, vocab: int, top_k: int):
+        self.rows, self.vocab = rows, vocab
         order, squared_from = _temperature_order(list(temps))
         plan = exp_power_plan(temps)
 
@@ -456,7 +455,7 @@ def compiled_reductions(tail_temperatures, vocab: int, top_k: int) -> _CompiledR
     key = (tuple(float(t) for t in tail_temperatures), rows, vocab, top_k)
     with _COMPILED_LOCK:
         if key not in _COMPILED:
-            kernels = _CompiledReductions(key[0], rows, vocab, top_k, _TOPK_GROUP)
+            kernels = _CompiledReductions(key[0], rows, vocab, top_k)
             kernels.compile_now()
             _COMPILED[key] = kernels
         return _COMPILED[key]
