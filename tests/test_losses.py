@@ -21,6 +21,7 @@ from goose.pipeline.stage_two.losses import (
     topk_rskd_loss,
     teacher_bucket_logprobs,
 )
+from goose.pipeline.stage_one.native_topk import topk_rows_native
 from goose.pipeline.stage_one.teacher import NonFiniteLogits, _powers_of, exp_power_plan, teacher_targets, topk_rows
 from goose.cache.schema import StoreSpec, decode_logprobs, encode_logprobs
 from goose.pipeline.stage_two.temperature import Temperature, TemperatureConfig, grad_reverse
@@ -427,6 +428,40 @@ def test_topk_rows_equals_torch_topk(V):
         assert all(len(set(row.tolist())) == 64 for row in idx)
 
 
+@pytest.mark.parametrize("V", [100, 1000, 8192, 8200, 50257])
+def test_native_topk_equals_a_stable_sort(V):
+    """The C top-k (`native_topk.py`): the k largest of every row in (value desc, id asc) order, exactly the
+    first k of a stable descending sort, on the same adversarial rows as the grouped top-k above plus
+    infinities; small rows (every id a candidate) and k from 1 to V; a NaN row still gets k ids in range
+    (the caller rejects it)."""
+    g = torch.Generator().manual_seed(V)
+    z = torch.randn(10, V, generator=g) * 3 - 80
+    width = V // 16
+    z[1, torch.arange(16) * width] = -10.0 - torch.arange(16.0)  # one group holds 16 of the top 64
+    z[2, 16 * width :] = -5.0  # the remainder columns on top
+    z[3, :200] = -20.0  # 200 equal values across the k-th
+    z[4, ::7] = z[4].max()  # many equal maxima
+    z[5] = -80.0  # all equal
+    z[6, 10] = float("inf")
+    z[7] = float("-inf")
+    z[8, 3::5] = float("-inf")
+    z[9, 3] = float("nan")
+    for k in sorted({1, 64, V // 2, V} & set(range(1, V + 1))):
+        vals, ids = topk_rows_native(z, k)
+        ref = torch.sort(z[:9], dim=-1, descending=True, stable=True)
+        assert torch.equal(vals[:9], ref.values[:, :k]), k
+        assert torch.equal(ids[:9], ref.indices[:, :k]), k
+        assert ids[9].min() >= 0 and ids[9].max() < V and len(set(ids[9].tolist())) == k
+    # a strided view (a slice of a wider tensor's rows) is read in place
+    wide = torch.randn(4, V + 7, generator=g)
+    vals, ids = topk_rows_native(wide[:, 3 : 3 + V], 16)
+    assert torch.equal(vals, torch.topk(wide[:, 3 : 3 + V], 16).values)
+    with pytest.raises(ValueError, match="k must be"):
+        topk_rows_native(z, V + 1)
+    with pytest.raises(ValueError, match="2-D float32"):
+        topk_rows_native(z.double(), 4)
+
+
 def test_exp_power_plan():
     """The default grid is one exp per logit: 1 / T_j = n_j / 60."""
     assert exp_power_plan(TEMPS) == (60, [60, 48, 40, 30, 20, 15])
@@ -445,7 +480,12 @@ def _check_compiled_targets(V: int, temps=TEMPS) -> None:
     ids = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(1))
     eager = teacher_targets(z, ids, top_k=64, tail_temperatures=temps)
     compiled = teacher_targets(z, ids, top_k=64, tail_temperatures=temps, compiled=True)
-    assert torch.equal(compiled["topk_ids"], eager["topk_ids"])
+    # the C top-k: the first k of a stable descending sort (ties in ascending id order); torch.topk's order
+    # among ties is its own, so the eager ids hold the same values
+    flat = z.reshape(-1, V)
+    stable = torch.sort(flat, dim=-1, descending=True, stable=True).indices[:, :64].view(2, 40, 64)
+    assert torch.equal(compiled["topk_ids"], stable)
+    assert torch.equal(z.gather(-1, eager["topk_ids"]), z.gather(-1, compiled["topk_ids"]))
     ref = _targets_reference_fp64(z, ids, compiled["topk_ids"], temps)
     for name, r in ref.items():
         for got in (compiled[name], eager[name]):

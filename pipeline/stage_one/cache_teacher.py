@@ -102,8 +102,9 @@ class CacheTeacherConfig:
 
 # The per-token targets' arithmetic, in the store's provenance: bumped whenever a change can move a stored
 # value by a rounding step (kernels, summation order, which of tied ids the top-k keeps), so a resume never
-# mixes blocks computed two ways. 2: one exp per logit in the compiled kernels, the two-level top-k.
-TARGETS_REVISION = 2
+# mixes blocks computed two ways. 2: one exp per logit in the compiled kernels, the two-level top-k. 3: the
+# compiled path's top-k in C (`native_topk.py`), ties at the k-th value kept in ascending id order.
+TARGETS_REVISION = 3
 
 # tokens x vocabulary above which the compiled reductions repay their compilation: they save 2.6-3.2 ns per
 # logit (measured on one thread: 26 us/token at V = 8192, 130 at 50257) and compiling costs 4 s (inductor's

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import GooseError
+from .native_topk import topk_rows_native
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -362,23 +363,24 @@ def _powers_of(u: torch.Tensor, wanted) -> dict[int, torch.Tensor]:
 
 
 class _CompiledReductions:
-    """The vocabulary-wide passes of `teacher_targets` as one torch.compile'd (inductor) function per slice of
-    rows: the strided group maxima of `topk_rows` (one fused loop), the top-k's small sorts and gathers (aten
-    calls from the compiled C++ code, no Python dispatch per op), then every temperature's tail sum, the
-    entropy's tail dot product and the count of ties with the k-th value in one more read of the logits,
-    with one exp per logit where the temperatures allow (`exp_power_plan`). The eager ops they replace make
-    one pass (and one (n, V) temporary) per shift, mask, exp, square and sum; compiled, the whole of
-    `teacher_targets` runs 2.0-2.3x faster on one thread and 2.8-3.7x on two (V = 8192 and 50257,
-    bench/bench_teacher_targets.py). Equal to the eager reference to fp32 rounding (summation order and the
-    powers differ), tested.
+    """The vocabulary-wide passes of `teacher_targets` for one slice of rows as two compiled kernels: the top-k
+    in C (`native_topk.topk_rows_native`: bounds the k-th value from the strided group maxima and ranks the
+    few hundred logits above the bound, branch-free; torch.topk's sorts mispredict on every new row and were
+    two thirds of these reductions at V = 8192), then one torch.compile'd (inductor) function for every
+    temperature's tail sum, the entropy's tail dot product and the count of ties with the k-th value in one
+    more read of the logits, with one exp per logit where the temperatures allow (`exp_power_plan`). The
+    eager ops they replace make one pass (and one (n, V) temporary) per shift, mask, exp, square and sum.
+    Equal to the eager reference to fp32 rounding (summation order and the powers differ), tested; the top-k
+    keeps tied ids in ascending id order (torch.topk's order among ties is its own).
 
     The tail is every id whose logit is below the k-th largest value v_k; ids equal to v_k that top-k left out
     (ties at the boundary) are added back by count, so the masks agree with the eager path's index mask.
     Kernels are generated for one thread (`cpp.threads` 1): slices are small, and the caller shares them out
     among its own worker threads. They are called through inductor's C++ wrapper (`cpp_wrapper`), which
-    releases the GIL; through the default Python wrapper two worker threads ran them no faster than one.
-    Built, and compiled by one call on random logits, once per (temperatures, rows, vocabulary, k), on the
-    thread that asks first (`compiled_reductions`), so worker threads never race to compile."""
+    releases the GIL, as ctypes does for the C top-k; through the default Python wrapper two worker threads
+    ran them no faster than one. Built, and compiled by one call on random logits, once per (temperatures,
+    rows, vocabulary, k), on the thread that asks first (`compiled_reductions`), so worker threads never race
+    to compile."""
 
     def __init__(self, temps: tuple[float, ...], rows: int, vocab: int, top_k: int):
         self.rows, self.vocab = rows, vocab
@@ -419,22 +421,18 @@ class _CompiledReductions:
             return (logprobs, torch.stack(logmass, -1), entropy, gold_nll, torch.stack(tails, -1),
                     torch.stack(log_totals, -1))
 
-        def slice_all(z, gold):
-            """(top-k ids, then `slice_targets`'s outputs) for one slice: the top-k's small sorts and gathers
-            run as aten calls from the compiled C++ wrapper, without a Python dispatch per op (at 8 rows a
-            slice that dispatch was a third of the top-k's time at V = 50257)."""
-            vals, idx = topk_rows(z, top_k, fused_maxima=True)
-            return (idx,) + slice_targets(z, vals, gold)
-
         # the options go with every compilation, a recompilation included (a guard that fails on new inputs)
         options = {"cpp.threads": 1, "cpp_wrapper": True}
-        self.slice_all = torch.compile(_own_code(slice_all), dynamic=False, fullgraph=True, options=options)
+        self.slice_targets = torch.compile(_own_code(slice_targets), dynamic=False, fullgraph=True, options=options)
+        self.top_k = top_k
 
     @torch.inference_mode()
     def compile_now(self) -> None:
         """One call on random logits of the slice shape (inference tensors, as the teacher's logits are): the
         compilation happens here, not in the first worker thread to need it."""
-        self.slice_all(torch.randn(self.rows, self.vocab), torch.zeros(self.rows, 1, dtype=torch.long))
+        z = torch.randn(self.rows, self.vocab)
+        vals, _ = topk_rows_native(z, self.top_k)  # builds the C top-k as well
+        self.slice_targets(z, vals, torch.zeros(self.rows, 1, dtype=torch.long))
 
 
 def _own_code(fn):
@@ -498,8 +496,8 @@ def teacher_targets(
     shared by all temperatures (max(z / T) = max(z) / T exactly). Everything stays on the logits' device;
     only the (B, L, k) and (B, L, T) results leave it. threads > 1 (CPU): the slices are shared out among
     that many worker threads; every slice is computed as with one, so the results are identical.
-    compiled=True: the same passes as torch.compile'd fused loops (`_CompiledReductions`, 2.3x faster on
-    one CPU thread at V = 50257), equal to this eager reference to fp32 rounding.
+    compiled=True: the top-k in C and the other passes as torch.compile'd fused loops (`_CompiledReductions`),
+    equal to this eager reference to fp32 rounding (tied ids at the k-th value in ascending id order).
     """
     B, L, V = logits.shape
     device = logits.device
@@ -534,7 +532,8 @@ def teacher_targets(
                     g = gold[r0 : r0 + n]
                     if n < rows:
                         g = torch.cat([g, g.new_zeros(rows - n, 1)])
-                    idx, logprobs, logmass, ent, nll, tails, log_totals = kernels.slice_all(z, g)
+                    vals, idx = topk_rows_native(z, top_k)
+                    logprobs, logmass, ent, nll, tails, log_totals = kernels.slice_targets(z, vals, g)
                     topk_ids[r0 : r0 + n], topk_logprobs[r0 : r0 + n] = idx[:n], logprobs[:n]
                     tail_logmass[r0 : r0 + n], entropy[r0 : r0 + n], gold_nll[r0 : r0 + n] = logmass[:n], ent[:n], nll[:n]
                     if bool((tails[:n] < 1e-30).any()):  # one check for every temperature
