@@ -127,12 +127,13 @@ static void topk_row(const float *restrict z, int64_t V, int64_t k, float *vals,
             const __m512 x = _mm512_loadu_ps(maxima + j);
             const __mmask16 keep = _mm512_cmp_ps_mask(x, vbound, _CMP_GE_OQ);
             if (keep) {
-                _mm512_mask_compressstoreu_ps(sel + n, keep, x);
-                int32_t ids32[16];
-                _mm512_mask_compressstoreu_epi32(ids32, keep, j16);
-                const int cnt = __builtin_popcount(keep);
-                for (int q = 0; q < cnt; q++) group_id[n + q] = ids32[q];
-                n += cnt;
+                /* compress in registers and store whole vectors (the scratch has 16 spare slots): a masked
+                   compress-store to memory is microcoded on AMD Zen 4, ~10x slower */
+                _mm512_storeu_ps(sel + n, _mm512_maskz_compress_ps(keep, x));
+                const __m512i packed = _mm512_maskz_compress_epi32(keep, j16);
+                _mm512_storeu_si512(group_id + n, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(packed)));
+                _mm512_storeu_si512(group_id + n + 8, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(packed, 1)));
+                n += __builtin_popcount(keep);
             }
         }
 #else
@@ -177,11 +178,12 @@ static void topk_row(const float *restrict z, int64_t V, int64_t k, float *vals,
 int goose_topk_rows(const float *z, int64_t rows, int64_t V, int64_t stride, int64_t k,
                     float *vals, int64_t *ids) {
     if (k < 1 || k > V) return -2;
-    float *f = malloc(sizeof(float) * (size_t)(6 * V));
-    int64_t *i64 = malloc(sizeof(int64_t) * (size_t)(2 * V));
+    const int64_t n = V + 16;  /* 16 spare slots: whole-vector stores past the last kept element */
+    float *f = malloc(sizeof(float) * (size_t)(6 * n));
+    int64_t *i64 = malloc(sizeof(int64_t) * (size_t)(2 * n));
     entry *spill = malloc(sizeof(entry) * (size_t)V);
     if (!f || !i64 || !spill) { free(f); free(i64); free(spill); return -1; }
-    const scratch s = {f, f + V, f + 2 * V, f + 3 * V, f + 4 * V, i64, i64 + V, spill};
+    const scratch s = {f, f + n, f + 2 * n, f + 3 * n, f + 4 * n, i64, i64 + n, spill};
     for (int64_t r = 0; r < rows; r++)
         topk_row(z + r * stride, V, k, vals + r * k, ids + r * k, &s);
     free(f); free(i64); free(spill);
