@@ -90,8 +90,9 @@ class CacheTeacherConfig:
     topk_encoding: str = "compact"
     logprob_step: float | None = None  # fixed-point step of the top-k log-probabilities (None: the encoding's)
     hidden_pca_rank: int = 0  # > 0: store each hidden layer as this many principal components (fit on block 0)
-    # the vocabulary-wide reductions as torch.compile'd fused loops (CPU: 2.0-2.3x cheaper on one thread, 2.8-3.7x
-    # on two, at V = 8192 and 50257; equal to the eager reference to fp32 rounding). None: on CPU when the run is large enough to
+    # the vocabulary-wide reductions as compiled kernels: the top-k in C, the sums as torch.compile'd fused loops
+    # (CPU: 2.8-3.4x cheaper than the eager ops at V = 8192 and 50257, on one thread or two; equal to the eager
+    # reference to fp32 rounding, tied ids by ascending id). None: on CPU when the run is large enough to
     # repay the one-off compilation (4-20 s; see use_compiled_targets). Falls back to eager ops, with a
     # warning, if inductor cannot build them
     compile_targets: bool | None = None
@@ -106,8 +107,8 @@ class CacheTeacherConfig:
 # compiled path's top-k in C (`native_topk.py`), ties at the k-th value kept in ascending id order.
 TARGETS_REVISION = 3
 
-# tokens x vocabulary above which the compiled reductions repay their compilation: they save 2.6-3.2 ns per
-# logit (measured on one thread: 26 us/token at V = 8192, 130 at 50257) and compiling costs 4 s (inductor's
+# tokens x vocabulary above which the compiled reductions repay their compilation: they save 3.6-4.9 ns per
+# logit (measured on one thread: 40 us/token at V = 8192, 181 at 50257) and compiling costs 4 s (inductor's
 # disk cache warm) to 20 s (cold), so they repay it by 2^33 logits even cold (a million tokens at V = 8192,
 # 170k at V = 50257)
 COMPILE_TARGETS_MIN_LOGITS = 1 << 33
