@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -460,6 +462,28 @@ def test_native_topk_equals_a_stable_sort(V):
         topk_rows_native(z, V + 1)
     with pytest.raises(ValueError, match="2-D float32"):
         topk_rows_native(z.double(), 4)
+
+
+def test_native_topk_is_memory_safe(tmp_path):
+    """tests/topk_asan.c: the C top-k on 1,000 random shapes and rows (ties, +-inf, NaN, k up to V, V up to
+    70,000) equals qsort, built with AddressSanitizer and UBSan (any out-of-bounds access aborts it), on the
+    AVX-512 path where the machine has it and on the portable one."""
+    import subprocess
+
+    from goose.pipeline.stage_one import native_topk
+
+    cc = native_topk._compiler()
+    harness = Path(__file__).with_name("topk_asan.c")
+    for flags in (["-march=native"], ["-march=native", "-mno-avx512f"]):
+        exe = tmp_path / "topk_asan"
+        build = subprocess.run([cc, "-O1", "-g", *flags, "-fsanitize=address,undefined", "-fno-sanitize-recover",
+                                f'-DGOOSE_TOPK_SOURCE="{native_topk.SOURCE}"', "-o", str(exe), str(harness), "-lm"],
+                               capture_output=True, text=True)
+        if build.returncode != 0:
+            pytest.skip(f"the compiler cannot build with sanitizers here: {build.stderr.strip()[:200]}")
+        run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "1000 trials equal to qsort" in run.stdout
 
 
 def test_exp_power_plan():
