@@ -12,12 +12,28 @@ from .reader import CacheReader
 from .schema import CHECKSUM_ARRAY, EMBEDDING_ARRAY, decode_logprobs, decode_topk
 
 def store_nbytes(url: str, storage_options: dict | None = None, prefix: str = "") -> int:
-    """Bytes on disk (or in the bucket) under the store, optionally under one array's prefix."""
+    """Bytes on disk (or in the bucket) under the store, optionally under one array's prefix.
+
+    Another job may be writing the same store (`--shard` jobs, torchrun ranks): a chunk's temporary file can
+    vanish between being listed and being sized, which makes fsspec's `du` raise. Then the listing is summed
+    file by file, skipping what vanished (the figure is then as of a moment during those writes)."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     target = f"{path.rstrip('/')}/{prefix}" if prefix else path
-    return int(fs.du(target)) if fs.exists(target) else 0
+    if not fs.exists(target):
+        return 0
+    try:
+        return int(fs.du(target))
+    except FileNotFoundError:
+        pass
+    total = 0
+    for name in fs.find(target):
+        try:
+            total += int(fs.size(name) or 0)
+        except FileNotFoundError:
+            continue
+    return total
 
 
 def _coverage(tail_logmass_t1: np.ndarray) -> np.ndarray:

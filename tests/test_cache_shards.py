@@ -247,3 +247,36 @@ def test_kill_9_of_one_rank_then_a_torchrun_rerun_completes_the_store(tmp_path, 
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert_store_equal(ref, out)
     assert_verifies(out)
+
+
+def test_store_size_while_another_job_writes(tmp_path):
+    """A shard job sizes the store (`store_nbytes`) while another job's chunk writes create and rename
+    temporary files in it; a file that vanishes between listing and sizing must not fail the job (it did:
+    fsspec's `du` raised FileNotFoundError on a `.partial` file, seen in the concurrent-shards test)."""
+    import os
+    import threading
+
+    from goose.cache.stats import store_nbytes
+
+    for i in range(200):
+        (tmp_path / "a" / str(i % 10)).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "a" / str(i % 10) / str(i)).write_bytes(b"x" * 100)
+    stop = threading.Event()
+
+    def another_writer():
+        i = 0
+        while not stop.is_set():
+            part = tmp_path / "a" / str(i % 10) / f"t{i}.partial"
+            part.write_bytes(b"y" * 10)
+            os.replace(part, tmp_path / "a" / str(i % 10) / f"c{i % 50}")
+            i += 1
+
+    writer = threading.Thread(target=another_writer)
+    writer.start()
+    try:
+        sizes = [store_nbytes(str(tmp_path)) for _ in range(300)]
+    finally:
+        stop.set()
+        writer.join()
+    assert min(sizes) >= 200 * 100
+    assert store_nbytes(str(tmp_path / "missing")) == 0
