@@ -178,7 +178,7 @@ def main():
 @click.option("--compile-targets/--no-compile-targets", default=None,
               help="Run the vocabulary-wide reductions as compiled kernels: the top-k in C, the tail sums and "
                    "entropy as torch.compile'd fused loops (CPU; ~3x cheaper, equal to the eager ops to fp32 "
-                   "rounding, tied ids at the k-th value by ascending id; building takes 4-20 s) "
+                   "rounding, equal logits in ascending id order; building takes 4-20 s) "
                    "[default: on for a CPU teacher when tokens x vocabulary >= 2^33, e.g. 1M tokens at V 8192].")
 @click.option("--compression", type=click.Choice(["zstd", "blosc", "none"]), default="blosc", show_default=True,
               help="Compressor of every array; blosc is zstd with byte shuffle (best for the compact encoding).")

@@ -208,7 +208,7 @@ def test_a_resume_with_other_targets_arithmetic_is_refused(tmp_path, tiny_teache
     import goose.pipeline.stage_one.cache_teacher as ct
 
     cfg = make_cfg(tmp_path / "r.zarr", tiny_teacher, corpus_file)
-    real, revision = CacheWriter.write_block, ct.TARGETS_REVISION
+    real, revision = CacheWriter.write_block, ct.TARGETS_REVISION["eager"]
 
     def write_block(self, block, data):
         if block == 1:
@@ -219,10 +219,11 @@ def test_a_resume_with_other_targets_arithmetic_is_refused(tmp_path, tiny_teache
     with pytest.raises(ValueError, match="simulated write failure"):
         run_cache_teacher(cfg)
     monkeypatch.setattr(CacheWriter, "write_block", real)
-    monkeypatch.setattr(ct, "TARGETS_REVISION", revision + 1)
+    monkeypatch.setitem(ct.TARGETS_REVISION, "compiled", ct.TARGETS_REVISION["compiled"] + 1)  # not this store's
+    monkeypatch.setitem(ct.TARGETS_REVISION, "eager", revision + 1)
     with pytest.raises(GooseError, match=f"provenance.targets: 'eager r{revision}' -> 'eager r{revision + 1}'"):
         run_cache_teacher(cfg)
-    monkeypatch.setattr(ct, "TARGETS_REVISION", revision)
+    monkeypatch.setitem(ct.TARGETS_REVISION, "eager", revision)
     assert run_cache_teacher(cfg)["blocks_resumed_from"] == 1
-    monkeypatch.setattr(ct, "TARGETS_REVISION", revision + 1)
+    monkeypatch.setitem(ct.TARGETS_REVISION, "eager", revision + 1)
     assert run_cache_teacher(cfg)["already_complete"]

@@ -423,11 +423,10 @@ def test_topk_rows_equals_torch_topk(V):
     z[4, 100:164] = -1.0 - torch.arange(64.0)  # the top 64 in consecutive ids (64 different groups)
     z[5] = -80.0  # all equal
     ref = torch.topk(z, 64, dim=-1, sorted=True).values
-    for fused in (False, True):
-        vals, idx = topk_rows(z, 64, fused_maxima=fused)
-        assert torch.equal(vals, ref)
-        assert torch.equal(z.gather(-1, idx), vals)
-        assert all(len(set(row.tolist())) == 64 for row in idx)
+    vals, idx = topk_rows(z, 64)
+    assert torch.equal(vals, ref)
+    assert torch.equal(z.gather(-1, idx), vals)
+    assert all(len(set(row.tolist())) == 64 for row in idx)
 
 
 @pytest.mark.parametrize("V", [100, 1000, 8192, 8200, 50257])
@@ -449,6 +448,12 @@ def test_native_topk_equals_a_stable_sort(V):
     z[8, 3::5] = float("-inf")
     z[9, 3] = float("nan")
     for k in sorted({1, 64, V // 2, V} & set(range(1, V + 1))):
+        stats = {}
+        vals, ids = topk_rows_native(z[:9], k, stats)
+        groups = V // 16 + V % 16
+        # rows without NaN take the grouped path wherever they have 2k groups (the whole-row path would still
+        # be right, and so would hide a grouped path that loses candidates)
+        assert stats["whole_rows"] == (0 if groups >= 2 * k else 9), (k, stats)
         vals, ids = topk_rows_native(z, k)
         ref = torch.sort(z[:9], dim=-1, descending=True, stable=True)
         assert torch.equal(vals[:9], ref.values[:, :k]), k
@@ -467,7 +472,8 @@ def test_native_topk_equals_a_stable_sort(V):
 def test_native_topk_is_memory_safe(tmp_path):
     """tests/topk_asan.c: the C top-k on 1,000 random shapes and rows (ties, +-inf, NaN, k up to V, V up to
     70,000) equals qsort, built with AddressSanitizer and UBSan (any out-of-bounds access aborts it), on the
-    AVX-512 path where the machine has it and on the portable one."""
+    AVX-512 path where the machine has it and on the portable one; and every row without NaN that has 2k
+    groups takes the grouped path (the whole-row fallback would hide a grouped path that loses candidates)."""
     import subprocess
 
     from goose.pipeline.stage_one import native_topk
@@ -476,7 +482,7 @@ def test_native_topk_is_memory_safe(tmp_path):
     harness = Path(__file__).with_name("topk_asan.c")
     for flags in (["-march=native"], ["-march=native", "-mno-avx512f"]):
         exe = tmp_path / "topk_asan"
-        build = subprocess.run([cc, "-O1", "-g", *flags, "-fsanitize=address,undefined", "-fno-sanitize-recover",
+        build = subprocess.run([*cc, "-O1", "-g", *flags, "-fsanitize=address,undefined", "-fno-sanitize-recover",
                                 f'-DGOOSE_TOPK_SOURCE="{native_topk.SOURCE}"', "-o", str(exe), str(harness), "-lm"],
                                capture_output=True, text=True)
         if build.returncode != 0:

@@ -1,6 +1,7 @@
 /* The C top-k (pipeline/stage_one/topk.c) against qsort on random shapes and rows: V 1 .. 70,000, k 1 .. V,
    all-equal rows, few distinct values (ties across the k-th), +-inf, NaN rows (k distinct ids in range).
-   Built by tests/test_losses.py with AddressSanitizer and UBSan, so an out-of-bounds read or write fails it. */
+   Built by tests/test_losses.py with AddressSanitizer and UBSan, so an out-of-bounds read or write fails it;
+   rows without NaN and with 2k groups or more must not fall back to the whole-row path. */
 #include GOOSE_TOPK_SOURCE
 #include <stdio.h>
 #define TRIALS 1000
@@ -22,7 +23,13 @@ int main(void) {
       if (mode == 6) z[i] = rnd() % 3 == 0 ? NAN : -u;
     }
     float *vals = malloc(sizeof(float) * rows * k); int64_t *ids = malloc(8 * rows * k);
-    if (goose_topk_rows(z, rows, V, V, k, vals, ids) != 0) { printf("status fail\n"); return 1; }
+    const int whole = goose_topk_rows(z, rows, V, V, k, vals, ids);
+    const int64_t groups = V / GROUP + V % GROUP;
+    /* rows without NaN and with at least 2k groups must take the grouped path (the whole-row path would
+       hide a grouped path that loses candidates) */
+    if (whole < 0 || (mode != 6 && V >= GROUP && groups >= 2 * k && whole != 0)) {
+      fprintf(stderr, "trial %d V %ld k %ld mode %d: %d whole-row rows\n", trial, (long)V, (long)k, mode, whole); return 1;
+    }
     if (mode == 6) {
       char *seen = calloc(V, 1);
       for (int64_t r = 0; r < rows; r++) { memset(seen, 0, V); for (int64_t i = 0; i < k; i++) { int64_t d = ids[r * k + i]; if (d < 0 || d >= V || seen[d]) { printf("nan row bad ids\n"); return 1; } seen[d] = 1; } }

@@ -91,8 +91,8 @@ class CacheTeacherConfig:
     logprob_step: float | None = None  # fixed-point step of the top-k log-probabilities (None: the encoding's)
     hidden_pca_rank: int = 0  # > 0: store each hidden layer as this many principal components (fit on block 0)
     # the vocabulary-wide reductions as compiled kernels: the top-k in C, the sums as torch.compile'd fused loops
-    # (CPU: 2.8-3.4x cheaper than the eager ops at V = 8192 and 50257, on one thread or two; equal to the eager
-    # reference to fp32 rounding, tied ids by ascending id). None: on CPU when the run is large enough to
+    # (CPU: 3.0-3.9x cheaper than the eager ops at V = 8192 and 50257, on one thread or two; equal to the eager
+    # reference to fp32 rounding, equal logits by ascending id). None: on CPU when the run is large enough to
     # repay the one-off compilation (4-20 s; see use_compiled_targets). Falls back to eager ops, with a
     # warning, if inductor cannot build them
     compile_targets: bool | None = None
@@ -101,11 +101,12 @@ class CacheTeacherConfig:
     shard: tuple[int, int] | None = None  # (I, N): compute only blocks b with b % N == I; do not finalize
 
 
-# The per-token targets' arithmetic, in the store's provenance: bumped whenever a change can move a stored
-# value by a rounding step (kernels, summation order, which of tied ids the top-k keeps), so a resume never
-# mixes blocks computed two ways. 2: one exp per logit in the compiled kernels, the two-level top-k. 3: the
-# compiled path's top-k in C (`native_topk.py`), ties at the k-th value kept in ascending id order.
-TARGETS_REVISION = 3
+# The per-token targets' arithmetic, per path, in the store's provenance: a path's revision is bumped whenever
+# a change can move one of its stored values by a rounding step (kernels, summation order, which of tied ids
+# the top-k keeps), so a resume never mixes blocks computed two ways. compiled 2: one exp per logit, the
+# two-level top-k; compiled 3: the top-k in C (`native_topk.py`), tied ids in ascending id order. eager 2:
+# unchanged since.
+TARGETS_REVISION = {"eager": 2, "compiled": 3}
 
 # tokens x vocabulary above which the compiled reductions repay their compilation: they save 3.6-4.9 ns per
 # logit (measured on one thread: 40 us/token at V = 8192, 181 at 50257) and compiling costs 4 s (inductor's
@@ -655,6 +656,7 @@ def _cache_windows(cfg: CacheTeacherConfig, ranks: Ranks, teacher: Teacher, laye
     # fails falls back to eager ops here, not after blocks were labelled compiled)
     compiled_choice = (use_compiled_targets(cfg, teacher.device, teacher.vocab_size, spec.n_tokens)
                        and kernels_available(spec.tail_temperatures, teacher.vocab_size, spec.top_k))
+    targets_path = "compiled" if compiled_choice else "eager"
     provenance = {
         **teacher.provenance(),
         "n_layers": teacher.n_layers,
@@ -668,7 +670,7 @@ def _cache_windows(cfg: CacheTeacherConfig, ranks: Ranks, teacher: Teacher, laye
         # so do the reductions' kernels (decided by the whole store's size, so a resumed or sharded store gets
         # the same ones as an uninterrupted run) and their arithmetic's revision: a resume with other ones
         # (--compile-targets flipped, or a goose whose kernels round differently) is refused
-        "targets": f"{'compiled' if compiled_choice else 'eager'} r{TARGETS_REVISION}",
+        "targets": f"{targets_path} r{TARGETS_REVISION[targets_path]}",
     }
     writer = _open_writer(cfg, spec, provenance, teacher, ranks)
     # every rank deals from rank 0's list, read before any rank writes

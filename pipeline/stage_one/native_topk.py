@@ -2,8 +2,9 @@
 
 torch.topk on CPU sorts (value, id) pairs per row with a NaN-aware comparator whose branches mispredict on
 every new row: two thirds of the reductions' time at V = 8192 and half at V = 50257, even on the group maxima
-and candidates of `teacher.topk_rows`. `topk.c` bounds the k-th value from the group maxima, ranks the few
-hundred logits above the bound, and returns torch.topk's values, ties in ascending id order.
+and candidates of `teacher.topk_rows`. `topk.c` finds the k-th largest strided group maximum (among the few
+hundred above a cheap bound), ranks the ~k logits of the groups that reach it, and returns torch.topk's
+values, equal values in ascending id order.
 
 The kernel is compiled from the package's own source by the machine's C compiler on the first call in a
 process (well under a second), into a private temporary folder that is removed once the library is loaded:
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -29,15 +31,21 @@ _LIB: list[ctypes.CDLL] = []
 _LOCK = threading.Lock()
 
 
-def _compiler() -> str:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
+def _compiler() -> list[str]:
+    """The C compiler's command: $CC (which may carry arguments, e.g. "ccache gcc"), else cc, gcc or clang."""
+    if os.environ.get("CC"):
+        cmd = shlex.split(os.environ["CC"])
+        if cmd and shutil.which(cmd[0]):
+            return cmd
+        raise RuntimeError(f"the C compiler CC={os.environ['CC']!r} is not found")
+    for name in ("cc", "gcc", "clang"):
+        if shutil.which(name):
+            return [name]
     raise RuntimeError("no C compiler found (set CC, or install gcc)")
 
 
 def library() -> ctypes.CDLL:
-    """The compiled kernel, built on first use; raises RuntimeError (with the compiler's first error line)
+    """The compiled kernel, built on first use; raises RuntimeError (naming the compiler's first error)
     if it cannot be built."""
     with _LOCK:
         if _LIB:
@@ -48,13 +56,18 @@ def library() -> ctypes.CDLL:
             errors = ""
             # -march=native: the kernel runs where it is built; a compiler that refuses it builds for the baseline
             for flags in (["-march=native"], []):
-                run = subprocess.run([cc, "-O3", *flags, "-shared", "-fPIC", "-o", str(out), str(SOURCE)],
-                                     capture_output=True, text=True)
+                try:
+                    run = subprocess.run([*cc, "-O3", *flags, "-shared", "-fPIC", "-o", str(out), str(SOURCE)],
+                                         capture_output=True, text=True, timeout=300)
+                except (OSError, subprocess.TimeoutExpired) as exc:
+                    raise RuntimeError(f"building {SOURCE.name} failed: {exc}") from None
                 if run.returncode == 0:
                     break
                 errors = run.stderr.strip()
             else:
-                first = errors.splitlines()[0] if errors else f"{cc} exited {run.returncode}"
+                lines = errors.splitlines()
+                first = next((line for line in lines if "error" in line), lines[0] if lines else
+                             f"{' '.join(cc)} exited {run.returncode}")
                 raise RuntimeError(f"building {SOURCE.name} failed: {first}")
             lib = ctypes.CDLL(str(out))  # mapped: the file can go with the folder
         fn = lib.goose_topk_rows
@@ -65,9 +78,11 @@ def library() -> ctypes.CDLL:
         return lib
 
 
-def topk_rows_native(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_rows_native(z: torch.Tensor, k: int, stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, ids) of the k largest of each row of a 2-D float32 CPU tensor, sorted descending, ties in
-    ascending id order: torch.topk's values (its order among ties is unspecified)."""
+    ascending id order: torch.topk's values (its order among ties is its own) for rows without NaN (NaN is
+    taken as -inf here; the caller rejects such rows). stats: a dict whose "whole_rows" is increased by the
+    rows that took the kernel's whole-row path (rows too small for its groups, or holding NaN)."""
     if z.dim() != 2 or z.dtype != torch.float32 or z.device.type != "cpu":
         raise ValueError("topk_rows_native takes a 2-D float32 CPU tensor")
     rows, vocab = z.shape
@@ -80,6 +95,8 @@ def topk_rows_native(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     status = library().goose_topk_rows(z.data_ptr(), rows, vocab, z.stride(0), k, vals.data_ptr(), ids.data_ptr())
     if status == -1:
         raise MemoryError("out of memory in the top-k kernel")
-    if status != 0:
+    if status < 0:
         raise RuntimeError(f"the top-k kernel failed ({status})")
+    if stats is not None:
+        stats["whole_rows"] = stats.get("whole_rows", 0) + status
     return vals, ids

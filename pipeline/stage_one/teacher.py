@@ -251,8 +251,7 @@ def topk_uses_groups(vocab: int, k: int, device: torch.device, min_groups: int =
     return device.type == "cpu" and vocab >= min_groups * k * _TOPK_GROUP
 
 
-def topk_rows(z: torch.Tensor, k: int, fused_maxima: bool = False, sorted: bool = True,
-              min_groups: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_rows(z: torch.Tensor, k: int, sorted: bool = True, min_groups: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.topk(z, k, sorted=sorted) for 2-D z, in two small top-k's instead of one over the vocabulary.
 
     The row is cut into W strided groups of g elements (group j = {j, j + W, j + 2W, ...}) plus single
@@ -262,29 +261,25 @@ def topk_rows(z: torch.Tensor, k: int, fused_maxima: bool = False, sorted: bool 
     The group maxima are one vectorised pass; the two top-k's see V / g and k * g elements, and where V / g
     is itself large (3,142 at V = 50257) its top-k is found the same way, one level down. CPU only (on a GPU
     torch.topk is fast and this saves nothing); plain torch.topk when the vocabulary is small.
-    fused_maxima: the maxima as one strided max (what torch.compile fuses into one loop) instead of eager
-    halvings. sorted=False: the k in any order (the inner level's).
+    sorted=False: the k in any order (the inner level's).
     """
     rows, vocab = z.shape
     g = _TOPK_GROUP
     if not topk_uses_groups(vocab, k, z.device, min_groups):
         return torch.topk(z, k, dim=-1, sorted=sorted)
     width = vocab // g
-    if fused_maxima:  # the same maxima as one loop, for torch.compile to fuse
-        maxima = z[:, : width * g].view(rows, g, width).amax(1)
-    else:
-        # group maxima by halving: max of the two halves, four times (elementwise ops run vectorised; a
-        # reduction over a middle axis of 16 does not, measured 5x slower)
-        maxima = torch.maximum(z[:, : width * g // 2], z[:, width * g // 2 : width * g])
-        while maxima.shape[1] > width:
-            half = maxima.shape[1] // 2
-            maxima = torch.maximum(maxima[:, :half], maxima[:, half:])
+    # group maxima by halving: max of the two halves, four times (elementwise ops run vectorised; a
+    # reduction over a middle axis of 16 does not, measured 5x slower)
+    maxima = torch.maximum(z[:, : width * g // 2], z[:, width * g // 2 : width * g])
+    while maxima.shape[1] > width:
+        half = maxima.shape[1] // 2
+        maxima = torch.maximum(maxima[:, :half], maxima[:, half:])
     rest = vocab - width * g
     if rest:
         maxima = torch.cat([maxima, z[:, width * g :]], -1)  # the remainder: groups of one
     # the k largest maxima: the same two-level search again where the maxima are still many (3,142 at
     # V = 50257: 4x cheaper than their plain top-k)
-    _, group = topk_rows(maxima, k, fused_maxima, sorted=False, min_groups=_TOPK_INNER_MIN_GROUPS)  # (rows, k)
+    _, group = topk_rows(maxima, k, sorted=False, min_groups=_TOPK_INNER_MIN_GROUPS)  # (rows, k)
     cols = group.unsqueeze(-1) + torch.arange(g, device=z.device) * width  # (rows, k, g)
     if rest:
         single = group >= width  # a remainder element: its own column, once; its other g - 1 slots masked
@@ -364,14 +359,14 @@ def _powers_of(u: torch.Tensor, wanted) -> dict[int, torch.Tensor]:
 
 class _CompiledReductions:
     """The vocabulary-wide passes of `teacher_targets` for one slice of rows as two compiled kernels: the top-k
-    in C (`native_topk.topk_rows_native`: bounds the k-th value from the strided group maxima and ranks the
-    few hundred logits above the bound, branch-free; torch.topk's sorts mispredict on every new row and were
-    two thirds of these reductions at V = 8192), then one torch.compile'd (inductor) function for every
+    in C (`native_topk.topk_rows_native`: the k-th largest strided group maximum, then the ~k logits of the
+    groups that reach it ranked branch-free; torch.topk's sorts mispredict on every new row and were two
+    thirds of these reductions at V = 8192), then one torch.compile'd (inductor) function for every
     temperature's tail sum, the entropy's tail dot product and the count of ties with the k-th value in one
     more read of the logits, with one exp per logit where the temperatures allow (`exp_power_plan`). The
     eager ops they replace make one pass (and one (n, V) temporary) per shift, mask, exp, square and sum.
     Equal to the eager reference to fp32 rounding (summation order and the powers differ), tested; the top-k
-    keeps tied ids in ascending id order (torch.topk's order among ties is its own).
+    keeps equal values in ascending id order (torch.topk's order among ties is its own).
 
     The tail is every id whose logit is below the k-th largest value v_k; ids equal to v_k that top-k left out
     (ties at the boundary) are added back by count, so the masks agree with the eager path's index mask.
@@ -497,7 +492,7 @@ def teacher_targets(
     only the (B, L, k) and (B, L, T) results leave it. threads > 1 (CPU): the slices are shared out among
     that many worker threads; every slice is computed as with one, so the results are identical.
     compiled=True: the top-k in C and the other passes as torch.compile'd fused loops (`_CompiledReductions`),
-    equal to this eager reference to fp32 rounding (tied ids at the k-th value in ascending id order).
+    equal to this eager reference to fp32 rounding (equal logits in ascending id order).
     """
     B, L, V = logits.shape
     device = logits.device

@@ -4,12 +4,16 @@
    torch.topk. Per row:
      1. the maxima of W = V / 16 strided groups (group j = {j, j + W, ..., j + 15 W}; the V - 16 W ids past
         them are groups of one): one vectorised pass over the row;
-     2. a lower bound on the k-th largest value: cut the group maxima into k runs, and the smallest run
-        maximum t is exceeded or equalled by k distinct logits (each run's maximum), so no logit below t
-        is in the top k (a logit x < t has k logits > x);
-     3. the candidates: the logits >= t, read only from the groups whose maximum is >= t (a few hundred
-        of the row's V for real rows);
-     4. the k-th largest candidate by quickselect, then the candidates >= it ranked by (value desc, id asc).
+     2. a lower bound t on the k-th largest group maximum: cut the maxima into k runs; the smallest run
+        maximum is reached by k distinct logits (each run's maximum);
+     3. the k-th largest group maximum g_k, by quickselect among the maxima >= t (a few hundred at V = 8192 or
+        50257): k groups reach it, so k distinct logits do, and a logit below g_k (in particular every logit
+        of a group whose maximum is below it) has k logits above it and is not in the top k;
+     4. the candidates: the logits >= g_k of the groups that reach it (about k of them);
+     5. the k-th largest candidate by the same quickselect, then the candidates >= it ranked by
+        (value desc, id asc).
+   Rows too small for the groups (fewer than 2k of them), and NaN rows, take steps 5 over the whole row; the
+   return value counts those rows, so tests can hold ordinary rows to the grouped path.
    torch.topk sorts (value, id) pairs with a NaN-aware comparator over the whole row (or its group maxima and
    candidates, in `topk_rows`); its branches mispredict on every new row, and it was two thirds of the
    reductions' time at V = 8192.
@@ -91,7 +95,7 @@ typedef struct {
     entry *spill;
 } scratch;
 
-static void topk_row(const float *restrict z, int64_t V, int64_t k, float *vals, int64_t *ids, const scratch *s) {
+static int topk_row(const float *restrict z, int64_t V, int64_t k, float *vals, int64_t *ids, const scratch *s) {
     const int64_t W = V / GROUP, rest = V - W * GROUP, groups = W + rest;
     /* restrict: the scratch arrays never overlap each other or z (else the vector loops are not vectorised) */
     float *restrict maxima = s->maxima, *restrict sel = s->sel, *restrict cand_v = s->cand_v;
@@ -158,7 +162,8 @@ static void topk_row(const float *restrict z, int64_t V, int64_t k, float *vals,
             }
         }
     }
-    if (c < k) { /* small rows, or NaN logits: every id is a candidate */
+    const int whole_row = c < k;
+    if (whole_row) { /* small rows, or NaN logits: every id is a candidate */
         for (int64_t i = 0; i < V; i++) { cand_v[i] = finite_or_low(z[i]); cand_id[i] = i; }
         c = V;
     }
@@ -171,10 +176,11 @@ static void topk_row(const float *restrict z, int64_t V, int64_t k, float *vals,
         m += x >= kth;
     }
     emit_sorted(s->top_v, s->top_id, m, k, vals, ids, s->spill);
+    return whole_row;
 }
 
-/* rows x V logits (row stride `stride` floats) -> rows x k values and ids. Returns 0, or -1 if out of
-   memory (nothing written then). */
+/* rows x V logits (row stride `stride` floats) -> rows x k values and ids. Returns the number of rows that
+   took the whole-row path (>= 0), -1 if out of memory (nothing written then), -2 for a k outside 1..V. */
 int goose_topk_rows(const float *z, int64_t rows, int64_t V, int64_t stride, int64_t k,
                     float *vals, int64_t *ids) {
     if (k < 1 || k > V) return -2;
@@ -184,8 +190,9 @@ int goose_topk_rows(const float *z, int64_t rows, int64_t V, int64_t stride, int
     entry *spill = malloc(sizeof(entry) * (size_t)V);
     if (!f || !i64 || !spill) { free(f); free(i64); free(spill); return -1; }
     const scratch s = {f, f + n, f + 2 * n, f + 3 * n, f + 4 * n, i64, i64 + n, spill};
+    int whole_rows = 0;
     for (int64_t r = 0; r < rows; r++)
-        topk_row(z + r * stride, V, k, vals + r * k, ids + r * k, &s);
+        whole_rows += topk_row(z + r * stride, V, k, vals + r * k, ids + r * k, &s);
     free(f); free(i64); free(spill);
-    return 0;
+    return whole_rows;
 }
