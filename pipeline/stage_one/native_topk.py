@@ -47,6 +47,8 @@ def _compiler() -> list[str]:
 def library() -> ctypes.CDLL:
     """The compiled kernel, built on first use; raises RuntimeError (naming the compiler's first error)
     if it cannot be built."""
+    if _LIB:  # built: no lock (this is called once per slice of rows, from every worker thread)
+        return _LIB[0]
     with _LOCK:
         if _LIB:
             return _LIB[0]

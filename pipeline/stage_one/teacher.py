@@ -378,7 +378,7 @@ class _CompiledReductions:
     to compile."""
 
     def __init__(self, temps: tuple[float, ...], rows: int, vocab: int, top_k: int):
-        self.rows, self.vocab = rows, vocab
+        self.rows, self.vocab, self.top_k = rows, vocab, top_k
         order, squared_from = _temperature_order(list(temps))
         plan = exp_power_plan(temps)
 
@@ -419,7 +419,6 @@ class _CompiledReductions:
         # the options go with every compilation, a recompilation included (a guard that fails on new inputs)
         options = {"cpp.threads": 1, "cpp_wrapper": True}
         self.slice_targets = torch.compile(_own_code(slice_targets), dynamic=False, fullgraph=True, options=options)
-        self.top_k = top_k
 
     @torch.inference_mode()
     def compile_now(self) -> None:

@@ -12,7 +12,7 @@
      4. the candidates: the logits >= g_k of the groups that reach it (about k of them);
      5. the k-th largest candidate by the same quickselect, then the candidates >= it ranked by
         (value desc, id asc).
-   Rows too small for the groups (fewer than 2k of them), and NaN rows, take steps 5 over the whole row; the
+   Rows too small for the groups (fewer than 2k of them), and NaN rows, take step 5 over the whole row; the
    return value counts those rows, so tests can hold ordinary rows to the grouped path.
    torch.topk sorts (value, id) pairs with a NaN-aware comparator over the whole row (or its group maxima and
    candidates, in `topk_rows`); its branches mispredict on every new row, and it was two thirds of the
