@@ -8,10 +8,9 @@
 The targets run as compiled kernels by default (`--compile-targets on`, what a large run picks; compiled
 once before the timed repeats) with an eager variant alongside. Prints tokens/s of both, their time ratio (median over alternating repeats, since this machine is noisy),
 and bytes/token at the given k without hidden states, with one fp16 layer and with one int8 layer. On CPU a
-third variant takes the other side of `compute_blocks`'s `overlap` choice: at one torch thread (where the
-default puts each batch's targets on a second thread while the next forward runs) the targets in order
-after each forward; at more (where the default runs them in order) the targets thread. So the choice is
-measured in the same run.
+third variant runs `compute_blocks`'s `in_order` schedule (each batch's targets after its forward) beside the
+default one (at one torch thread each batch's targets on a second thread while the next forward runs; at
+more, whole batches on two worker threads), so the choice is measured in the same run.
 """
 
 from __future__ import annotations
@@ -95,10 +94,8 @@ def main() -> None:
                                  top_k=args.top_k, progress=False, **kw)
         return run_cache_teacher(cfg)
 
-    default_overlap = torch.get_num_threads() == 1  # compute_blocks's own default on CPU
-
-    def other_side(*a, **kw):  # the overlap setting the default does not take
-        return default_blocks(*a, **kw, overlap=not default_overlap)
+    def in_order(*a, **kw):  # the schedule the default is measured against
+        return default_blocks(*a, **kw, schedule="in_order")
 
     default_blocks = cache_teacher.compute_blocks
     compare = teacher.device.type == "cpu"
@@ -119,9 +116,9 @@ def main() -> None:
             if compile_targets:
                 eager_s.append(cache_once(tmp, f"eager{r}", compile_targets=False)["seconds"])
             if compare:
-                cache_teacher.compute_blocks = other_side
+                cache_teacher.compute_blocks = in_order
                 try:
-                    order_s.append(cache_once(tmp, f"other_side{r}")["seconds"])
+                    order_s.append(cache_once(tmp, f"in_order{r}")["seconds"])
                 finally:
                     cache_teacher.compute_blocks = default_blocks
         if args.sizes:
@@ -146,10 +143,8 @@ def main() -> None:
 
     if eager_s:
         variant("eager targets (--no-compile-targets)", eager_s, "P1 with eager targets")
-    if order_s and default_overlap:
-        variant("targets in order, no targets thread", order_s, "P1 without the targets thread")
-    elif order_s:
-        variant("targets on a second thread (the default at one torch thread)", order_s, "P1 with the targets thread")
+    if order_s:
+        variant("targets in order after each forward (schedule in_order)", order_s, "P1 in order")
     # one JSON line per figure, for bench/run_all.py
     print(json.dumps({"bench": "cache_teacher", "figure": f"P1: cache-teacher / bare forward, {label}",
                       "value": cache / bare, "target": "<= 1.10", "per_repeat": [c / b for b, c in zip(bare_s, cache_s)]}))

@@ -305,9 +305,11 @@ def test_enwiki_teacher_on_wikitext_passes_verify_and_matches_hf_loss(tmp_path):
     assert 0.3 < info["mean_topk_coverage"] < 1.0
 
 
-def test_targets_on_a_second_thread_equal_targets_in_order(tiny_teacher, corpus_file, tmp_path):
-    """On CPU a batch's targets (and GPT-2's LM head) are computed while the next batch's forward runs, across
-    block boundaries; the arrays are identical to the whole model's logits reduced in order."""
+@pytest.mark.parametrize("schedule", ["targets_thread", "batch_workers"])
+def test_every_schedule_equals_targets_in_order(tiny_teacher, corpus_file, tmp_path, schedule):
+    """On CPU a batch's targets (and GPT-2's LM head) are computed while the next batch's forward runs, or
+    whole batches on two worker threads, across block boundaries; the arrays are identical to the whole
+    model's logits reduced in order at one torch thread."""
     from goose.cache.schema import StoreSpec
     from goose.pipeline.stage_one.cache_teacher import compute_blocks
     from goose.pipeline.stage_one.teacher import load_teacher
@@ -320,8 +322,17 @@ def test_targets_on_a_second_thread_equal_targets_in_order(tiny_teacher, corpus_
     cfg = make_cfg(tmp_path / "unused.zarr", tiny_teacher, corpus_file, batch_size=2)
     windows = np.random.default_rng(0).integers(0, teacher.vocab_size, (17, 16))
     blocks = [(b, windows[slice(*spec.block_range(b))], None) for b in (0, 1, 2)]  # 7 + 7 + 3 windows
-    in_order = list(compute_blocks(teacher, blocks, spec, cfg, overlap=False))
-    overlapped = list(compute_blocks(teacher, blocks, spec, cfg, overlap=True))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # batch workers at two threads run one torch thread each: so does the reference
+    try:
+        in_order = list(compute_blocks(teacher, blocks, spec, cfg, schedule="in_order"))
+    finally:
+        torch.set_num_threads(threads)
+    torch.set_num_threads(2)
+    try:
+        overlapped = list(compute_blocks(teacher, blocks, spec, cfg, schedule=schedule))
+    finally:
+        torch.set_num_threads(threads)
     assert [b for b, _, _ in in_order] == [b for b, _, _ in overlapped] == [0, 1, 2]
     for (_, a, _), (_, b, _) in zip(in_order, overlapped):
         assert sorted(a) == sorted(b)

@@ -3,8 +3,8 @@
 Recipe: load teacher -> check arguments against it -> counting pass over the streamed data (number of
 windows and their fingerprint; the packed windows go to a local spill file, not memory) -> open (create or
 resume) the store -> read the windows back block by block; for each unfinished block: teacher forward in batches, targets (on CPU
-at one torch thread on a second thread, overlapping the next batch's forward, across blocks; see
-`compute_blocks`) -> a writer thread (bounded queue) compresses and writes each block while the next ones are
+at one torch thread on a second thread, overlapping the next batch's forward; at more, whole batches on two
+worker threads; across blocks; see `compute_blocks`) -> a writer thread (bounded queue) compresses and writes each block while the next ones are
 computed -> finalize.
 Memory is flat in the corpus size. Batches never cross a block boundary and the windows are a deterministic
 function of the data, so a resumed run computes exactly what an uninterrupted one does.
@@ -18,6 +18,7 @@ Every block is computed exactly as one process computes it, so the stores are id
 
 from __future__ import annotations
 
+import collections
 import datetime
 import errno
 import hashlib
@@ -325,9 +326,21 @@ def _targets(logits, ids, compiled: bool, **kw) -> dict[str, torch.Tensor]:
     return teacher_targets(logits, ids, **kw)
 
 
+SCHEDULES = ("in_order", "targets_thread", "batch_workers")
+
+
+def default_schedule(device: torch.device, cpu_threads: int) -> str:
+    """compute_blocks's schedule where the caller names none: on a GPU everything in order on the device (the
+    reductions take a few percent there); on CPU at one torch thread the targets on a second thread; at more,
+    whole batches on two workers."""
+    if device.type != "cpu":
+        return "in_order"
+    return "targets_thread" if cpu_threads == 1 else "batch_workers"
+
+
 def compute_blocks(
     teacher: Teacher, blocks, spec: StoreSpec, cfg: CacheTeacherConfig, pca: dict | None = None,
-    overlap: bool | None = None, compiled: bool = False,
+    schedule: str | None = None, compiled: bool = False,
 ):
     """Teacher targets for each (block, windows, loss_mask or None) of `blocks`, in batches of
     cfg.batch_size: yields (block, the schema's arrays for it, the PCA basis fitted on it or None).
@@ -337,32 +350,39 @@ def compute_blocks(
     and no basis yet (`pca` None) fits one on the first block's raw float32 states, encodes that block with
     it and yields it with the block, to be stored; every later block is encoded with it.
 
-    overlap (default: on CPU with one torch thread): a batch's targets are computed on a second thread
-    (itself at one torch thread) while the next batch's forward runs, so the vocabulary-wide reductions
-    (top-k, the tail sums at every temperature, entropy)
-    cost wall time only where they outlast a forward; at most two batches' logits are alive. The pipeline
-    runs across block boundaries (a block's last targets overlap the next block's first forward: with the
-    default 16-window blocks and batch 8, draining at each block would leave half the work unoverlapped),
-    except after a block that a PCA basis is fitted on. Where the teacher's LM head splits off exactly
-    (`Teacher.body_and_head`: GPT-2), the head's matmul moves to that thread too: the forward stops at the
-    final-norm states, so the two threads' work is closer to even (the head is ~35 % of enwiki-tiny's
-    forward, ~25 % of GPT-2 small's). With more torch threads the forward already uses every core, and a
-    second thread only competes with it (measured on 2 cores: 1.26x the bare forward for GPT-2-shaped,
-    2.16x for enwiki-tiny, against 1.24x and 1.91x in order), so there the targets run in order, their
-    cache-sized slices shared out among that many threads. The arrays are the same either way. On a GPU
-    everything runs in order on the device, where the reductions take a few percent.
+    schedule (default: `default_schedule`); the arrays are the same under every one:
+    - in_order: each batch's forward, then its targets (their slices shared out among the torch threads).
+    - targets_thread (CPU, one torch thread): a batch's targets are computed on a second thread (itself at
+      one torch thread) while the next batch's forward runs, so the vocabulary-wide reductions (top-k, the
+      tail sums at every temperature, entropy) cost wall time only where they outlast a forward. Where the
+      teacher's LM head splits off exactly (`Teacher.body_and_head`: GPT-2), the head's matmul moves to that
+      thread too: the forward stops at the final-norm states, so the two threads' work is closer to even
+      (the head is ~35 % of enwiki-tiny's forward, ~25 % of GPT-2 small's).
+    - batch_workers (CPU, two or more torch threads): two worker threads, each at half the torch threads,
+      take whole batches (forward and targets) in turn. A forward at two threads loses ~7 % to its
+      synchronisation against two at one thread each (enwiki-tiny on 2 cores: 6.76 s vs 6.39 s), and the
+      in-order reductions that follow it paid their own synchronisation too; a targets thread beside a
+      two-thread forward only competes with it (measured on 2 cores: 1.37x the bare forward against 1.19x
+      in order, enwiki-tiny). With one torch thread per worker the arrays are bit for bit those of a
+      one-thread run.
+    Every schedule keeps at most two batches' logits alive, and runs across block boundaries (a block's
+    last targets overlap the next block's first forward), except after a block that a PCA basis is fitted on.
 
     compiled: the reductions run as the compiled kernels (`teacher_targets(compiled=True)`, equal to the
     eager ones to fp32 rounding), falling back to eager ops, once and with a warning, if inductor fails.
     """
     names = [name for name in spec.arrays() if name != "loss_mask"]  # (the mask is the data's)
     cpu_threads = torch.get_num_threads() if teacher.device.type == "cpu" else 1
-    overlap = teacher.device.type == "cpu" and cpu_threads == 1 if overlap is None else overlap
+    schedule = schedule or default_schedule(teacher.device, cpu_threads)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    in_flight = {"in_order": 0, "targets_thread": 1, "batch_workers": 2}[schedule]
+    worker_threads = max(1, cpu_threads // 2) if schedule == "batch_workers" else 1
     # (a new thread's torch thread count is the process default, not what the caller may have set)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="goose-targets", initializer=torch.set_num_threads,
-                              initargs=(1,)) if overlap else None
-    split = teacher.body_and_head() if overlap else None
-    pending = None  # (the previous batch's future, its block's entry in `open_blocks`)
+    pool = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="goose-targets",
+                              initializer=torch.set_num_threads, initargs=(worker_threads,)) if in_flight else None
+    split = teacher.body_and_head() if schedule == "targets_thread" else None
+    pending: collections.deque = collections.deque()  # (a batch's future, its block's entry in `open_blocks`)
     open_blocks: list[dict] = []  # blocks with batches in flight, oldest first
 
     def collect(arrays: dict[str, np.ndarray], entry: dict):
@@ -386,18 +406,40 @@ def compute_blocks(
             done.append((entry["block"], data, basis))
         return done
 
-    # One small forward before the first batch, its output discarded: a process's very first forward can
-    # differ from every later one at rounding level (the tiny GPT-2 test teacher: 2 fresh processes in 6; a
-    # warm-up of 4 tokens fixed 8 in 8), which would make a store's first block depend on whether the run
-    # that computed it was a resume
-    with torch.inference_mode():
+    def forward(ids: torch.Tensor):
+        """(the final-norm states' LM head as a callable, or the logits; the hidden states asked for)"""
+        with torch.inference_mode():
+            out = (split[0] if split else teacher.model)(
+                input_ids=ids, output_hidden_states=bool(spec.hidden_layers), use_cache=False)
+        hidden = {layer: out.hidden_states[layer] for layer in spec.hidden_layers}
+        return (partial(split[1], out.last_hidden_state) if split else out.logits), hidden
+
+    def batch_job(ids, first, pca, raw):  # batch_workers: one whole batch on a worker thread
+        logits, hidden = forward(ids)
+        return _batch_targets(logits, hidden, ids, first, spec, cfg, pca, raw, threads=worker_threads,
+                              compiled=compiled)
+
+    def warm_up(barrier: threading.Barrier | None = None):
+        # One small forward before the first batch, its output discarded: a process's very first forward can
+        # differ from every later one at rounding level (the tiny GPT-2 test teacher: 2 fresh processes in 6;
+        # a warm-up of 4 tokens fixed 8 in 8), which would make a store's first block depend on whether the
+        # run that computed it was a resume. With batch workers each worker thread warms up (the barrier
+        # hands one warm-up to each).
+        if barrier is not None:
+            barrier.wait()
         warm = torch.full((1, min(spec.seq_len, 8)), teacher.tokenizer.eos_token_id or 0, dtype=torch.long,
                           device=teacher.device)
-        out = (split[0] if split else teacher.model)(input_ids=warm, output_hidden_states=bool(spec.hidden_layers),
-                                                      use_cache=False)
-        if split:
-            split[1](out.last_hidden_state)
-        del out, warm
+        logits, _ = forward(warm)
+        if callable(logits):
+            with torch.inference_mode():
+                logits()
+
+    if schedule == "batch_workers":
+        barrier = threading.Barrier(in_flight)
+        for job in [pool.submit(warm_up, barrier) for _ in range(in_flight)]:
+            job.result()
+    else:
+        warm_up()
     try:
         for block, windows, mask in blocks:
             raw = bool(spec.hidden_pca_rank) and pca is None
@@ -410,28 +452,32 @@ def compute_blocks(
             for b0 in range(0, len(windows), cfg.batch_size):
                 ids = torch.from_numpy(np.ascontiguousarray(windows[b0 : b0 + cfg.batch_size], dtype=np.int64))
                 ids = ids.to(teacher.device)
-                with torch.inference_mode():
-                    out = (split[0] if split else teacher.model)(
-                        input_ids=ids, output_hidden_states=bool(spec.hidden_layers), use_cache=False)
-                hidden = {layer: out.hidden_states[layer] for layer in spec.hidden_layers}
-                logits = partial(split[1], out.last_hidden_state) if split else out.logits
+                if schedule == "batch_workers":
+                    while len(pending) >= in_flight:  # the oldest batch first: blocks come out in order
+                        future, done_entry = pending.popleft()
+                        collect(future.result(), done_entry)
+                        yield from finished()
+                    pending.append((pool.submit(batch_job, ids, first_window + b0, pca, raw), entry))
+                    continue
+                logits, hidden = forward(ids)
                 args = (logits, hidden, ids, first_window + b0, spec, cfg, pca, raw)
-                del out
-                if pending is not None:  # the previous batch's targets, computed while this forward ran
-                    collect(pending[0].result(), pending[1])
-                    pending = None
+                if pending:  # the previous batch's targets, computed while this forward ran
+                    future, done_entry = pending.popleft()
+                    collect(future.result(), done_entry)
                     yield from finished()
                 if pool is None:
                     collect(_batch_targets(*args, threads=cpu_threads, compiled=compiled), entry)
                 else:
-                    pending = (pool.submit(_batch_targets, *args, compiled=compiled), entry)
+                    pending.append((pool.submit(_batch_targets, *args, compiled=compiled), entry))
                 del args, hidden, logits
-            if raw and pending is not None:  # the basis must exist before the next block's targets
-                collect(pending[0].result(), pending[1])
-                pending = None
+            if raw:  # the basis must exist before the next block's targets
+                while pending:
+                    future, done_entry = pending.popleft()
+                    collect(future.result(), done_entry)
             yield from finished()
-        if pending is not None:
-            collect(pending[0].result(), pending[1])
+        while pending:
+            future, done_entry = pending.popleft()
+            collect(future.result(), done_entry)
         yield from finished()
     finally:
         if pool is not None:
