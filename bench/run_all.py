@@ -1,6 +1,6 @@
 """Every performance benchmark in one command: one table of ratios, written into docs/BENCHMARKS.md.
 
-    OMP_NUM_THREADS=1 python bench/run_all.py --cache runs/enwiki-tiny.zarr       # CPU, ~30-60 min on 2 cores
+    python bench/run_all.py --cache runs/enwiki-tiny.zarr       # CPU (one torch thread, then two), ~30-60 min on 2 cores
     python bench/run_all.py --cache STORE --quick                                 # fewer repeats, smaller inputs
     python bench/run_all.py --cache STORE --device cuda
 
@@ -38,9 +38,12 @@ def suites(args) -> list[tuple[str, list[str], dict]]:
     tiny = ["bench_cache_teacher.py", *reps, *dev] + (["--max-tokens", "16384"] if quick else [])
     gpt2 = ["bench_cache_teacher.py", "--teacher", "gpt2-small-random", "--seq-len", "1024", "--max-tokens",
             "2048" if quick else "16384", "--batch-size", "1", *reps, *dev]
+    # on CPU the first pass is at one torch thread unless OMP_NUM_THREADS says otherwise (torch's own default
+    # is every core, which would make it a second copy of the two-thread pass)
+    base = {"OMP_NUM_THREADS": "1"} if args.device == "cpu" and "OMP_NUM_THREADS" not in os.environ else {}
     out = [
-        ("stage one, enwiki-tiny", tiny + ([] if quick else ["--sizes"]), {}),
-        ("stage one, GPT-2-small-shaped", gpt2, {}),
+        ("stage one, enwiki-tiny", tiny + ([] if quick else ["--sizes"]), base),
+        ("stage one, GPT-2-small-shaped", gpt2, base),
     ]
     if args.device == "cpu" and os.environ.get("OMP_NUM_THREADS") != "2":
         # at one torch thread cache-teacher has the second core to itself; with both given both cores
@@ -49,14 +52,14 @@ def suites(args) -> list[tuple[str, list[str], dict]]:
                 ("stage one, GPT-2-small-shaped, two threads", gpt2, {"OMP_NUM_THREADS": "2"})]
     if args.device == "cpu":
         out.append(("stage one reductions alone", ["bench_teacher_targets.py"] + (["--repeats", "2"] if quick else []),
-                    {}))
+                    base))
     out += [
         ("student vs dense GPT-2", ["bench_student_vs_dense.py", *reps, *dev, "--new-tokens", "8" if quick else "16"]
-         + (["--context", "1024"] if quick else []), {}),
+         + (["--context", "1024"] if quick else []), base),
     ]
     if args.cache:
         out.append(("stage two streaming overhead (P3)", ["bench_loader_overhead.py", "--cache", args.cache, *dev,
-                                                          "--blocks", "2" if quick else "5"], {}))
+                                                          "--blocks", "2" if quick else "5"], base))
     return out
 
 
@@ -120,7 +123,7 @@ def main() -> None:
         rows += got
         if status != "ok":
             notes.append(f"- {name}: {status}")
-    threads = os.environ.get("OMP_NUM_THREADS", "default")
+    threads = os.environ.get("OMP_NUM_THREADS", "1 (set by run_all) then 2" if args.device == "cpu" else "default")
     header = (f"`{' '.join(['python bench/run_all.py', *sys.argv[1:]])}` on {args.device}, OMP_NUM_THREADS "
               f"{threads}, {time.strftime('%Y-%m-%d')}; each figure a median over alternating repeats within "
               f"its bench.")

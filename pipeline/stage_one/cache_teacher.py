@@ -482,6 +482,10 @@ def compute_blocks(
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+            if teacher.device.type == "cpu":
+                # a worker's torch.set_num_threads can reach the process-wide count (seen before the first
+                # parallel region has run): the caller keeps the count it had
+                torch.set_num_threads(cpu_threads)
 
 
 def fit_block_pca(data: dict[str, np.ndarray], spec: StoreSpec) -> tuple[dict, dict[str, np.ndarray]]:
