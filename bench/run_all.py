@@ -123,7 +123,9 @@ def main() -> None:
         rows += got
         if status != "ok":
             notes.append(f"- {name}: {status}")
-    threads = os.environ.get("OMP_NUM_THREADS", "1 (set by run_all) then 2" if args.device == "cpu" else "default")
+    threads = os.environ.get("OMP_NUM_THREADS", "1 (set by run_all)" if args.device == "cpu" else "default")
+    if args.device == "cpu" and threads != "2":
+        threads += " then 2"
     header = (f"`{' '.join(['python bench/run_all.py', *sys.argv[1:]])}` on {args.device}, OMP_NUM_THREADS "
               f"{threads}, {time.strftime('%Y-%m-%d')}; each figure a median over alternating repeats within "
               f"its bench.")

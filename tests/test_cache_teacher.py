@@ -305,39 +305,64 @@ def test_enwiki_teacher_on_wikitext_passes_verify_and_matches_hf_loss(tmp_path):
     assert 0.3 < info["mean_topk_coverage"] < 1.0
 
 
+@pytest.mark.parametrize("pca_rank", [0, 4])
 @pytest.mark.parametrize("schedule", ["targets_thread", "batch_workers"])
-def test_every_schedule_equals_targets_in_order(tiny_teacher, corpus_file, tmp_path, schedule):
+def test_every_schedule_equals_targets_in_order(tiny_teacher, corpus_file, tmp_path, monkeypatch, schedule, pca_rank):
     """On CPU a batch's targets (and GPT-2's LM head) are computed while the next batch's forward runs, or
-    whole batches on two worker threads, across block boundaries; the arrays are identical to the whole
-    model's logits reduced in order at one torch thread."""
+    whole batches on two worker threads, across block boundaries (and with a PCA basis fitted on block 0);
+    the arrays are identical to the whole model's logits reduced in order at one torch thread, the batches
+    really ran on the schedule's threads, and threads started afterwards keep the caller's thread count."""
+    import threading
+
     from goose.cache.schema import StoreSpec
+    from goose.pipeline.stage_one import cache_teacher
     from goose.pipeline.stage_one.cache_teacher import compute_blocks
     from goose.pipeline.stage_one.teacher import load_teacher
 
     teacher = load_teacher(str(tiny_teacher), dtype="fp32", device="cpu")
     assert teacher.body_and_head() is not None  # the overlapped path runs the LM head on the targets thread
     spec = StoreSpec(n_windows=17, seq_len=16, vocab_size=teacher.vocab_size, top_k=8, tail_temperatures=(1.0, 2.0),
-                     hidden_layers=(1, 2),
+                     hidden_layers=(1, 2), hidden_pca_rank=pca_rank,
                      hidden_size=teacher.hidden_size, hidden_dtype="int8", samples=4, chunk_windows=7)
     cfg = make_cfg(tmp_path / "unused.zarr", tiny_teacher, corpus_file, batch_size=2)
     windows = np.random.default_rng(0).integers(0, teacher.vocab_size, (17, 16))
     blocks = [(b, windows[slice(*spec.block_range(b))], None) for b in (0, 1, 2)]  # 7 + 7 + 3 windows
+    ran_on = []
+    batch_targets = cache_teacher._batch_targets
+
+    def recording(*args, **kw):
+        ran_on.append((threading.current_thread().name, torch.get_num_threads()))
+        return batch_targets(*args, **kw)
+
+    monkeypatch.setattr(cache_teacher, "_batch_targets", recording)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # batch workers at two threads run one torch thread each: so does the reference
     try:
         in_order = list(compute_blocks(teacher, blocks, spec, cfg, schedule="in_order"))
     finally:
         torch.set_num_threads(threads)
+    assert {name for name, _ in ran_on} == {threading.current_thread().name}
+    ran_on.clear()
     torch.set_num_threads(2)
     try:
         overlapped = list(compute_blocks(teacher, blocks, spec, cfg, schedule=schedule))
+        later = []
+        probe = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        probe.start()
+        probe.join()
+        assert later == [2]
     finally:
         torch.set_num_threads(threads)
+    assert len(ran_on) == 10  # 4 + 4 + 2 batches of (up to) 2 windows
+    assert all(name.startswith("goose-targets") and n == 1 for name, n in ran_on)
+    assert len({name for name, _ in ran_on}) == (2 if schedule == "batch_workers" else 1)
     assert [b for b, _, _ in in_order] == [b for b, _, _ in overlapped] == [0, 1, 2]
-    for (_, a, _), (_, b, _) in zip(in_order, overlapped):
+    for (_, a, basis_a), (_, b, basis_b) in zip(in_order, overlapped):
         assert sorted(a) == sorted(b)
         for name in a:
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        assert (basis_a is None) == (basis_b is None)
+    assert (in_order[0][2] is not None) == bool(pca_rank)
     np.testing.assert_array_equal(np.concatenate([d["input_ids"] for _, d, _ in overlapped]), windows)
 
 

@@ -358,15 +358,17 @@ def compute_blocks(
       teacher's LM head splits off exactly (`Teacher.body_and_head`: GPT-2), the head's matmul moves to that
       thread too: the forward stops at the final-norm states, so the two threads' work is closer to even
       (the head is ~35 % of enwiki-tiny's forward, ~25 % of GPT-2 small's).
-    - batch_workers (CPU, two or more torch threads): two worker threads, each at half the torch threads,
-      take whole batches (forward and targets) in turn. A forward at two threads loses ~7 % to its
-      synchronisation against two at one thread each (enwiki-tiny on 2 cores: 6.76 s vs 6.39 s), and the
-      in-order reductions that follow it paid their own synchronisation too; a targets thread beside a
-      two-thread forward only competes with it (measured on 2 cores: 1.37x the bare forward against 1.19x
-      in order, enwiki-tiny). With one torch thread per worker the arrays are bit for bit those of a
-      one-thread run.
-    Every schedule keeps at most two batches' logits alive, and runs across block boundaries (a block's
-    last targets overlap the next block's first forward), except after a block that a PCA basis is fitted on.
+    - batch_workers (CPU, two or more torch threads): two worker threads, each at half the torch threads
+      (rounded down: equal counts keep the two workers' rounding equal), take whole batches (forward and
+      targets) in turn. A forward at two threads loses 5.5 % to its synchronisation against two at one
+      thread each (enwiki-tiny on 2 cores: 6.76 s vs 6.39 s), and the in-order reductions that follow it
+      paid their own synchronisation too; a targets thread beside a two-thread forward only competes with
+      it (on 2 cores: 1.37x the bare forward against 1.19x in order, enwiki-tiny; docs/BENCHMARKS.md).
+    The arrays depend on the forward's torch thread count (a matmul can round differently at one and two
+    threads), not on the schedule: tested equal at one thread per forward, so batch_workers at two torch
+    threads writes what a one-thread run writes. At most two batches' logits are alive; the overlapping
+    schedules run across block boundaries (a block's last targets overlap the next block's first forward),
+    except after a block that a PCA basis is fitted on.
 
     compiled: the reductions run as the compiled kernels (`teacher_targets(compiled=True)`, equal to the
     eager ones to fp32 rounding), falling back to eager ops, once and with a warning, if inductor fails.
@@ -376,6 +378,8 @@ def compute_blocks(
     schedule = schedule or default_schedule(teacher.device, cpu_threads)
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule != "in_order" and teacher.device.type != "cpu":
+        raise ValueError(f"schedule {schedule!r} is for a CPU teacher (on {teacher.device.type} everything runs in order)")
     in_flight = {"in_order": 0, "targets_thread": 1, "batch_workers": 2}[schedule]
     worker_threads = max(1, cpu_threads // 2) if schedule == "batch_workers" else 1
     # (a new thread's torch thread count is the process default, not what the caller may have set)
@@ -434,13 +438,13 @@ def compute_blocks(
             with torch.inference_mode():
                 logits()
 
-    if schedule == "batch_workers":
-        barrier = threading.Barrier(in_flight)
-        for job in [pool.submit(warm_up, barrier) for _ in range(in_flight)]:
-            job.result()
-    else:
-        warm_up()
+    barrier = threading.Barrier(in_flight) if schedule == "batch_workers" else None
     try:
+        if barrier is not None:
+            for job in [pool.submit(warm_up, barrier) for _ in range(in_flight)]:
+                job.result()
+        else:
+            warm_up()
         for block, windows, mask in blocks:
             raw = bool(spec.hidden_pca_rank) and pca is None
             keep = [n for n in names if not n.startswith(("hidden_scale/", "hidden_channel_scale/"))] if raw else names
@@ -456,8 +460,10 @@ def compute_blocks(
                     while len(pending) >= in_flight:  # the oldest batch first: blocks come out in order
                         future, done_entry = pending.popleft()
                         collect(future.result(), done_entry)
-                        yield from finished()
+                    # the next batch is queued before finished blocks go to the caller (who writes them), so
+                    # no worker waits on that (a PCA block's batches all run raw, and it drains below)
                     pending.append((pool.submit(batch_job, ids, first_window + b0, pca, raw), entry))
+                    yield from finished()
                     continue
                 logits, hidden = forward(ids)
                 args = (logits, hidden, ids, first_window + b0, spec, cfg, pca, raw)
@@ -480,12 +486,14 @@ def compute_blocks(
             collect(future.result(), done_entry)
         yield from finished()
     finally:
+        if barrier is not None:
+            barrier.abort()  # a worker whose partner never came (a failed warm-up) stops waiting
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-            if teacher.device.type == "cpu":
-                # a worker's torch.set_num_threads can reach the process-wide count (seen before the first
-                # parallel region has run): the caller keeps the count it had
-                torch.set_num_threads(cpu_threads)
+        if teacher.device.type == "cpu":
+            # a worker thread's torch.set_num_threads (here and in `teacher_targets`) also sets the count that
+            # threads started later begin with: put back the caller's
+            torch.set_num_threads(cpu_threads)
 
 
 def fit_block_pca(data: dict[str, np.ndarray], spec: StoreSpec) -> tuple[dict, dict[str, np.ndarray]]:

@@ -423,10 +423,18 @@ class _CompiledReductions:
     @torch.inference_mode()
     def compile_now(self) -> None:
         """One call on random logits of the slice shape (inference tensors, as the teacher's logits are): the
-        compilation happens here, not in the first worker thread to need it."""
-        z = torch.randn(self.rows, self.vocab)
-        vals, _ = topk_rows_native(z, self.top_k)  # builds the C top-k as well
-        self.slice_targets(z, vals, torch.zeros(self.rows, 1, dtype=torch.long))
+        compilation happens here, not in the first worker thread to need it. At one torch thread, the count
+        every caller runs the kernels at (`teacher_targets` gives each slice to a one-thread worker or runs it
+        on a one-thread caller): dynamo guards on the count, and a compilation at another would be redone,
+        by every worker thread at once."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            z = torch.randn(self.rows, self.vocab)
+            vals, _ = topk_rows_native(z, self.top_k)  # builds the C top-k as well
+            self.slice_targets(z, vals, torch.zeros(self.rows, 1, dtype=torch.long))
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _own_code(fn):
