@@ -394,6 +394,11 @@ def compute_blocks(
             entry["parts"][name].append(arrays[name])
         entry["left"] -= 1
 
+    def collect_oldest():
+        """Wait for the oldest batch in flight and collect it (oldest first: blocks come out in order)."""
+        future, entry = pending.popleft()
+        collect(future.result(), entry)
+
     def finished():
         """Pop the oldest open blocks whose every batch is collected, as (block, arrays, basis or None)."""
         nonlocal pca
@@ -457,9 +462,8 @@ def compute_blocks(
                 ids = torch.from_numpy(np.ascontiguousarray(windows[b0 : b0 + cfg.batch_size], dtype=np.int64))
                 ids = ids.to(teacher.device)
                 if schedule == "batch_workers":
-                    while len(pending) >= in_flight:  # the oldest batch first: blocks come out in order
-                        future, done_entry = pending.popleft()
-                        collect(future.result(), done_entry)
+                    while len(pending) >= in_flight:
+                        collect_oldest()
                     # the next batch is queued before finished blocks go to the caller (who writes them), so
                     # no worker waits on that (a PCA block's batches all run raw, and it drains below)
                     pending.append((pool.submit(batch_job, ids, first_window + b0, pca, raw), entry))
@@ -468,22 +472,18 @@ def compute_blocks(
                 logits, hidden = forward(ids)
                 args = (logits, hidden, ids, first_window + b0, spec, cfg, pca, raw)
                 if pending:  # the previous batch's targets, computed while this forward ran
-                    future, done_entry = pending.popleft()
-                    collect(future.result(), done_entry)
+                    collect_oldest()
                     yield from finished()
                 if pool is None:
                     collect(_batch_targets(*args, threads=cpu_threads, compiled=compiled), entry)
                 else:
                     pending.append((pool.submit(_batch_targets, *args, compiled=compiled), entry))
                 del args, hidden, logits
-            if raw:  # the basis must exist before the next block's targets
-                while pending:
-                    future, done_entry = pending.popleft()
-                    collect(future.result(), done_entry)
+            while raw and pending:  # the basis must exist before the next block's targets
+                collect_oldest()
             yield from finished()
         while pending:
-            future, done_entry = pending.popleft()
-            collect(future.result(), done_entry)
+            collect_oldest()
         yield from finished()
     finally:
         if barrier is not None:
