@@ -271,6 +271,29 @@ def test_spike_anneal_fraction_blends_spikes_in_over_that_share_of_the_steps(tmp
     assert mixes == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]
 
 
+def test_validation_mid_anneal_scores_the_fully_ternary_model_that_best_holds(tmp_path, store):
+    """With spikes annealing in over every step, each validation scores the model as saved (fully ternary,
+    as best/ loads), not the partly continuous training blend; the training mix is restored afterwards."""
+    from goose.pipeline.stage_two.train import validate_model
+    from goose.student.model import Student
+
+    out = tmp_path / "anneal"
+    trainer = Trainer(cfg_for(store, out, "steps=6", "val_every=3", "spike_anneal_fraction=1.0"), progress=False)
+    trainer.fit()
+    assert {site.mix for site in trainer.model.spike_modules().values()} == {5 / 6}  # the last step's blend
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"kind": "val"' in x]
+    best = min(rows, key=lambda r: r["val_loss"])
+    model = Student.from_pretrained(str(out / "best"))
+    assert {site.mix for site in model.spike_modules().values()} == {1.0}
+    reloaded, _ = validate_model(model, trainer.val_url, trainer.val_spec, trainer.val_windows,
+                                 trainer.cfg.batch_size, "cpu")
+    assert reloaded["val_ppl"] == pytest.approx(best["val_ppl"], rel=1e-5)
+    model.set_spike_mix(best["step"] / 6 - 1 / 6)  # the blend training had at that validation
+    blended, _ = validate_model(model, trainer.val_url, trainer.val_spec, trainer.val_windows,
+                                trainer.cfg.batch_size, "cpu")
+    assert blended["val_ppl"] == pytest.approx(best["val_ppl"], rel=1e-5)
+
+
 def test_spike_lr_mult_scales_the_spike_parameters_step_only(tmp_path, store):
     """optim.spike_lr_mult: Adam's first step moves every parameter by about its lr (sign of the gradient),
     so with the multiplier the spike parameters move that many times as far and every other parameter

@@ -231,7 +231,24 @@ def split_windows(cfg: TrainConfig, reader: CacheReader, val_reader: CacheReader
 def validate_model(model: Student, url: str, spec, windows: np.ndarray, batch_size: int, device,
                    autocast=contextlib.nullcontext, storage_options: dict | None = None) -> tuple[dict, dict]:
     """Perplexity, teacher perplexity on the same windows, KL to the teacher at T=1, top-1 agreement and
-    spike statistics over fixed windows of a store. Returns (metrics, per-site SpikeStats)."""
+    spike statistics over fixed windows of a store. Returns (metrics, per-site SpikeStats).
+
+    Always of the fully ternary model, also while the trainer anneals spikes in: that is the model best/,
+    `goose eval` and export hold (a saved model loads fully ternary), so a mid-anneal validation neither
+    flatters the curve with continuous activations nor picks a best/ that scores worse once loaded. The
+    training mix is restored afterwards, so training and resume are unchanged."""
+    sites = list(model.spike_modules().values())
+    training_mix = [site.mix for site in sites]
+    for site in sites:
+        site.mix = 1.0
+    try:
+        return _validate_ternary(model, url, spec, windows, batch_size, device, autocast, storage_options)
+    finally:
+        for site, mix in zip(sites, training_mix):
+            site.mix = mix
+
+
+def _validate_ternary(model, url, spec, windows, batch_size, device, autocast, storage_options):
     model.eval()
     fields = ["input_ids", "topk_ids", "topk_logprobs", "tail_logmass", "gold_nll"]
     if getattr(spec, "loss_mask", False):  # masked data: every metric over the positions whose prediction counts
