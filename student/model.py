@@ -84,6 +84,10 @@ class StudentConfig:
             raise ValueError(f"ffn_mult must be > 0, got {self.ffn_mult!r}")
         if self.d_model % self.head_size:
             raise ValueError(f"d_model {self.d_model} is not a multiple of head_size {self.head_size}")
+        groups = int(self.spike.token_gain)
+        if groups and (self.d_model % groups or self.d_ffn % groups):
+            raise ValueError(f"spike token_gain's {groups} channel groups must divide d_model {self.d_model} "
+                             f"and d_ffn {self.d_ffn}")
 
     @property
     def n_head(self) -> int:
@@ -470,8 +474,8 @@ class Student(nn.Module):
                 key = f"{i}.{site}"
                 if key in rate:
                     acs += rate[key] * ops * self._steps_per_token(site)
-                    if cfg.spike.token_gain:  # the gain: its mean, thresholds times it, outputs times it
-                        macs += 2 * n_in + n_out
+                    if cfg.spike.token_gain:  # the gain: its mean, thresholds times it, each group's outputs times it
+                        macs += 2 * n_in + int(cfg.spike.token_gain) * n_out
                 else:
                     macs += ops
             other = lora + 5 * H * N * N  # low-rank paths; state decay, read, two writes, output read
@@ -482,7 +486,7 @@ class Student(nn.Module):
         if "head.head" in rate:
             acs += rate["head.head"] * head * self._steps_per_token("head")
             if cfg.spike.token_gain:
-                macs += 2 * C + V
+                macs += 2 * C + int(cfg.spike.token_gain) * V
         else:
             macs += head
         return {

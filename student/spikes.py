@@ -109,9 +109,12 @@ class SpikeConfig:
     center: bool = True  # spike x - mu (learned per-channel offset); W mu is a constant bias downstream
     # per-token gain (SpikeLM's elastic magnitude; BitNet's per-token activation scale): each token is
     # spiked as x / g with g its mean |x| over channels, and the spikes are scaled back by g, so one
-    # threshold and amplitude per channel fit quiet and loud tokens alike. In hardware: thresholds times g
-    # before the comparison, W (g s) = g (W s) after the additions (energy_report counts both)
-    token_gain: bool = False
+    # threshold and amplitude per channel fit quiet and loud tokens alike. An integer G > 1 gives each of G
+    # equal groups of channels its own gain per token (a shared block scale, as in the OCP microscaling
+    # formats); true = 1, false / 0 = no gain. In hardware: thresholds times g before the comparison, and
+    # W (g * s) = sum_j g_j (W_j s_j) after the additions, one partial sum per group and output, each scaled
+    # once (energy_report counts both)
+    token_gain: int = 0
     # the input's gradient: QAT's straight-through estimator, 1 inside the code's range [-a_neg, a_pos]
     # (times the scale) and 0 beyond it, instead of the surrogate's bump around the threshold (which gives
     # nothing to inputs far above it); thresholds still learn through the surrogate
@@ -128,6 +131,18 @@ class SpikeConfig:
             raise ValueError("micro_steps > 1 (rate coding) needs lif=True: without a membrane every step is equal")
         if not 0 < self.lif_leak < 1:
             raise ValueError("lif_leak must be in (0, 1)")
+        if not isinstance(self.token_gain, int) or self.token_gain < 0:  # bool is an int: true = 1 group
+            raise ValueError(f"spike token_gain must be true/false or a number of channel groups >= 0, "
+                             f"got {self.token_gain!r}")
+
+
+def _mean_abs(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Mean |x| over the last dimension per group of equal consecutive channels, broadcastable to x."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    if groups == 1:
+        return x.abs().mean(dim=-1, keepdim=True).clamp_min(1e-12)
+    per_group = x.abs().unflatten(-1, (groups, -1)).mean(dim=-1, keepdim=True).clamp_min(1e-12)
+    return per_group.expand(*per_group.shape[:-1], x.shape[-1] // groups).flatten(-2)
 
 
 def _inv_softplus(y: float) -> float:
@@ -156,13 +171,17 @@ class TernarySpike(nn.Module):
             raise ValueError(f"spike steps must be a positive integer, got {steps!r}")
         if steps > 1 and cfg.lif:
             raise ValueError("residual spike steps > 1 need lif=False (LIF sites use micro_steps for more steps)")
+        if cfg.token_gain and channels % cfg.token_gain:
+            raise ValueError(f"spike token_gain groups ({int(cfg.token_gain)}) do not divide a spike site's "
+                             f"{channels} channels")
         self.cfg = cfg
         self.channels = channels
         self.signed = signed
         self.steps = steps
         # the next step spikes what this one left: signed, uncentred (a residual has no DC offset to remove),
         # and in the units this step saw (after its token gain)
-        self.residual = (TernarySpike(channels, dataclasses.replace(cfg, center=False, token_gain=False), signed=True, steps=steps - 1)
+        self.residual = (TernarySpike(channels, dataclasses.replace(cfg, center=False, token_gain=0),
+                                      signed=True, steps=steps - 1)
                          if steps > 1 else None)
         if cfg.threshold == "learned":
             self.threshold_raw = nn.Parameter(torch.full((channels,), _inv_softplus(cfg.threshold_init)))
@@ -212,7 +231,7 @@ class TernarySpike(nn.Module):
         thresholds) or this token's mean |x| (stats thresholds), without gradient."""
         if self.cfg.threshold == "learned":
             return self.scale
-        return self.gain(x.detach())
+        return _mean_abs(x.detach(), 1)
 
     def leak(self) -> torch.Tensor:
         return torch.sigmoid(self.leak_raw)
@@ -266,11 +285,10 @@ class TernarySpike(nn.Module):
         self.initialized.fill_(True)
         self._initialized_seen = True
 
-    @staticmethod
-    def gain(x: torch.Tensor) -> torch.Tensor:
-        """A token's mean |x| over channels (..., 1), with gradient; at least fp32 (no 0/0 under fp16)."""
-        x = x.to(torch.promote_types(x.dtype, torch.float32))
-        return x.abs().mean(dim=-1, keepdim=True).clamp_min(1e-12)
+    def gain(self, x: torch.Tensor) -> torch.Tensor:
+        """A token's mean |x| over each of `token_gain` groups of channels, with gradient: (..., 1) for one
+        group, else (..., C) (each channel gets its group's gain); at least fp32 (no 0/0 under fp16)."""
+        return _mean_abs(x, int(self.cfg.token_gain))
 
     def needs_init(self) -> bool:
         """Whether the data-dependent init is still due. The buffer is read (a host sync) only until it is

@@ -135,6 +135,31 @@ def test_resume_refuses_a_config_that_breaks_the_run(six_step_run, store, change
     assert (six_step_run / "config.yaml").read_text() == before  # nothing rewritten
 
 
+@pytest.mark.parametrize("identity_has_student", [True, False])
+def test_resume_refuses_a_changed_student_default(six_step_run, store, monkeypatch, identity_has_student):
+    """The same run config can resolve to another student when a model default changes between versions
+    (token_gain's did): resume refuses it, also from checkpoints written before the student was part of the
+    identity (their config.yaml recorded it), and still resumes when nothing changed."""
+    from goose.pipeline.stage_two import train as train_module
+    from goose.student.spikes import SpikeConfig
+
+    if not identity_has_student:
+        for ck in (six_step_run / "checkpoints").iterdir():
+            payload = torch.load(ck / "state.pt", weights_only=True)
+            del payload["identity"]["student"]
+            torch.save(payload, ck / "state.pt")
+    Trainer(cfg_for(store, six_step_run, "steps=6"), resume=True, progress=False)  # unchanged: resumes
+    resolve = train_module.config_for_store
+
+    def new_default(name, vocab_size, **overrides):
+        cfg = resolve(name, vocab_size, **overrides)
+        cfg.spike = SpikeConfig(**{**cfg.spike.__dict__, "token_gain": 2 if cfg.spike.token_gain != 2 else 0})
+        return cfg
+    monkeypatch.setattr(train_module, "config_for_store", new_default)
+    with pytest.raises(GooseError, match=r"differs from the checkpoint in student\.spike\.token_gain"):
+        Trainer(cfg_for(store, six_step_run, "steps=9"), resume=True, progress=False)
+
+
 def test_resume_refuses_another_store(six_step_run, tmp_path, tiny_teacher, corpus_file):
     from goose.pipeline.stage_one.cache_teacher import CacheTeacherConfig, run_cache_teacher
     from goose.pipeline.stage_one.data import DataSpec

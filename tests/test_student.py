@@ -370,6 +370,11 @@ def test_energy_estimate():
     extra = cfg.n_layer * (4 * 3 * C + (2 * C + Fd) + (2 * Fd + C)) + 2 * C + cfg.vocab_size
     assert gained.energy_report(stats)["macs_per_token"] - plain.energy_report(stats)["macs_per_token"] == \
         pytest.approx(extra)
+    # with G gain groups each output sums G partial sums, each scaled once: G x out multiplies
+    grouped = random_student(spike_sites=sites, spike=SpikeConfig(token_gain=4))
+    extra = cfg.n_layer * (4 * (2 * C + 4 * C) + (2 * C + 4 * Fd) + (2 * Fd + 4 * C)) + 2 * C + 4 * cfg.vocab_size
+    assert grouped.energy_report(stats)["macs_per_token"] - plain.energy_report(stats)["macs_per_token"] == \
+        pytest.approx(extra)
 
 
 def test_detach_state_cuts_the_graph():
@@ -468,6 +473,49 @@ def test_token_gain_fits_loud_and_quiet_tokens():
     out, _, _ = spikes[True](xg)
     (out * torch.linspace(-1, 1, 16)).sum().backward()
     assert torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_grouped_token_gain_equals_spiking_each_group_at_its_own_gain(centered):
+    """token_gain = G: every token's channels fall in G equal groups, each spiked at its own mean |x - mu|
+    and scaled back by it. Reference: the same thresholds and amplitudes in a site without a gain, fed each
+    (token, group) slice divided by a gain computed in a Python loop, its output multiplied back."""
+    g = torch.Generator().manual_seed(0)
+    loud = torch.tensor([0.1, 1.0, 10.0, 0.5]).repeat_interleave(6)  # four groups of six, 100x apart
+    x = loud * torch.randn(2, 8, 24, generator=g) + 0.3
+    cfg = SpikeConfig(token_gain=4, center=centered)
+    site = TernarySpike(24, cfg)
+    site.train()
+    site(x)  # data-dependent init, per group-normalised input
+    site.eval()
+    plain = TernarySpike(24, SpikeConfig(center=centered))
+    plain.load_state_dict(site.state_dict())
+    plain.eval()
+    xg = x.clone().requires_grad_()
+    out, _, _ = site(xg)
+    xc = x - site.offset.detach() if centered else x
+    gains = torch.empty_like(x)
+    for b in range(2):
+        for t in range(8):
+            for j in range(4):
+                gains[b, t, 6 * j:6 * (j + 1)] = xc[b, t, 6 * j:6 * (j + 1)].abs().mean()
+    ref, _, _ = plain((xc / gains + (site.offset.detach() if centered else 0)))
+    ref = (ref - site.offset.detach()) * gains + site.offset.detach() if centered else ref * gains
+    torch.testing.assert_close(out.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+    fired = (out.detach() - (site.offset.detach() if centered else 0)) != 0
+    assert 0.2 < fired[..., :6].float().mean() < 0.8 and 0.2 < fired[..., 12:18].float().mean() < 0.8  # quiet and loud groups both fire
+    out.sum().backward()
+    assert torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
+
+
+def test_token_gain_groups_must_divide_every_site():
+    with pytest.raises(ValueError, match="do not divide"):
+        TernarySpike(10, SpikeConfig(token_gain=4))
+    with pytest.raises(ValueError, match="number of channel groups"):
+        SpikeConfig(token_gain=-1)
+    assert TernarySpike(10, SpikeConfig(token_gain=True)).gain(torch.ones(3, 10)).shape == (3, 1)  # true = 1 group
+    with pytest.raises(ValueError, match="must divide d_model 64"):  # a model config says so before building
+        preset("tiny", spike={"token_gain": 3})
 
 
 def test_unsigned_sites_choose_which_sites_lose_the_negative_branch():

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ... import __version__
 from ...cache.reader import CacheReader
 from ...errors import GooseError, RunFailed
-from ...student.model import Student, config_for_store, detach_state
+from ...student.model import Student, StudentConfig, config_for_store, detach_state
 from ...student.spikes import firing_rate_loss
 from .config import TrainConfig, dump_config
 from .curriculum import Curriculum, difficulty_order
@@ -599,7 +599,8 @@ class Trainer:
                                      if cfg.temperature.mode == "ctkd" else None)
         self.carry = None  # carry_state: the model state after the previous window of every row (detached)
         self.stop_signal = None
-        self.identity = run_identity(cfg, self.reader)
+        # the resolved student too: a changed model default must not resume into a different model
+        self.identity = {**run_identity(cfg, self.reader), "student": scfg.to_dict()}
         self.failed_batches: list[dict] = []  # non-finite steps since the last rollback: step, batch key, windows
         self.lock = RunLock(self.run)  # before anything is written to the run folder
         if main:
@@ -904,11 +905,28 @@ class Trainer:
         defaults = {k: v for k, v in TrainConfig().to_dict().items() if k not in RESUMABLE_KEYS}
         saved = {**saved, "config": {**{k: v for k, v in defaults.items() if k not in saved.get("config", {})},
                                      **saved.get("config", {})}}
+        if "student" not in saved:  # checkpoints before the student was part of the identity: its config.yaml
+            recorded = self._recorded_student()
+            saved["student"] = recorded if recorded is not None else self.identity["student"]
         changed = _differences(saved, self.identity)
         if changed:
             shown = ", ".join(changed[:8]) + (f" (+{len(changed) - 8} more)" if len(changed) > 8 else "")
             raise GooseError(f"--resume with a config or store that differs from the checkpoint in {shown}; "
                              f"only {', '.join(sorted(RESUMABLE_KEYS))} may change (use a new --out otherwise)")
+
+    def _recorded_student(self) -> dict | None:
+        """The resolved student config this run's config.yaml recorded when it started (None if absent)."""
+        try:
+            d = yaml.safe_load((self.run / "config.yaml").read_text())
+            student = d["_resolved"]["student"]
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            return None
+        if not isinstance(student, dict):
+            return None
+        try:  # as this version resolves it: fields added since then at their defaults
+            return StudentConfig.from_dict(student).to_dict()
+        except (TypeError, ValueError):
+            return student
 
     def _load(self, path: Path, *, keep_lr_scale: bool = False, payload: dict | None = None) -> None:
         d = payload if payload is not None else load_checkpoint(path, "cpu" if self.fsdp else self.device)
