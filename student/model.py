@@ -35,6 +35,10 @@ from .wkv import fla_available, wkv_chunked, wkv_fla, wkv_recurrent
 ALL_SITES = ("block_in", "tm_r", "tm_k", "tm_v", "tm_out", "cm_k", "cm_v", "head")
 DEFAULT_SITES = ("tm_r", "tm_k", "tm_v", "tm_out", "cm_k", "cm_v")
 UNSIGNED_SITES = ("cm_v",)
+# where the student's spikes differ from a bare SpikeConfig: four per-token gain groups per site (three
+# seeds of KD on the proxy, 0.5M tokens: 0.6-2.1 % lower PPL than no gain, docs/BENCHMARKS.md). A spike
+# dict (a config's model.overrides, a saved config.json) fills only the fields it leaves out from these
+STUDENT_SPIKE_DEFAULTS = {"token_gain": 4}
 MAC_PJ, AC_PJ = 4.6, 0.9  # energy per op at 45 nm (Horowitz 2014), the SNN literature's convention
 
 
@@ -53,7 +57,7 @@ class StudentConfig:
     # residual spike steps per site, e.g. {"cm_v": 2}: the site codes each token as K ternary spikes, each
     # spiking what the steps before it left (up to 3^K levels; K rounds of additions downstream)
     site_steps: dict[str, int] = field(default_factory=dict)
-    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    spike: SpikeConfig = field(default_factory=lambda: SpikeConfig(**STUDENT_SPIKE_DEFAULTS))
     ternary_weights: bool = False  # BitNet b1.58 weights for the large matrices
     chunk_size: int = 16
     # time-mix kernels: "torch" (wkv_chunked / wkv_recurrent, any device), "fla" (flash-linear-attention's
@@ -63,7 +67,7 @@ class StudentConfig:
 
     def __post_init__(self):
         if isinstance(self.spike, dict):
-            self.spike = SpikeConfig(**self.spike)
+            self.spike = SpikeConfig(**{**STUDENT_SPIKE_DEFAULTS, **self.spike})
         self.spike_sites = tuple(self.spike_sites)
         self.unsigned_sites = tuple(self.unsigned_sites)
         self.site_steps = dict(self.site_steps or {})
@@ -105,6 +109,11 @@ class StudentConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "StudentConfig":
+        """A saved config (config.json). One saved before a field existed gets what it meant then: a spike
+        dict without token_gain had no gain (not today's default of four groups)."""
+        d = dict(d)
+        if isinstance(d.get("spike"), dict) and "token_gain" not in d["spike"]:
+            d["spike"] = {**d["spike"], "token_gain": 0}
         return cls(**d)
 
 

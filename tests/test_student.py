@@ -365,7 +365,7 @@ def test_energy_estimate():
     # times it, the outputs times it), the head included when it is spiked
     sites = (*model.cfg.spike_sites, "head")
     gained = random_student(spike_sites=sites, spike=SpikeConfig(token_gain=True))
-    plain = random_student(spike_sites=sites)
+    plain = random_student(spike_sites=sites, spike=SpikeConfig())  # no gain (the student's default has four)
     stats = plain(ids, collect_stats=True).spike_stats
     extra = cfg.n_layer * (4 * 3 * C + (2 * C + Fd) + (2 * Fd + C)) + 2 * C + cfg.vocab_size
     assert gained.energy_report(stats)["macs_per_token"] - plain.energy_report(stats)["macs_per_token"] == \
@@ -506,6 +506,16 @@ def test_grouped_token_gain_equals_spiking_each_group_at_its_own_gain(centered):
     assert 0.2 < fired[..., :6].float().mean() < 0.8 and 0.2 < fired[..., 12:18].float().mean() < 0.8  # quiet and loud groups both fire
     out.sum().backward()
     assert torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
+
+
+def test_the_student_defaults_to_four_gain_groups_and_saved_configs_keep_theirs():
+    assert preset("proxy").spike.token_gain == 4
+    assert preset("proxy", spike={"lif": True}).spike.token_gain == 4  # an override dict keeps the default
+    assert preset("proxy", spike={"token_gain": False}).spike.token_gain == 0
+    saved = preset("proxy", spike={"token_gain": True}).to_dict()
+    assert StudentConfig.from_dict(saved).spike.token_gain == 1  # saved before groups: true = one gain
+    del saved["spike"]["token_gain"]
+    assert StudentConfig.from_dict(saved).spike.token_gain == 0  # saved before token_gain existed: none
 
 
 def test_token_gain_groups_must_divide_every_site():
