@@ -102,5 +102,7 @@ def test_quickstart_interrupted_exits_128_plus_signal_and_a_rerun_continues(tmp_
 def test_quickstart_default_distils_a_student_that_beats_chance(tmp_path):
     s = run_quickstart(str(tmp_path / "qs"), echo=lambda line: None)
     ppl = s["held_out_ppl"]
-    assert ppl["teacher"] < ppl["student_kd"] < len(vocabulary()) / 4
+    # far below chance and close to its teacher (since the four gain groups slightly below it on this
+    # grammar's held-out text: 4.96 vs 4.97), and ahead of the same student trained without a teacher
+    assert ppl["student_kd"] < min(len(vocabulary()) / 4, 1.1 * ppl["teacher"], ppl["student_ce"])
     # its run time is a benchmark figure (README), not a unit-test assertion: it varies with the machine's load
