@@ -37,8 +37,15 @@ DEFAULT_SITES = ("tm_r", "tm_k", "tm_v", "tm_out", "cm_k", "cm_v")
 UNSIGNED_SITES = ("cm_v",)
 # where the student's spikes differ from a bare SpikeConfig: four per-token gain groups per site (three
 # seeds of KD on the proxy, 0.5M tokens: 0.6-2.1 % lower PPL than no gain, docs/BENCHMARKS.md). A spike
-# dict (a config's model.overrides, a saved config.json) fills only the fields it leaves out from these
+# dict (a config's model.overrides, a saved config.json) fills only the fields it leaves out from these.
+# Not with LIF: a membrane carried across tokens in units of x / g would have to be rescaled by g_t / g_{t-1}
+# in hardware (thresholds times g no longer suffice), so LIF sites default to no gain
 STUDENT_SPIKE_DEFAULTS = {"token_gain": 4}
+
+
+def _student_spike(d: dict) -> SpikeConfig:
+    return SpikeConfig(**({} if d.get("lif") else STUDENT_SPIKE_DEFAULTS), **d) if "token_gain" not in d \
+        else SpikeConfig(**d)
 MAC_PJ, AC_PJ = 4.6, 0.9  # energy per op at 45 nm (Horowitz 2014), the SNN literature's convention
 
 
@@ -67,7 +74,7 @@ class StudentConfig:
 
     def __post_init__(self):
         if isinstance(self.spike, dict):
-            self.spike = SpikeConfig(**{**STUDENT_SPIKE_DEFAULTS, **self.spike})
+            self.spike = _student_spike(self.spike)
         self.spike_sites = tuple(self.spike_sites)
         self.unsigned_sites = tuple(self.unsigned_sites)
         self.site_steps = dict(self.site_steps or {})
@@ -89,9 +96,10 @@ class StudentConfig:
         if self.d_model % self.head_size:
             raise ValueError(f"d_model {self.d_model} is not a multiple of head_size {self.head_size}")
         groups = int(self.spike.token_gain)
-        if groups and (self.d_model % groups or self.d_ffn % groups):
-            raise ValueError(f"spike token_gain's {groups} channel groups must divide d_model {self.d_model} "
-                             f"and d_ffn {self.d_ffn}")
+        widths = {self.d_ffn if site == "cm_v" else self.d_model for site in self.spike_sites}
+        if groups and any(w % groups for w in widths):
+            raise ValueError(f"spike token_gain's {groups} channel groups must divide every spiked width "
+                             f"({', '.join(map(str, sorted(widths)))}: d_model and d_ffn)")
 
     @property
     def n_head(self) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 
 from goose.cli import main
@@ -136,10 +137,11 @@ def test_resume_refuses_a_config_that_breaks_the_run(six_step_run, store, change
 
 
 @pytest.mark.parametrize("identity_has_student", [True, False])
-def test_resume_refuses_a_changed_student_default(six_step_run, store, monkeypatch, identity_has_student):
+def test_resume_keeps_the_recorded_student_when_a_default_changes(six_step_run, store, monkeypatch,
+                                                                  identity_has_student):
     """The same run config can resolve to another student when a model default changes between versions
-    (token_gain's did): resume refuses it, also from checkpoints written before the student was part of the
-    identity (their config.yaml recorded it), and still resumes when nothing changed."""
+    (token_gain's did): resume builds the student config.yaml recorded, also from checkpoints written before
+    the student was part of the identity. Without that record it refuses instead of resuming another model."""
     from goose.pipeline.stage_two import train as train_module
     from goose.student.spikes import SpikeConfig
 
@@ -148,7 +150,7 @@ def test_resume_refuses_a_changed_student_default(six_step_run, store, monkeypat
             payload = torch.load(ck / "state.pt", weights_only=True)
             del payload["identity"]["student"]
             torch.save(payload, ck / "state.pt")
-    Trainer(cfg_for(store, six_step_run, "steps=6"), resume=True, progress=False)  # unchanged: resumes
+    started = Trainer(cfg_for(store, six_step_run, "steps=6"), resume=True, progress=False).model.cfg.spike.token_gain
     resolve = train_module.config_for_store
 
     def new_default(name, vocab_size, **overrides):
@@ -156,8 +158,16 @@ def test_resume_refuses_a_changed_student_default(six_step_run, store, monkeypat
         cfg.spike = SpikeConfig(**{**cfg.spike.__dict__, "token_gain": 2 if cfg.spike.token_gain != 2 else 0})
         return cfg
     monkeypatch.setattr(train_module, "config_for_store", new_default)
-    with pytest.raises(GooseError, match=r"differs from the checkpoint in student\.spike\.token_gain"):
-        Trainer(cfg_for(store, six_step_run, "steps=9"), resume=True, progress=False)
+    resumed = Trainer(cfg_for(store, six_step_run, "steps=9"), resume=True, progress=False)
+    assert resumed.model.cfg.spike.token_gain == started
+    resumed.fit()
+    assert resumed.step == 9
+    if identity_has_student:  # the checkpoints still know their student: a lost record is refused
+        recorded = yaml.safe_load((six_step_run / "config.yaml").read_text())
+        del recorded["_resolved"]["student"]
+        (six_step_run / "config.yaml").write_text(yaml.safe_dump(recorded, sort_keys=False))
+        with pytest.raises(GooseError, match=r"differs from the checkpoint in student\.spike\.token_gain"):
+            Trainer(cfg_for(store, six_step_run, "steps=12"), resume=True, progress=False)
 
 
 def test_resume_refuses_another_store(six_step_run, tmp_path, tiny_teacher, corpus_file):

@@ -447,6 +447,15 @@ def run_identity(cfg: TrainConfig, reader: CacheReader) -> dict:
                                         "config_hash": p.get("config_hash")}}
 
 
+def _normalised_student(student: dict) -> dict:
+    """A recorded student config as this version resolves it: fields added since at what they meant then
+    (StudentConfig.from_dict), so an older record compares equal to the same model."""
+    try:
+        return StudentConfig.from_dict(student).to_dict()
+    except (TypeError, ValueError):
+        return student
+
+
 def _differences(a, b, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
@@ -505,6 +514,12 @@ class Trainer:
         # model and distillation heads
         try:
             scfg = config_for_store(cfg.model.preset, spec.vocab_size, **cfg.model.overrides)
+            # resume: the student the run started with (config.yaml records it resolved), so a model default
+            # changed since (token_gain's did) does not change the model under its checkpoints; a changed
+            # preset or override is still refused by the identity check
+            recorded = self._recorded_student() if resume else None
+            if recorded is not None:  # sized to this store (another store is the identity check's to refuse)
+                scfg = StudentConfig.from_dict({**recorded, "vocab_size": spec.vocab_size})
         except (TypeError, ValueError) as exc:
             raise GooseError(f"bad model config: {exc}") from None
         self.model = Student(scfg).to(self.device)
@@ -908,6 +923,8 @@ class Trainer:
         if "student" not in saved:  # checkpoints before the student was part of the identity: its config.yaml
             recorded = self._recorded_student()
             saved["student"] = recorded if recorded is not None else self.identity["student"]
+        else:  # fields added to the student config since count as their defaults (from_dict's rules)
+            saved["student"] = _normalised_student(saved["student"])
         changed = _differences(saved, self.identity)
         if changed:
             shown = ", ".join(changed[:8]) + (f" (+{len(changed) - 8} more)" if len(changed) > 8 else "")
@@ -921,12 +938,7 @@ class Trainer:
             student = d["_resolved"]["student"]
         except (OSError, yaml.YAMLError, KeyError, TypeError):
             return None
-        if not isinstance(student, dict):
-            return None
-        try:  # as this version resolves it: fields added since then at their defaults
-            return StudentConfig.from_dict(student).to_dict()
-        except (TypeError, ValueError):
-            return student
+        return _normalised_student(student) if isinstance(student, dict) else None
 
     def _load(self, path: Path, *, keep_lr_scale: bool = False, payload: dict | None = None) -> None:
         d = payload if payload is not None else load_checkpoint(path, "cpu" if self.fsdp else self.device)
