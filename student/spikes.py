@@ -137,12 +137,19 @@ class SpikeConfig:
 
 
 def _mean_abs(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """Mean |x| over the last dimension per group of equal consecutive channels, broadcastable to x."""
+    """Mean |x| over the last dimension per group of equal consecutive channels: (..., 1) for one group,
+    (..., G, 1) for G (apply it with `_by_group`; no (..., C) copy is made or saved for backward)."""
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     if groups == 1:
         return x.abs().mean(dim=-1, keepdim=True).clamp_min(1e-12)
-    per_group = x.abs().unflatten(-1, (groups, -1)).mean(dim=-1, keepdim=True).clamp_min(1e-12)
-    return per_group.expand(*per_group.shape[:-1], x.shape[-1] // groups).flatten(-2)
+    return x.abs().unflatten(-1, (groups, -1)).mean(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _by_group(op, x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """op(x, gain) with each channel taking its group's gain, in x's dtype."""
+    if gain.dim() == x.dim():  # one group
+        return op(x, gain).to(x.dtype)
+    return op(x.unflatten(-1, (gain.shape[-2], -1)), gain).flatten(-2).to(x.dtype)
 
 
 def _inv_softplus(y: float) -> float:
@@ -268,7 +275,7 @@ class TernarySpike(nn.Module):
             self.offset.copy_(_global_mean_(flat.mean(0)))
             flat = flat - self.offset
         if self.cfg.token_gain:
-            flat = flat / self.gain(flat)
+            flat = _by_group(torch.div, flat, self.gain(flat))
         self.scale.copy_(_global_mean_(flat.abs().mean(0)).clamp_min(1e-6))
         if self.cfg.threshold == "learned":
             rel = torch.full_like(self.scale, self.cfg.stats_alpha)
@@ -287,7 +294,7 @@ class TernarySpike(nn.Module):
 
     def gain(self, x: torch.Tensor) -> torch.Tensor:
         """A token's mean |x| over each of `token_gain` groups of channels, with gradient: (..., 1) for one
-        group, else (..., C) (each channel gets its group's gain); at least fp32 (no 0/0 under fp16)."""
+        group, else (..., G, 1) (`_by_group` applies it); at least fp32 (no 0/0 under fp16)."""
         return _mean_abs(x, int(self.cfg.token_gain))
 
     def needs_init(self) -> bool:
@@ -328,7 +335,7 @@ class TernarySpike(nn.Module):
         xc = x - self.offset if self.centered else x
         gain = self.gain(xc) if self.cfg.token_gain else None
         if gain is not None:
-            xc = (xc / gain).to(x.dtype)
+            xc = _by_group(torch.div, xc, gain)
         if not self.cfg.lif:
             s, rate = self._code(xc, stats, update_scale)
         else:
@@ -338,7 +345,7 @@ class TernarySpike(nn.Module):
                 stats.add(pos.detach(), neg.detach())
             rate = (pos + neg).mean()
         if gain is not None:
-            s = (s * gain).to(x.dtype)
+            s = _by_group(torch.mul, s, gain)
         if self.centered:
             s = s + self.offset
         if self._annealing:

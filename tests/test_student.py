@@ -532,6 +532,7 @@ def test_token_gain_groups_must_divide_every_site():
     with pytest.raises(ValueError, match="number of channel groups"):
         SpikeConfig(token_gain=-1)
     assert TernarySpike(10, SpikeConfig(token_gain=True)).gain(torch.ones(3, 10)).shape == (3, 1)  # true = 1 group
+    assert TernarySpike(12, SpikeConfig(token_gain=4)).gain(torch.ones(3, 12)).shape == (3, 4, 1)  # no (3, 12) copy
     with pytest.raises(ValueError, match="must divide every spiked width"):  # the model config says so
         preset("tiny", spike={"token_gain": 3})
     assert preset("tiny", spike={"token_gain": 3}, spike_sites=()).spike.token_gain == 3  # nothing spiked: no width
