@@ -44,8 +44,11 @@ STUDENT_SPIKE_DEFAULTS = {"token_gain": 4}
 
 
 def _student_spike(d: dict) -> SpikeConfig:
-    return SpikeConfig(**({} if d.get("lif") else STUDENT_SPIKE_DEFAULTS), **d) if "token_gain" not in d \
-        else SpikeConfig(**d)
+    """A student's SpikeConfig from a (possibly partial) spike dict: its fields, then the student defaults."""
+    defaults = {} if d.get("lif") else STUDENT_SPIKE_DEFAULTS
+    return SpikeConfig(**{**defaults, **d})
+
+
 MAC_PJ, AC_PJ = 4.6, 0.9  # energy per op at 45 nm (Horowitz 2014), the SNN literature's convention
 
 
@@ -64,7 +67,7 @@ class StudentConfig:
     # residual spike steps per site, e.g. {"cm_v": 2}: the site codes each token as K ternary spikes, each
     # spiking what the steps before it left (up to 3^K levels; K rounds of additions downstream)
     site_steps: dict[str, int] = field(default_factory=dict)
-    spike: SpikeConfig = field(default_factory=lambda: SpikeConfig(**STUDENT_SPIKE_DEFAULTS))
+    spike: SpikeConfig = field(default_factory=lambda: _student_spike({}))
     ternary_weights: bool = False  # BitNet b1.58 weights for the large matrices
     chunk_size: int = 16
     # time-mix kernels: "torch" (wkv_chunked / wkv_recurrent, any device), "fla" (flash-linear-attention's

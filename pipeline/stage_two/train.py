@@ -517,7 +517,7 @@ class Trainer:
             # resume: the student the run started with (config.yaml records it resolved), so a model default
             # changed since (token_gain's did) does not change the model under its checkpoints; a changed
             # preset or override is still refused by the identity check
-            recorded = self._recorded_student() if resume else None
+            self.recorded_student = recorded = self._recorded_student() if resume else None
             if recorded is not None:  # sized to this store (another store is the identity check's to refuse)
                 scfg = StudentConfig.from_dict({**recorded, "vocab_size": spec.vocab_size})
         except (TypeError, ValueError) as exc:
@@ -921,7 +921,7 @@ class Trainer:
         saved = {**saved, "config": {**{k: v for k, v in defaults.items() if k not in saved.get("config", {})},
                                      **saved.get("config", {})}}
         if "student" not in saved:  # checkpoints before the student was part of the identity: its config.yaml
-            recorded = self._recorded_student()
+            recorded = self.recorded_student
             saved["student"] = recorded if recorded is not None else self.identity["student"]
         else:  # fields added to the student config since count as their defaults (from_dict's rules)
             saved["student"] = _normalised_student(saved["student"])
