@@ -30,7 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .spikes import SpikeConfig, SpikeStats, TernaryLinear, TernarySpike
-from .wkv import fla_available, wkv_chunked, wkv_fla, wkv_recurrent
+from . import wkv as _wkv
+from .wkv import wkv_chunked, wkv_fla, wkv_recurrent
 
 ALL_SITES = ("block_in", "tm_r", "tm_k", "tm_v", "tm_out", "cm_k", "cm_v", "head")
 DEFAULT_SITES = ("tm_r", "tm_k", "tm_v", "tm_out", "cm_k", "cm_v")
@@ -261,7 +262,7 @@ class TimeMix(nn.Module):
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0).view(B, T, C)  # removal key
         k = k * (1 + (a - 1) * self.k_a)
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
-        fla_here = x.is_cuda and fla_available()
+        fla_here = _wkv.fla_runs_on(x)
         if self.wkv_backend == "fla" and not fla_here:  # shown once: the warnings module's default filter
             warnings.warn("wkv_backend 'fla' needs CUDA and flash-linear-attention (pip install "
                           "'goose-distill[cuda]'); using the torch kernels", stacklevel=2)

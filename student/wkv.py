@@ -14,8 +14,8 @@ as exp(Lambda_t - Lambda_s) with s <= t (a product of decays *between* two token
 never as a division by a cumulative decay product, which underflows (see docs/STUDENT.md).
 
 `wkv_fla` is the CUDA fast path: flash-linear-attention's RWKV-7 Triton kernels, held equal to
-`wkv_recurrent` by tests/test_wkv_fla.py (the argument mapping on CPU against fla's own reference
-recurrence; the kernels themselves wherever CUDA is present).
+`wkv_recurrent` by tests/test_wkv_fla.py (the argument mapping, against fla's own reference recurrence) and
+tests/test_fla_kernels.py (the kernels themselves: on CUDA, or on CPU under Triton's interpreter).
 
 Shapes: r, log_w, k, v, a, b are (B, T, H, N); log_w = log(w) <= 0; state is (B, H, N, N) in fp32.
 """
@@ -167,6 +167,12 @@ def fla_available() -> bool:
     return True
 
 
+def fla_runs_on(x: torch.Tensor) -> bool:
+    """Whether fla's kernels take this tensor: CUDA with fla installed. The one place the time-mix and
+    `wkv_fla` decide it (tests/test_fla_kernels.py widens it to CPU under Triton's interpreter)."""
+    return x.is_cuda and fla_available()
+
+
 def wkv_fla(r, log_w, k, v, a, b, state, recurrent: bool = False, kernels=None):
     """flash-linear-attention's RWKV-7 kernels: the same recurrence as `wkv_recurrent`, on CUDA.
 
@@ -178,7 +184,7 @@ def wkv_fla(r, log_w, k, v, a, b, state, recurrent: bool = False, kernels=None):
     CPU). The chunk kernel trains and runs prompts; the fused recurrent one single no-grad tokens.
     """
     if kernels is None:
-        if not r.is_cuda:
+        if not fla_runs_on(r):
             raise ValueError("wkv_backend 'fla' runs on CUDA only; use wkv_backend 'torch' (or 'auto') on CPU")
         from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
         kernels = (chunk_rwkv7, fused_recurrent_rwkv7)
