@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ...cache.decode import raw_tensors
 from ...cache.reader import CacheReader
 from ...errors import GooseError
 
@@ -68,20 +69,38 @@ def to_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 class _PlanDataset(Dataset):
-    """Item i = batch i of a plan, read with one orthogonal read per array. Opens its reader lazily so
+    """Item g = batches [g * group, (g + 1) * group) of a plan, read together: one read of the union of their
+    windows per array, so each storage chunk they touch is decompressed once for the whole group instead of
+    once per batch (a plan's consecutive batches come from the same few chunks). Opens its reader lazily so
     each worker process has its own."""
 
-    def __init__(self, url: str, plan: list[np.ndarray], fields: list[str], storage_options: dict | None = None):
-        self.url, self.plan, self.fields, self.storage_options = url, plan, fields, storage_options
+    def __init__(self, url: str, plan: list[np.ndarray], fields: list[str], group: int,
+                 storage_options: dict | None = None, dequantize: bool = True):
+        self.url, self.plan, self.fields, self.group, self.storage_options = url, plan, fields, group, storage_options
+        self.dequantize = dequantize
         self.reader = None
 
     def __len__(self):
-        return len(self.plan)
+        return -(-len(self.plan) // self.group)
 
-    def __getitem__(self, i):
+    def __getitem__(self, g):
         if self.reader is None:
             self.reader = CacheReader(self.url, storage_options=self.storage_options)
-        return to_tensors(self.reader.read_indices(self.plan[i], self.fields))
+        batches = self.plan[g * self.group : (g + 1) * self.group]
+        arrays = self.reader.read_indices(np.concatenate(batches), self.fields, dequantize=self.dequantize)
+        cuts = np.cumsum([len(b) for b in batches])[:-1]
+        convert = to_tensors if self.dequantize else raw_tensors
+        return [convert(dict(zip(arrays, parts))) for parts in zip(*(np.split(a, cuts) for a in arrays.values()))]
+
+
+def _batches_of(groups, skip: int):
+    """The batches of an iterator of groups, in order, leaving out the first `skip` (a resume mid-group)."""
+    for group in groups:
+        for batch in group:
+            if skip:
+                skip -= 1
+                continue
+            yield batch
 
 
 class _ThreadPrefetch:
@@ -136,8 +155,11 @@ class CacheLoader:
 
     def __init__(self, url: str, fields: list[str], *, batch_size: int, chunk_windows: int, seed: int = 0,
                  buffer_chunks: int = 4, num_workers: int = 0, pin_memory: bool = False, prefetch: int = 2,
-                 streams: bool = False, rank: int = 0, world: int = 1, storage_options: dict | None = None):
-        self.url, self.fields, self.streams = url, list(fields), streams
+                 streams: bool = False, rank: int = 0, world: int = 1, storage_options: dict | None = None,
+                 dequantize: bool = True):
+        # dequantize=False: batches hold the stored encodings (cache.decode.raw_tensors), for a
+        # cache.decode.BatchDecoder on the training device; the host then only reads and decompresses
+        self.url, self.fields, self.streams, self.dequantize = url, list(fields), streams, dequantize
         self.storage_options = storage_options or None  # fsspec options; travel to worker processes
         # data parallelism: `batch_size` is the global batch; rank r reads rows [r * b, (r + 1) * b) of every
         # global batch of the one seeded plan, so N ranks see exactly what one process would
@@ -169,14 +191,26 @@ class CacheLoader:
         return epoch_plan(self.pool, self.chunk_windows, self.batch_size, self.seed * 1000 + self.pool_id,
                           self.epoch, self.buffer_chunks)
 
+    def group_batches(self) -> int:
+        """Batches read together (`_PlanDataset`): about one shuffle buffer's worth of windows, or for streams
+        (batch j = window j of every lane) one chunk's worth of consecutive windows per lane."""
+        per = self.batch_size // self.world
+        if self.streams:
+            return max(1, self.chunk_windows)
+        return max(1, self.buffer_chunks * self.chunk_windows // per)
+
     def _start(self):
         per = self.batch_size // self.world
-        plan = [b[self.rank * per : (self.rank + 1) * per] for b in self._plan()[self.position :]]
+        plan = [b[self.rank * per : (self.rank + 1) * per] for b in self._plan()]
+        group = self.group_batches()
+        first = self.position // group  # groups are cut from the epoch's start, so a resume reads the same ones
         kw = dict(batch_size=None, shuffle=False, num_workers=self.num_workers, pin_memory=self.pin_memory)
         if self.num_workers > 0:
             kw.update(prefetch_factor=self.prefetch, persistent_workers=False)
         self.close()
-        self._iter = iter(DataLoader(_PlanDataset(self.url, plan, self.fields, self.storage_options), **kw))
+        dataset = _PlanDataset(self.url, plan[first * group :], self.fields, group, self.storage_options,
+                               self.dequantize)
+        self._iter = _batches_of(iter(DataLoader(dataset, **kw)), self.position - first * group)
         if self.num_workers == 0 and self.prefetch > 0:
             self._iter = _ThreadPrefetch(self._iter, self.prefetch)
 

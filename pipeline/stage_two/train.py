@@ -27,6 +27,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from ... import __version__
+from ...cache.decode import BatchDecoder, fields_to_read
 from ...cache.reader import CacheReader
 from ...errors import GooseError, RunFailed
 from ...student.model import Student, StudentConfig, config_for_store, detach_state
@@ -591,9 +592,15 @@ class Trainer:
                 ent[start:stop] = part["entropy"].astype(np.float32).mean(axis=1)
             order = difficulty_order(nll[self.train_windows], ent[self.train_windows])
             self.curriculum = Curriculum(cfg.curriculum, self.train_windows[order])
-        self.loader = CacheLoader(cfg.cache, self.fields, batch_size=cfg.batch_size, chunk_windows=spec.chunk_windows,
+        # On CUDA the loader hands over the stored encodings and they are decoded on the GPU (cache/decode.py):
+        # at GPT-2's shapes decoding is most of the host's reading time, and int8 hidden states cross the bus
+        # at a quarter of float32's bytes. On CPU the host decodes, as it always has.
+        on_device = self.device.type == "cuda"
+        self.decode = BatchDecoder(spec, self.fields, self.reader.pca_basis()) if on_device else None
+        self.loader = CacheLoader(cfg.cache, fields_to_read(spec, self.fields) if on_device else self.fields,
+                                  batch_size=cfg.batch_size, chunk_windows=spec.chunk_windows,
                                   seed=cfg.seed, buffer_chunks=cfg.buffer_chunks, num_workers=cfg.num_workers,
-                                  pin_memory=self.device.type == "cuda", streams=cfg.carry_state,
+                                  pin_memory=on_device, streams=cfg.carry_state, dequantize=not on_device,
                                   rank=self.dist.rank, world=self.dist.world, storage_options=cfg.storage_options)
         self.loader.set_pool(self.curriculum.pool() if self.curriculum else self.train_windows, 0)
 
@@ -746,6 +753,8 @@ class Trainer:
         unscaled = False
         for micro in range(c.optim.accumulation):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in self.loader.next().items()}
+            if self.decode is not None:
+                batch = self.decode(batch)
             # DDP: gradients are all-reduced in the last micro-batch's backward only
             last = micro == c.optim.accumulation - 1
             # FSDP2 reduce-scatters every micro-batch into the sharded .grad: holding the sync back would keep
