@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -114,8 +115,14 @@ def main() -> None:
     ap.add_argument("--gpu-batch", type=int, default=16, help="windows per GPU batch in the memory model")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--row", help=argparse.SUPPRESS)  # CONFIG:0|1, one measurement in this process
     args = ap.parse_args()
     from goose.cache.reader import CacheReader
+
+    if args.row:
+        config, checkpointing = args.row.split(":")
+        print(json.dumps(measure(args, config, checkpointing == "1")))
+        return
 
     spec = CacheReader(args.cache).spec
     gpu_tokens = args.gpu_batch * spec.seq_len
@@ -125,7 +132,7 @@ def main() -> None:
     for config in args.configs.split(","):
         one_block = 0.0
         for checkpointing in (False, True):
-            row = measure(args, config, checkpointing)
+            row = run_row(config, checkpointing)
             if not checkpointing:
                 one_block = max((v for k, v in row["saved_bytes_per_token"].items() if k.startswith("block")), default=0)
             row["gpu_model"] = memory_model(row, gpu_tokens, spec.vocab_size, one_block)
@@ -133,6 +140,17 @@ def main() -> None:
             show(row, args, spec, sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps({"cache": args.cache, "device": args.device, "amp": args.amp, "rows": rows}))
+
+
+def run_row(config: str, checkpointing: bool) -> dict:
+    """One measurement in a fresh process: peak memory is a process's high-water mark."""
+    argv = [a for a in sys.argv[1:] if a != "--json"]
+    out = subprocess.run([sys.executable, __file__, *argv, "--row", f"{config}:{int(checkpointing)}"],
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{config} (checkpointing {checkpointing}) failed with exit {out.returncode}:\n"
+                         f"{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def show(r: dict, args, spec, file) -> None:

@@ -10,9 +10,9 @@ store with the same spec by `CacheWriter.write_block` (encode, compress, write, 
 
 Reader: `CacheLoader` (what train-from-cache runs) hands out batches of 16 x seq_len for the field sets of
 the shipped configs: `kd_rs` (the RS-KD draws), `kd` (top-k + tail), `align` (`kd` plus every stored hidden
-layer: `align` and `full`). `decode on` is the loader's default (batches decoded on the host, float32);
-`decode off` hands the stored encodings over to be decoded on the training device
-(`decode_on_device: true`, the CUDA default), so the host only reads and decompresses.
+layer: `align` and `full`). `decode on` is the host path (CPU training: batches decoded
+with numpy, float32); `decode off` is what train-from-cache runs on CUDA: the loader hands over the stored
+encodings and `cache.decode.BatchDecoder` decodes them on the GPU, so the host only reads and decompresses.
 
 Every cell runs in its own process pinned to --cores cores (`os.sched_setaffinity`), one after another,
 so per-core rates are not disturbed by the other cells. Prints a table and, with --json, one JSON object.
@@ -84,13 +84,14 @@ def writer_cell(cache: str, threads: int, repeats: int) -> dict:
 
 
 def reader_cell(cache: str, fields: str, workers: int, batches: int, decode: bool, batch_size: int) -> dict:
+    from goose.cache.decode import fields_to_read
     from goose.cache.reader import CacheReader
     from goose.pipeline.stage_two.loader import CacheLoader
 
     spec = CacheReader(cache).spec
-    names = fields_for(fields, spec)
+    names = fields_for(fields, spec) if decode else fields_to_read(spec, fields_for(fields, spec))
     loader = CacheLoader(cache, names, batch_size=batch_size, chunk_windows=spec.chunk_windows,
-                         num_workers=workers, decode=decode)
+                         num_workers=workers, dequantize=decode)
     import numpy as np
 
     loader.set_pool(np.arange(spec.n_windows))

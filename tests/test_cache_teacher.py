@@ -453,3 +453,57 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tiny_teacher, corpus
     assert not cache_teacher.use_compiled_targets(auto, cuda, 50257, 10**9)  # GPU reductions are cheap already
     forced = make_cfg(tmp_path / "x.zarr", tiny_teacher, corpus_file, compile_targets=False)
     assert not cache_teacher.use_compiled_targets(forced, cpu, 50257, 10**9)
+
+
+def test_several_writer_threads_write_the_same_store_and_a_crash_keeps_only_whole_blocks(
+        tmp_path, tiny_teacher, corpus_file, monkeypatch):
+    """BlockWriterPool: 3 threads write the bytes 1 thread writes; when one thread's block dies half-written,
+    the command fails with that error, every block marked done is whole (verify passes on them), and a rerun
+    finishes a store equal to the uninterrupted one."""
+    import threading
+
+    kw = dict(samples=8, hidden_layers="1", hidden_dtype="int8")
+    one = make_cfg(tmp_path / "one.zarr", tiny_teacher, corpus_file, writer_threads=1, **kw)
+    run_cache_teacher(one)
+    many = make_cfg(tmp_path / "many.zarr", tiny_teacher, corpus_file, writer_threads=3, **kw)
+    seen = set()
+    real_write = CacheWriter.write_block
+
+    def counting_write(self, block, data):
+        seen.add(threading.current_thread().name)
+        return real_write(self, block, data)
+
+    monkeypatch.setattr(CacheWriter, "write_block", counting_write)
+    run_cache_teacher(many)
+    assert len(seen) > 1  # blocks really went to several threads
+    assert_same_store(one.output, many.output)
+
+    part = make_cfg(tmp_path / "part.zarr", tiny_teacher, corpus_file, writer_threads=3, **kw)
+
+    def crashing_write(self, block, data):
+        if block == 2:
+            self_arrays = dict(self._arrays)
+            real_set = self_arrays["gold_nll"]
+
+            class Dies:
+                def __getattr__(self, name):
+                    return getattr(real_set, name)
+
+                def __setitem__(self, key, value):
+                    raise RuntimeError("simulated crash in a writer thread")
+
+            writer_copy = object.__new__(type(self))
+            writer_copy.__dict__.update(self.__dict__, _arrays={**self_arrays, "gold_nll": Dies()})
+            return real_write(writer_copy, block, data)
+        return real_write(self, block, data)
+
+    monkeypatch.setattr(CacheWriter, "write_block", crashing_write)
+    with pytest.raises(RuntimeError, match="simulated crash in a writer thread"):
+        run_cache_teacher(part)
+    monkeypatch.setattr(CacheWriter, "write_block", real_write)
+    half = CacheReader(str(part.output), allow_incomplete=True)
+    done = half.blocks_done()
+    assert done[2] == 0 and not half.complete
+    assert not half.integrity_problems()  # the blocks marked done are whole
+    run_cache_teacher(part)
+    assert_same_store(one.output, part.output)

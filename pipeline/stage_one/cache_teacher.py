@@ -98,6 +98,9 @@ class CacheTeacherConfig:
     # warning, if inductor cannot build them
     compile_targets: bool | None = None
     storage_options: dict | None = None
+    # threads writing finished blocks (encode, compress, write) beside the forward; 0 = auto (BlockWriterPool):
+    # 1 on CPU, half the host's cores up to 8 on CUDA. Never changes the stored bytes
+    writer_threads: int = 0
     progress: bool = True
     shard: tuple[int, int] | None = None  # (I, N): compute only blocks b with b % N == I; do not finalize
 
@@ -507,24 +510,30 @@ def fit_block_pca(data: dict[str, np.ndarray], spec: StoreSpec) -> tuple[dict, d
     return pca, data
 
 
-class BlockWriterThread:
-    """Writes computed blocks in a background thread, so compression and Zarr writes overlap the next
-    block's teacher forward instead of following it.
+class BlockWriterPool:
+    """Writes computed blocks on `threads` background threads, so encoding, compression and Zarr writes
+    overlap the next blocks' teacher forward instead of following it.
 
-    A bounded queue (`maxsize` blocks waiting, one more being written) keeps memory flat however far the
-    forward runs ahead. Blocks are written in the order they are put, each by `writer.write_block`, which
-    marks a block done only after its data and checksums are written, so resume is exactly as without the
-    thread. The first exception in the thread stops it (no later block is written) and is raised, as
-    itself, in the main thread by the next `put` or by `close`: a failed write always fails the command.
+    One writer thread does ~0.1M tokens/s at GPT-2's shapes (bench/bench_store_io.py); a GPU computes the
+    targets of 1-2M, so on CUDA several threads write blocks at once (numpy's sorts and the codecs release
+    the GIL). Blocks are independent (each block's data, progress byte and checksum row are chunks of their
+    own), and `writer.write_block` marks a block done only after its data and checksums are written, so a
+    crash leaves every block either whole and marked or unmarked, whichever finished first: resume redoes
+    exactly the unmarked ones, as with one thread. A bounded queue (`maxsize` blocks waiting, one more
+    being written per thread) keeps memory flat however far the forward runs ahead. The first exception in
+    any thread stops them all (no block is started after it) and is raised, as itself, in the main thread
+    by the next `put` or by `close`: a failed write always fails the command.
     """
 
-    def __init__(self, writer: CacheWriter, maxsize: int = 2):
+    def __init__(self, writer: CacheWriter, maxsize: int = 2, threads: int = 1):
         self._writer = writer
         self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
         self._error: BaseException | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="goose-block-writer", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name=f"goose-block-writer-{i}", daemon=True)
+                         for i in range(max(1, threads))]
+        for thread in self._threads:
+            thread.start()
 
     def _loop(self) -> None:
         while True:
@@ -534,7 +543,8 @@ class BlockWriterThread:
             try:
                 self._writer.write_block(*item)
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread as it is
-                self._error = exc
+                if self._error is None:
+                    self._error = exc
                 self._stop.set()
                 return
 
@@ -546,9 +556,9 @@ class BlockWriterThread:
     def put(self, block: int, data: dict[str, np.ndarray]) -> None:
         while True:
             self._raise_if_failed()
-            if not self._thread.is_alive():
+            if not all(t.is_alive() for t in self._threads):
                 self._raise_if_failed()
-                raise RuntimeError("the block writer thread stopped")
+                raise RuntimeError("a block writer thread stopped")
             try:
                 self._queue.put((block, data), timeout=0.1)
                 return
@@ -556,23 +566,35 @@ class BlockWriterThread:
                 continue
 
     def close(self) -> None:
-        """Wait for every queued block to be written; raise the writer's error if there was one."""
+        """Wait for every queued block to be written; raise a writer's error if there was one."""
         self._finish()
         self._raise_if_failed()
 
     def abort(self) -> None:
-        """The main thread failed: finish the block being written, drop the queued ones, stop."""
+        """The main thread failed: finish the blocks being written, drop the queued ones, stop."""
         self._stop.set()
         self._finish()
 
     def _finish(self) -> None:
-        while self._thread.is_alive():
-            try:
-                self._queue.put(None, timeout=0.1)
-                break
-            except queue.Full:
-                continue
-        self._thread.join()
+        for _ in self._threads:  # one end marker per thread, behind every queued block
+            while any(t.is_alive() for t in self._threads):
+                try:
+                    self._queue.put(None, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+        for thread in self._threads:
+            thread.join()
+
+
+def writer_threads(cfg_threads: int, device: torch.device) -> int:
+    """`--writer-threads` 0 (auto): one on CPU, where the forward needs the cores; on CUDA half the host's
+    cores, at most 8 (the forward needs one, the targets' own kernels run on the GPU)."""
+    if cfg_threads > 0:
+        return cfg_threads
+    if device.type != "cuda":
+        return 1
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def iter_blocks(windows, spec: StoreSpec, blocks: list[int], fingerprint: str):
@@ -746,7 +768,8 @@ def _cache_windows(cfg: CacheTeacherConfig, ranks: Ranks, teacher: Teacher, laye
         # Blocks are written in a background thread while the next ones are computed (a bounded queue);
         # the windows are read back from the counting pass's spill block by block as the loop reaches them
         if todo:
-            background = BlockWriterThread(writer, maxsize=2)
+            threads = writer_threads(cfg.writer_threads, teacher.device)
+            background = BlockWriterPool(writer, maxsize=max(2, threads), threads=threads)
             try:
                 pca = writer.pca_basis() if spec.hidden_pca_rank and 0 not in todo else None
                 if spec.hidden_pca_rank and 0 not in todo and pca is None:
