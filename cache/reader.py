@@ -72,14 +72,13 @@ def gather_windows(array, idx: np.ndarray) -> np.ndarray:
     cw = array.chunks[0]
     chunks = np.unique(idx // cw)
     runs = np.split(chunks, np.flatnonzero(np.diff(chunks) != 1) + 1) if len(chunks) else []
-    run_lo = np.array([run[0] * cw for run in runs], dtype=np.int64)
-    parts = [array[int(lo): int(min((run[-1] + 1) * cw, array.shape[0]))] for lo, run in zip(run_lo, runs)]
-    if not parts:
-        return array[0:0]
-    offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])[:-1]])
-    data = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    r = np.searchsorted(run_lo, idx, side="right") - 1
-    return data[offsets[r] + idx - run_lo[r]]
+    out = np.empty((len(idx),) + tuple(array.shape[1:]), dtype=array.dtype)
+    run_of = np.searchsorted([run[0] for run in runs], idx // cw, side="right") - 1 if runs else idx
+    for r, run in enumerate(runs):  # each run's windows copied straight from its chunks into place (one copy)
+        lo, hi = int(run[0]) * cw, int(min((int(run[-1]) + 1) * cw, array.shape[0]))
+        rows = np.flatnonzero(run_of == r)
+        out[rows] = array[lo:hi][idx[rows] - lo]
+    return out
 
 
 def span_hash(ids: np.ndarray, n: int) -> np.ndarray:

@@ -101,6 +101,7 @@ class CacheWriter:
         self._done = group[PROGRESS_ARRAY]
         self._checksums = _writable(group[CHECKSUM_ARRAY])
         self._files = StoreFiles(url, storage_options)
+        self.block_nbytes: dict[int, int] = {}  # block -> stored bytes of its per-window arrays, as written here
 
     # ---- opening -----------------------------------------------------------------------------
     @classmethod
@@ -211,8 +212,9 @@ class CacheWriter:
                 raise ValueError(f"{name}: block shape {values.shape} != {(stop - start,) + array.shape[1:]}")
             array[start:stop] = values.astype(array.dtype, copy=False)
         # the stored bytes, read back: what a later verify reads, whatever the codecs did
-        self._checksums[block] = np.array([self._stored_checksum(block_key(array, block))
-                                           for array in self._arrays.values()], dtype=np.int64)
+        stored = [self._stored_bytes(block_key(array, block)) for array in self._arrays.values()]
+        self._checksums[block] = np.array([checksum(data) for data in stored], dtype=np.int64)
+        self.block_nbytes[block] = sum(len(data) for data in stored)
         self._done[block] = 1
 
     def _encode(self, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -249,11 +251,11 @@ class CacheWriter:
         return {layer: (self.group[pca_mean_name(layer)][:], self.group[pca_basis_name(layer)][:])
                 for layer in self.spec.hidden_layers}
 
-    def _stored_checksum(self, key: str) -> int:
+    def _stored_bytes(self, key: str) -> bytes:
         data = self._files.read(key)
         if data is None:
             raise GooseError(f"store {self.url}: {key} was just written but is not in the store")
-        return checksum(data)
+        return data
 
     def finalize(self, teacher_embedding: np.ndarray | None = None,
                  tokenizer_files: dict[str, bytes] | None = None) -> None:
@@ -281,7 +283,7 @@ class CacheWriter:
                              f"written; rerun goose cache-teacher")
         once += [self.group[name] for name in self.spec.pca_specs()]
         # checksums of the once-per-store objects; their keys also tell the reader what must be present
-        once_checksums = {key: self._stored_checksum(key) for array in once for key in array_keys(array)[1:]}
+        once_checksums = {key: checksum(self._stored_bytes(key)) for array in once for key in array_keys(array)[1:]}
         _consolidate(self.group.store)
         group = zarr.open_group(self.group.store, mode="r+", zarr_format=3)
         attrs = dict(group.attrs[GOOSE_ATTR])

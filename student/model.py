@@ -148,8 +148,14 @@ def preset(name: str, **overrides) -> StudentConfig:
     return StudentConfig(**{**PRESETS[name], **overrides})
 
 
-def config_for_store(name: str, vocab_size: int, **overrides) -> StudentConfig:
+def config_for_store(name: str, store_vocab_size: int, **overrides) -> StudentConfig:
     """A preset sized to a teacher cache's vocabulary (the store's `spec.vocab_size`)."""
+    vocab_size = store_vocab_size
+    if "vocab_size" in overrides and overrides["vocab_size"] != vocab_size:
+        raise ValueError(f"vocab_size {overrides['vocab_size']} is not the store's vocabulary of {vocab_size} (the "
+                         f"student's logits are compared with the teacher's token by token): leave it out, the "
+                         f"student is sized to its store")
+    overrides.pop("vocab_size", None)
     return preset(name, vocab_size=vocab_size, **overrides)
 
 

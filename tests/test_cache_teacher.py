@@ -507,3 +507,36 @@ def test_several_writer_threads_write_the_same_store_and_a_crash_keeps_only_whol
     assert not half.integrity_problems()  # the blocks marked done are whole
     run_cache_teacher(part)
     assert_same_store(one.output, part.output)
+
+
+def test_a_store_that_will_not_fit_the_disk_stops_after_its_first_block(tmp_path, tiny_teacher, corpus_file,
+                                                                        monkeypatch):
+    """The projection from the first written block's stored bytes against the disk's free space: with too
+    little free, cache-teacher stops with one line naming both figures, keeps the finished block, and a rerun
+    with space finishes a store equal to an uninterrupted one."""
+    import collections
+    import shutil
+
+    kw = dict(samples=8, hidden_layers="1", hidden_dtype="int8")
+    full = make_cfg(tmp_path / "full.zarr", tiny_teacher, corpus_file, **kw)
+    run_cache_teacher(full)
+    cfg = make_cfg(tmp_path / "s.zarr", tiny_teacher, corpus_file, **kw)
+    usage = collections.namedtuple("usage", "total used free")
+    block_bytes = []
+    real_write = CacheWriter.write_block
+
+    def recording_write(self, block, data):
+        real_write(self, block, data)
+        block_bytes.append(self.block_nbytes[block])
+
+    monkeypatch.setattr(CacheWriter, "write_block", recording_write)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 2000, 2000))
+    with pytest.raises(GooseError, match=r"will not fit: its 4 unfinished blocks need about .* GB more .* 0.0 GB free"):
+        run_cache_teacher(cfg)
+    half = CacheReader(str(cfg.output), allow_incomplete=True)
+    assert half.blocks_done().sum() >= 1 and not half.complete
+    # the figure is the block's stored bytes: the chunk files of every per-window array of that block
+    assert 4 * block_bytes[0] > 2000
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
+    run_cache_teacher(cfg)
+    assert_same_store(full.output, cfg.output)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from goose.cache.reader import CacheReader
 from goose.cli import main
 from goose.errors import GooseError
 from goose.pipeline.stage_one.cache_teacher import CacheTeacherConfig, run_cache_teacher
@@ -162,6 +163,12 @@ def test_store_without_samples_or_hidden_states_is_refused(tmp_path, tiny_teache
         run_train(cfg_for(str(out), tmp_path / "x2", "loss.kd=topk_rskd"), progress=False)
     with pytest.raises(GooseError, match="needs teacher hidden states"):
         run_train(cfg_for(str(out), tmp_path / "y", "loss.align_weight=0.1"), progress=False)
+    # the student is sized to its store: another vocabulary is a one-line error before any step (it was a
+    # TypeError about config_for_store's arguments)
+    vocab = CacheReader(str(out)).vocab_size
+    with pytest.raises(GooseError, match=f"vocab_size 8192 is not the store's vocabulary of {vocab}"):
+        run_train(cfg_for(str(out), tmp_path / "v", "model.overrides.vocab_size=8192"), progress=False)
+    assert not (tmp_path / "v" / "checkpoints").exists()
 
 
 def test_cli_train_then_existing_run_needs_resume(tmp_path, store):

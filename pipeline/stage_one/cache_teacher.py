@@ -525,8 +525,9 @@ class BlockWriterPool:
     by the next `put` or by `close`: a failed write always fails the command.
     """
 
-    def __init__(self, writer: CacheWriter, maxsize: int = 2, threads: int = 1):
+    def __init__(self, writer: CacheWriter, maxsize: int = 2, threads: int = 1, on_written=None):
         self._writer = writer
+        self._on_written = on_written  # called with each block after it is written (its errors stop the pool)
         self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
         self._error: BaseException | None = None
         self._stop = threading.Event()
@@ -542,6 +543,8 @@ class BlockWriterPool:
                 return
             try:
                 self._writer.write_block(*item)
+                if self._on_written is not None:
+                    self._on_written(item[0])
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread as it is
                 if self._error is None:
                     self._error = exc
@@ -585,6 +588,36 @@ class BlockWriterPool:
                     continue
         for thread in self._threads:
             thread.join()
+
+
+class DiskSpaceCheck:
+    """Once the first block this process writes is on disk, project what the store's unfinished blocks will
+    take from that block's stored bytes and refuse to go on (GooseError; finished blocks kept) if the disk
+    cannot hold it: at GPT-2's shapes a store with three int8 hidden layers takes ~2.4 KB/token
+    (docs/BENCHMARKS.md), so a run that would fill the disk stops after one block, not after hours. Local
+    stores only (an object store has no free-space figure)."""
+
+    def __init__(self, writer: CacheWriter, url: str, spec: StoreSpec, unfinished: list[int]):
+        self.writer, self.url, self.spec, self.unfinished = writer, url, spec, list(unfinished)
+        self.local = "://" not in url or url.startswith("file://")
+        self.checked = False
+
+    def __call__(self, block: int) -> None:
+        if self.checked or not self.local:
+            return
+        self.checked = True
+        import shutil
+
+        start, stop = self.spec.block_range(block)
+        per_window = self.writer.block_nbytes[block] / (stop - start)
+        left = sum(np.subtract(*self.spec.block_range(b)[::-1]) for b in self.unfinished if b != block) * per_window
+        free = shutil.disk_usage(self.url.removeprefix("file://")).free
+        if left > free:
+            raise GooseError(
+                f"store {self.url} will not fit: its {len(self.unfinished) - 1} unfinished blocks need about "
+                f"{left / 1e9:,.1f} GB more ({per_window / self.spec.seq_len:,.0f} bytes/token, measured on block "
+                f"{block}) and that disk has {free / 1e9:,.1f} GB free; the finished blocks are kept: free space, "
+                f"or cache fewer tokens (--max-tokens), fewer hidden layers or --hidden-pca-rank, then rerun")
 
 
 def writer_threads(cfg_threads: int, device: torch.device) -> int:
@@ -769,7 +802,8 @@ def _cache_windows(cfg: CacheTeacherConfig, ranks: Ranks, teacher: Teacher, laye
         # the windows are read back from the counting pass's spill block by block as the loop reaches them
         if todo:
             threads = writer_threads(cfg.writer_threads, teacher.device)
-            background = BlockWriterPool(writer, maxsize=max(2, threads), threads=threads)
+            space = DiskSpaceCheck(writer, cfg.output, spec, all_todo)
+            background = BlockWriterPool(writer, maxsize=max(2, threads), threads=threads, on_written=space)
             try:
                 pca = writer.pca_basis() if spec.hidden_pca_rank and 0 not in todo else None
                 if spec.hidden_pca_rank and 0 not in todo and pca is None:
