@@ -34,7 +34,7 @@ def cell(cache: str, fields: str, variant: str, batches: int) -> float:
     names = FIELDS.get(fields) or FIELDS["kd"] + [f"hidden/{layer}" for layer in spec.hidden_layers]
     kw = {}
     if variant == "after, decode off":
-        from goose.cache.decode import fields_to_read
+        from goose.cache.device_codec import fields_to_read
 
         names, kw = fields_to_read(spec, names), {"dequantize": False}
     loader = CacheLoader(cache, names, batch_size=16, chunk_windows=spec.chunk_windows, **kw)

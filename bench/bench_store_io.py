@@ -7,14 +7,16 @@ Writer: the blocks of STORE are read back once (outside the timing) as `compute_
 writer (float top-k log-probabilities, int8 hidden states with their scales), then written --copies times
 over into a fresh store of the same shapes by `CacheWriter.write_block` (encode, compress, write, checksum
 read-back), with 1 and with --writer-threads writer threads (`BlockWriterPool`, what cache-teacher runs);
-the bytes written are checked equal to the source's, block for block.
+the bytes written are checked equal to the source's, block for block. Each writer runs twice: given the
+top-k as floats (the CPU path: the writer encodes it) and given it already encoded by
+`cache.device_codec.encode_topk` (the CUDA path: stage one encodes it on the GPU, not timed here).
 
 Reader: over that larger store (so the timed batches lie in one epoch and worker start-up is not timed),
 `CacheLoader` (what train-from-cache runs) hands out batches of 16 x seq_len for the field sets of
 the shipped configs: `kd_rs` (the RS-KD draws), `kd` (top-k + tail), `align` (`kd` plus every stored hidden
 layer: `align` and `full`). `decode on` is the host path (CPU training: batches decoded
 with numpy, float32); `decode off` is what train-from-cache runs on CUDA: the loader hands over the stored
-encodings and `cache.decode.BatchDecoder` decodes them on the GPU, so the host only reads and decompresses.
+encodings and `cache.device_codec.BatchDecoder` decodes them on the GPU, so the host only reads and decompresses.
 
 Every cell runs in its own process pinned to --cores cores (`os.sched_setaffinity`), one after another,
 so per-core rates are not disturbed by the other cells. Prints a table and, with --json, one JSON object.
@@ -45,7 +47,8 @@ def fields_for(name: str, spec) -> list[str]:
     return READER_FIELDS[name]
 
 
-def writer_cell(cache: str, threads: int, repeats: int, copies: int, keep: str | None, no_hidden: bool) -> dict:
+def writer_cell(cache: str, threads: int, repeats: int, copies: int, keep: str | None, no_hidden: bool,
+                device_encoded: bool = False) -> dict:
     """Seconds to write `copies` copies of every block of `cache` into a fresh store (median over repeats),
     by `threads` writer threads; the last store is finalized and kept at `keep` for the reader cells."""
     import shutil
@@ -69,6 +72,14 @@ def writer_cell(cache: str, threads: int, repeats: int, copies: int, keep: str |
             data["topk_ids"], data["topk_logprobs"] = decode_topk(
                 data["topk_ids"], data["topk_logprobs"],
                 data["tail_logmass"][..., source.tail_temperatures.index(1.0)], source.logprob_step)
+        if device_encoded and source.topk_encoding == "compact":  # as on CUDA: encoded before the copy to the host
+            import torch
+
+            from goose.cache.device_codec import encode_topk
+
+            gaps, rel = encode_topk(torch.from_numpy(data["topk_ids"]), torch.from_numpy(data["topk_logprobs"]),
+                                    source.logprob_step)
+            data["topk_ids"], data["topk_logprobs"] = gaps.numpy(), rel.numpy()
         blocks.append(data)
     spec = dataclasses.replace(source, n_windows=source.n_windows * copies)
     if no_hidden:  # the same store without its hidden states (what kd and kd_rs read)
@@ -76,7 +87,7 @@ def writer_cell(cache: str, threads: int, repeats: int, copies: int, keep: str |
         blocks = [{k: v for k, v in b.items() if k in spec.arrays()} for b in blocks]
     times, encode = [], []
     for r in range(repeats):
-        url = keep if (keep and r == repeats - 1) else tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(cache)))
+        url = keep if (keep and r == repeats - 1) else tempfile.mkdtemp(dir=os.path.dirname(keep or os.path.abspath(cache)))
         shutil.rmtree(url, ignore_errors=True)
         writer = CacheWriter.open(url, spec, {"bench": True}, package_version="bench")
         t = time.perf_counter()
@@ -101,7 +112,7 @@ def writer_cell(cache: str, threads: int, repeats: int, copies: int, keep: str |
 
 
 def reader_cell(cache: str, fields: str, workers: int, batches: int, decode: bool, batch_size: int) -> dict:
-    from goose.cache.decode import fields_to_read
+    from goose.cache.device_codec import fields_to_read
     from goose.cache.reader import CacheReader
     from goose.pipeline.stage_two.loader import CacheLoader
 
@@ -151,6 +162,8 @@ def main() -> None:
     ap.add_argument("--writer-threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="writer repeats (median)")
     ap.add_argument("--cores", type=int, default=1, help="cores each cell is pinned to")
+    ap.add_argument("--work", help="where the written stores go (default: beside --cache); e.g. /dev/shm to "
+                                    "take the disk out of the writer's figure")
     ap.add_argument("--no-hidden", action="store_true",
                     help="write (and read) the store without its hidden states: the kd / kd_rs store")
     ap.add_argument("--cell", help=argparse.SUPPRESS)
@@ -164,7 +177,7 @@ def main() -> None:
         cell = json.loads(args.cell)
         if cell["kind"] == "writer":
             result = writer_cell(args.cache, cell["threads"], args.repeats, args.copies, cell.get("keep"),
-                                 cell.get("no_hidden", False))
+                                 cell.get("no_hidden", False), cell.get("device_encoded", False))
         else:
             result = reader_cell(args.cache, cell["fields"], cell["workers"], args.batches, cell["decode"],
                                  args.batch_size)
@@ -172,11 +185,13 @@ def main() -> None:
         return
 
     rows = []
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.cache))) as work:
+    with tempfile.TemporaryDirectory(dir=args.work or os.path.dirname(os.path.abspath(args.cache))) as work:
         copy = os.path.join(work, "copies.zarr")
-        for threads in sorted({1, args.writer_threads}):
-            rows.append(run_cell(args, {"kind": "writer", "threads": threads, "keep": copy,
-                                        "no_hidden": args.no_hidden}, args.cache))
+        for device_encoded in (False, True):  # the top-k encoded by the host's writer (CPU) or before (CUDA)
+            for threads in sorted({1, args.writer_threads}):
+                rows.append(run_cell(args, {"kind": "writer", "threads": threads, "keep": copy,
+                                            "no_hidden": args.no_hidden, "device_encoded": device_encoded},
+                                     args.cache))
         for fields in args.fields.split(","):
             for decode in (True, False):
                 for workers in (int(w) for w in args.workers.split(",")):
@@ -189,8 +204,8 @@ def main() -> None:
     print(f"{'what':44s} {'tokens/s':>10s} {'per core':>10s}")
     for r in rows:
         if r["kind"] == "writer":
-            what = (f"writer{' (no hidden)' if r.get('no_hidden') else ''}, {r['threads']} thread(s) "
-                    f"(encode {r['encode_seconds'] / r['seconds']:.0%})")
+            what = (f"writer{' (no hidden)' if r.get('no_hidden') else ''}, {r['threads']} thread(s), top-k "
+                    f"{'encoded before' if r.get('device_encoded') else 'encoded here'}")
         else:
             what = (f"reader {r['fields']:6s} workers {r['workers']} decode {'on ' if r['decode'] else 'off'} "
                     f"({r['batch_mb']:.0f} MB/batch)")

@@ -540,3 +540,37 @@ def test_a_store_that_will_not_fit_the_disk_stops_after_its_first_block(tmp_path
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
     run_cache_teacher(cfg)
     assert_same_store(full.output, cfg.output)
+
+
+def test_top_k_encoded_on_the_device_writes_the_same_store(tmp_path, tiny_teacher, corpus_file, monkeypatch):
+    """On CUDA stage one encodes the compact top-k in torch before the copy to the host; forced on here (CPU
+    tensors), the store is the one the host's numpy encode writes, byte for byte."""
+    from goose.pipeline.stage_one import cache_teacher
+
+    host = make_cfg(tmp_path / "host.zarr", tiny_teacher, corpus_file, samples=4)
+    run_cache_teacher(host)
+    calls = []
+    monkeypatch.setattr(cache_teacher, "encode_topk_on_device", lambda device: calls.append(device) or True)
+    device = make_cfg(tmp_path / "device.zarr", tiny_teacher, corpus_file, samples=4)
+    run_cache_teacher(device)
+    assert calls  # the torch encode ran
+    assert_same_store(host.output, device.output)
+
+
+def test_torch_top_k_encode_equals_numpy_on_ties_and_extremes():
+    """cache.device_codec.encode_topk against cache.schema.encode_topk: ties in log p (the first maximum is
+    the top-1; equal rel steps), rounding halves, a log p past the uint16 floor, any input order."""
+    from goose.cache.device_codec import encode_topk as encode_torch
+    from goose.cache.schema import encode_topk as encode_numpy
+
+    rng = np.random.default_rng(0)
+    step = 2.0**-4
+    ids = np.stack([rng.permutation(50257)[:64] for _ in range(300)]).reshape(3, 100, 64)
+    lp = (-rng.exponential(3.0, size=ids.shape)).astype(np.float32)
+    lp[0, :, :5] = 0.0  # a five-way tie for the top-1 (every other log p is below 0)
+    lp[1, :, 0], lp[1, :, 10] = 0.0, -2.5 * step  # the top-1, and an entry exactly 2.5 steps below it
+    lp[2, :, 3] = -5000.0  # beyond 65535 steps: clipped
+    want = encode_numpy(ids, lp, step, np.uint16)
+    got = encode_torch(torch.from_numpy(ids), torch.from_numpy(lp), step)
+    for w, g in zip(want, got):
+        assert np.array_equal(g.numpy().astype(w.dtype), w)

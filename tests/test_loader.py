@@ -133,9 +133,9 @@ def _small_store(path, tiny_teacher, corpus_file, **kw):
     dict(topk_encoding="compact", hidden_dtype="int8", hidden_pca_rank=4),
 ])
 def test_batches_decoded_in_torch_equal_the_hosts(tmp_path, tiny_teacher, corpus_file, encoding):
-    """The device path (stored encodings through the loader, cache.decode.BatchDecoder after the copy) gives
+    """The device path (stored encodings through the loader, cache.device_codec.BatchDecoder after the copy) gives
     the host path's batch: same names, dtypes and values (bit for bit; PCA's matmul to float32 rounding)."""
-    from goose.cache.decode import BatchDecoder, fields_to_read
+    from goose.cache.device_codec import BatchDecoder, fields_to_read
     from goose.cache.reader import CacheReader
 
     url = _small_store(tmp_path / "s.zarr", tiny_teacher, corpus_file, **encoding)

@@ -48,6 +48,7 @@ from ...cache.schema import (
     hidden_scale_name,
     tail_temperature_problem,
 )
+from ...cache import device_codec
 from ...cache.lock import StoreLock, check_unlocked
 from ...cache.stats import store_nbytes
 from ...cache.writer import CacheWriter
@@ -294,12 +295,21 @@ def _batch_targets(logits, hidden: dict, ids: torch.Tensor, first: int, spec: St
         raise GooseError(f"the teacher produced non-finite logits in windows {first}..{first + len(ids) - 1}; "
                          f"try --dtype fp32") from None
     targets["input_ids"] = ids
+    if spec.topk_encoding == "compact" and encode_topk_on_device(logits.device):
+        targets["topk_ids"], targets["topk_logprobs"] = device_codec.encode_topk(
+            targets["topk_ids"], targets["topk_logprobs"], spec.logprob_step)
     for layer, h in hidden.items():
         if raw:
             targets[hidden_name(layer)] = h.float()
         else:
             targets.update(encode_hidden(h, layer, spec, pca))
     return {name: t.cpu().numpy() for name, t in targets.items()}
+
+
+def encode_topk_on_device(device: torch.device) -> bool:
+    """The compact top-k encoded where the targets are (cache.device_codec.encode_topk) rather than by the
+    host's writer: on CUDA, where the host bounds stage one. The stored bytes are the same either way."""
+    return device.type == "cuda"
 
 
 _COMPILE_FAILED: list[Exception] = []  # set once inductor has failed in this process: eager from then on

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ...cache.decode import raw_tensors
+from ...cache.device_codec import raw_tensors
 from ...cache.reader import CacheReader
 from ...errors import GooseError
 
@@ -157,8 +157,8 @@ class CacheLoader:
                  buffer_chunks: int = 4, num_workers: int = 0, pin_memory: bool = False, prefetch: int = 2,
                  streams: bool = False, rank: int = 0, world: int = 1, storage_options: dict | None = None,
                  dequantize: bool = True):
-        # dequantize=False: batches hold the stored encodings (cache.decode.raw_tensors), for a
-        # cache.decode.BatchDecoder on the training device; the host then only reads and decompresses
+        # dequantize=False: batches hold the stored encodings (cache.device_codec.raw_tensors), for a
+        # cache.device_codec.BatchDecoder on the training device; the host then only reads and decompresses
         self.url, self.fields, self.streams, self.dequantize = url, list(fields), streams, dequantize
         self.storage_options = storage_options or None  # fsspec options; travel to worker processes
         # data parallelism: `batch_size` is the global batch; rank r reads rows [r * b, (r + 1) * b) of every

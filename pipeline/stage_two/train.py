@@ -27,7 +27,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from ... import __version__
-from ...cache.decode import BatchDecoder, fields_to_read
+from ...cache.device_codec import BatchDecoder, fields_to_read
 from ...cache.reader import CacheReader
 from ...errors import GooseError, RunFailed
 from ...student.model import Student, StudentConfig, config_for_store, detach_state
@@ -592,7 +592,7 @@ class Trainer:
                 ent[start:stop] = part["entropy"].astype(np.float32).mean(axis=1)
             order = difficulty_order(nll[self.train_windows], ent[self.train_windows])
             self.curriculum = Curriculum(cfg.curriculum, self.train_windows[order])
-        # On CUDA the loader hands over the stored encodings and they are decoded on the GPU (cache/decode.py):
+        # On CUDA the loader hands over the stored encodings and they are decoded on the GPU (cache/device_codec.py):
         # at GPT-2's shapes decoding is most of the host's reading time, and int8 hidden states cross the bus
         # at a quarter of float32's bytes. On CPU the host decodes, as it always has.
         on_device = self.device.type == "cuda"

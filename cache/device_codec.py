@@ -1,4 +1,4 @@
-"""The store's encodings decoded with torch, on the training device.
+"""The store's encodings in torch, on the device: decoded for training, the compact top-k encoded in stage one.
 
 `CacheReader.read_indices(..., dequantize=True)` decodes on the host with numpy: the compact top-k back to
 ids and float32 log-probabilities in probability order, int8 hidden states scaled back to float32, PCA
@@ -9,6 +9,10 @@ arithmetic on the stored arrays after they reach the device: the host only reads
 
 Equal to the host path (tests/test_loader.py): bit for bit on the top-k, the int8 hidden states and every
 array passed through; PCA reconstructions to float32 matmul rounding (a different BLAS).
+
+`encode_topk` is `cache.schema.encode_topk` in torch: on CUDA stage one encodes the top-k on the GPU, where
+the numpy encode was a quarter to half of the host writer's time (docs/BENCHMARKS.md), and the same bytes
+reach the store (tests/test_cache_teacher.py).
 """
 
 from __future__ import annotations
@@ -17,6 +21,22 @@ import numpy as np
 import torch
 
 from .schema import StoreSpec, hidden_channel_scale_name, hidden_name, hidden_scale_name
+
+
+def encode_topk(ids: torch.Tensor, logprobs: torch.Tensor, step: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cache.schema.encode_topk in torch: (ids, log p) in any order (..., k) -> compact (gaps, rel) as int32
+    tensors (the writer stores them at the schema's widths): the top-1 first (the first maximum on ties, as
+    numpy's argmax), then the rest by id as gaps; rel = rint((log p_1 - log p_i) / step) in float64."""
+    ids = ids.to(torch.int64)
+    lp = logprobs.to(torch.float64)
+    top = lp.argmax(-1, keepdim=True)
+    key = torch.where(torch.arange(ids.shape[-1], device=ids.device) == top, -1, ids)
+    order = torch.sort(key, dim=-1, stable=True).indices
+    ids, lp = ids.gather(-1, order), lp.gather(-1, order)
+    rel = torch.round((lp[..., :1] - lp) / step)  # round half to even, as np.rint
+    gaps = ids.clone()
+    gaps[..., 2:] = torch.diff(ids[..., 1:], dim=-1)
+    return gaps.to(torch.int32), rel.clamp(0, 65535).to(torch.int32)
 
 
 def fields_to_read(spec: StoreSpec, fields: list[str]) -> list[str]:
