@@ -337,6 +337,22 @@ def test_fused_student_buckets_equal_the_reference(T):
     zb = z.detach().bfloat16().requires_grad_()
     student_bucket_logprobs(zb, ids, T).sum().backward()
     assert zb.grad.dtype == torch.bfloat16 and torch.isfinite(zb.grad.float()).all()
+    # a temperature that learns (CTKD) takes the fused path too: its gradient against plain autograd's
+    t = torch.tensor(T, dtype=torch.float64, requires_grad=True)
+    fast = student_bucket_logprobs(z, ids, t)
+    assert type(fast.grad_fn).__name__ == "_StudentBucketsBackward"
+    torch.testing.assert_close(fast, student_bucket_logprobs_reference(z, ids, t), rtol=1e-10, atol=1e-10)
+    gf = torch.autograd.grad((fast * up).sum(), (z, t))
+    gr = torch.autograd.grad((student_bucket_logprobs_reference(z, ids, t) * up).sum(), (z, t))
+    for a, b in zip(gf, gr):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    # the trainer's dtypes: fp32 logits (or bf16), a 1-element fp32 temperature; the gradient keeps T's shape
+    t32 = torch.tensor([T], requires_grad=True)
+    for logits in (z.detach().float(), z.detach().bfloat16()):
+        (d_fast,) = torch.autograd.grad((student_bucket_logprobs(logits, ids, t32) * up.float()).sum(), t32)
+        (d_ref,) = torch.autograd.grad((student_bucket_logprobs_reference(logits, ids, t32) * up.float()).sum(), t32)
+        assert d_fast.shape == t32.shape and d_fast.dtype == torch.float32
+        torch.testing.assert_close(d_fast, d_ref, rtol=1e-4, atol=1e-4)
 
 
 def test_tail_far_below_the_top_stays_exact():

@@ -82,49 +82,62 @@ def student_bucket_logprobs_reference(student_logits: torch.Tensor, topk_ids: to
 
 class _StudentBuckets(torch.autograd.Function):
     """The same function in a few full-vocabulary passes (one exp, one masked sum; one fused pass back)
-    instead of autograd's dozen: the KD loss was 3x the cost of CE per step on CPU at V = 8192.
+    instead of autograd's dozen: the KD loss was 3x the cost of CE per step on CPU at V = 8192, and it keeps
+    one (..., V) fp32 tensor for backward where autograd keeps ~5 (1.1 MB/token at V = 50257: 18 GB of a
+    16 x 1,024 batch; docs/BENCHMARKS.md).
 
-    Forward: e = exp((z - max) / T); S = sum e; zero e at the top-k ids in place -> S_tail = sum e (the tail
-    summed on its own, never S - head). Backward, for upstream g over the k + 1 buckets and G = sum g:
-    dL/dz_j = (1/T) [ g_tail e_j / S_tail - G e_j / S ] on tail ids, and (1/T) [ g_i - G p_i ] on top-k id i.
+    Forward, with u = (z - max) / T: e = exp(u); S = sum e; zero e at the top-k ids in place -> S_tail = sum e
+    (the tail summed on its own, never S - head). Backward, for upstream g over the k + 1 buckets and G = sum
+    g: dL/du_j = g_tail e_j / S_tail - G e_j / S on tail ids, g_i - G p_i on top-k id i; dL/dz = dL/du / T.
+    A temperature that learns (CTKD) gets du_j/dT = -u_j / T, so dL/dT = -(1/T) sum_j dL/du_j u_j
+        = -(1/T) [ sum_i g_i u_i + g_tail U_tail / S_tail - G (U_tail + sum_i e^{u_i} u_i) / S ],
+    with U_tail = sum over the tail of e_j u_j (= xlogy(e, e), one more pass, taken only then).
     """
 
     @staticmethod
     def forward(ctx, logits, ids, T):
         z = _fp32_at_least(logits)
         m = z.amax(-1, keepdim=True)
-        inv_t = 1.0 / T
+        learn_t = isinstance(T, torch.Tensor)
+        inv_t = 1.0 / (T.to(z.dtype) if learn_t else T)
         e = torch.sub(z, m).mul_(inv_t).exp_()
         S = e.sum(-1, keepdim=True)
         head = (z.gather(-1, ids) - m) * inv_t
         e.scatter_(-1, ids, 0.0)
         S_tail = e.sum(-1, keepdim=True)
+        U_tail = torch.special.xlogy(e, e).sum(-1, keepdim=True) if learn_t else None
         log_S = S.log()
         out = torch.cat([head - log_S, S_tail.log() - log_S], dim=-1)
-        ctx.save_for_backward(e, ids, S, S_tail, head)
-        ctx.inv_t, ctx.dtype = inv_t, logits.dtype
+        ctx.save_for_backward(e, ids, S, S_tail, head, U_tail, inv_t if learn_t else None)
+        ctx.inv_t, ctx.dtype, ctx.learn_t = inv_t, logits.dtype, learn_t
+        ctx.t_dtype = T.dtype if learn_t else None
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        e, ids, S, S_tail, head = ctx.saved_tensors
+        e, ids, S, S_tail, head, U_tail, inv_t_tensor = ctx.saved_tensors
+        inv_t = inv_t_tensor if ctx.learn_t else ctx.inv_t
         g_head, g_tail = grad[..., :-1], grad[..., -1:]
         G = grad.sum(-1, keepdim=True)
+        p_head = head.exp() / S
+        d_t = None
+        if ctx.learn_t:  # before e is overwritten below
+            U_all = U_tail + (head.exp() * head).sum(-1, keepdim=True)
+            du_u = (g_head * head).sum(-1, keepdim=True) + g_tail * U_tail / S_tail.clamp_min(1e-38) - G * U_all / S
+            d_t = (-inv_t * du_u.sum()).reshape(()).to(ctx.t_dtype)
         # tail ids (e is zero at the top-k ids, so this pass leaves those at 0)
         dz = e.mul_(g_tail / S_tail.clamp_min(1e-38) - G / S)
-        p_head = head.exp() / S
         dz.scatter_add_(-1, ids, g_head - G * p_head)
-        return (dz.mul_(ctx.inv_t)).to(ctx.dtype), None, None
+        return (dz.mul_(inv_t)).to(ctx.dtype), None, d_t
 
 
 def student_bucket_logprobs(student_logits: torch.Tensor, topk_ids: torch.Tensor,
                             T: torch.Tensor | float) -> torch.Tensor:
     """Student log-probabilities over the teacher's top-k ids plus the tail, at T: (..., k + 1), fp32.
-    The tail is a masked sum in fp32, never log(1 - sum q). A tensor T that requires grad (CTKD) takes
-    the reference path, which differentiates through T too."""
-    if isinstance(T, torch.Tensor) and T.requires_grad:
-        return student_bucket_logprobs_reference(student_logits, topk_ids, T)
-    out = _StudentBuckets.apply(student_logits, topk_ids.long(), float(T))
+    The tail is a masked sum in fp32, never log(1 - sum q). A tensor T that requires grad (CTKD) gets its
+    gradient from the same fused function."""
+    learn_t = isinstance(T, torch.Tensor) and T.requires_grad
+    out = _StudentBuckets.apply(student_logits, topk_ids.long(), T.reshape(()) if learn_t else float(T))
     if bool((out[..., -1] < -60).any()):
         # the tail sits > 60 nats below the top: summed relative to the top it nears fp32 underflow, so take
         # the reference, which shifts the masked tail by its own maximum (rare: a student that has diverged)
