@@ -81,7 +81,7 @@ def measure(args, config: str, checkpointing: bool) -> dict:
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         tokens = args.batch_size * trainer.reader.spec.seq_len
         counter = SavedBytes(trainer.model)
-        batch = {k: v.to(trainer.device) for k, v in trainer.loader.next().items()}
+        batch = trainer.next_batch()  # decoded on the device on CUDA, as train_step does
         trainer.model.train()
         with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
             parts = trainer.compute_losses(batch, trainer._stage_values(), 0.5)

@@ -7,12 +7,13 @@ coordinates mapped back to full width. At GPT-2's shapes that is most of a reade
 into 9.2 KB/token of float32) and it multiplies the bytes copied to the GPU. `BatchDecoder` does the same
 arithmetic on the stored arrays after they reach the device: the host only reads and decompresses.
 
-Equal to the host path (tests/test_loader.py): bit for bit on the top-k, the int8 hidden states and every
-array passed through; PCA reconstructions to float32 matmul rounding (a different BLAS).
+Equal to the host path on CPU tensors (tests/test_loader.py): bit for bit on the top-k, the int8 hidden
+states and every array passed through; PCA reconstructions to float32 matmul rounding (a different BLAS).
+On CUDA, whose float64 exp and log are not numpy's, bench/gpu_check.py compares them element for element.
 
 `encode_topk` is `cache.schema.encode_topk` in torch: on CUDA stage one encodes the top-k on the GPU, where
 the numpy encode was a quarter to half of the host writer's time (docs/BENCHMARKS.md), and the same bytes
-reach the store (tests/test_cache_teacher.py).
+reach the store (tests/test_cache_teacher.py on CPU tensors; it is only correctly rounded arithmetic).
 """
 
 from __future__ import annotations

@@ -135,6 +135,8 @@ def generate(model: Student, prompt_ids: list[int], *, max_new_tokens: int = 100
     t0 = time.perf_counter()
     out = model(ids)
     state, logits = out.state, out.logits[:, -1]
+    if ids.is_cuda:  # the prompt's kernels finish before its time is taken (else they leak into the first token)
+        torch.cuda.synchronize(ids.device)
     prompt_s = time.perf_counter() - t0
     step = torch.compile(model) if compile else model
     compile_s = None

@@ -813,7 +813,7 @@ def _cache_windows(cfg: CacheTeacherConfig, ranks: Ranks, teacher: Teacher, laye
         if todo:
             threads = writer_threads(cfg.writer_threads, teacher.device)
             space = DiskSpaceCheck(writer, cfg.output, spec, all_todo)
-            background = BlockWriterPool(writer, maxsize=max(2, threads), threads=threads, on_written=space)
+            background = BlockWriterPool(writer, maxsize=2, threads=threads, on_written=space)
             try:
                 pca = writer.pca_basis() if spec.hidden_pca_rank and 0 not in todo else None
                 if spec.hidden_pca_rank and 0 not in todo and pca is None:

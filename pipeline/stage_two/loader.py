@@ -192,11 +192,11 @@ class CacheLoader:
                           self.epoch, self.buffer_chunks)
 
     def group_batches(self) -> int:
-        """Batches read together (`_PlanDataset`): about one shuffle buffer's worth of windows, or for streams
-        (batch j = window j of every lane) one chunk's worth of consecutive windows per lane."""
+        """Batches read together (`_PlanDataset`): about one shuffle buffer's worth of windows (for streams,
+        where batch j is window j of every lane, that many consecutive windows per lane), never less than one
+        batch, so a group's memory is bounded by the buffer whatever the batch size. Read-ahead (`prefetch`
+        with workers: each worker's queue) counts groups."""
         per = self.batch_size // self.world
-        if self.streams:
-            return max(1, self.chunk_windows)
         return max(1, self.buffer_chunks * self.chunk_windows // per)
 
     def _start(self):

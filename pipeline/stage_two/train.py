@@ -723,6 +723,11 @@ class Trainer:
         parts["total"] = total
         return parts
 
+    def next_batch(self) -> dict:
+        """The loader's next batch on the training device, decoded there when it travelled encoded (CUDA)."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in self.loader.next().items()}
+        return self.decode(batch) if self.decode is not None else batch
+
     def _set_lr(self) -> float:
         f = lr_factor(self.cfg, self.step, self.rewarm_from) * self.lr_scale
         for g in self.opt.param_groups:
@@ -752,9 +757,7 @@ class Trainer:
         overflow = False  # fp16: gradients overflowed at the current loss scale (the scaler's business)
         unscaled = False
         for micro in range(c.optim.accumulation):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in self.loader.next().items()}
-            if self.decode is not None:
-                batch = self.decode(batch)
+            batch = self.next_batch()
             # DDP: gradients are all-reduced in the last micro-batch's backward only
             last = micro == c.optim.accumulation - 1
             # FSDP2 reduce-scatters every micro-batch into the sharded .grad: holding the sync back would keep
