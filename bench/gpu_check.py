@@ -14,6 +14,8 @@ row and the others still run):
    draws) against its bare forward over the same windows; tokens/s, bytes/token, peak GPU memory.
    Then **device codec**: that store's encodings decoded on the GPU (what train-from-cache now does on
    CUDA) and the top-k encoded there (what stage one does) against the host's numpy, element for element.
+   And **store I/O**: this host's writer (1 thread and the CUDA default's threads) and reader (0-8 workers)
+   in tokens/s, which 2 CPU cores could not measure.
 3. **stage two**: `base` trained from that store at 16 x 1,024 under bf16 autocast with the `kd_rs` and
    `full` configs, fla kernels against goose's torch kernels: tokens/s, MFU (6 x parameters x tokens/s over
    the card's dense bf16 peak), peak GPU memory; and `full` with activation checkpointing.
@@ -194,6 +196,30 @@ def step_device_codec(s: Settings, store: str) -> dict:
     return {"ok": not differ, "differ": differ, "windows": len(idx), "fields": len(fields)}
 
 
+def step_store_io(s: Settings, store: str) -> dict:
+    """This host's side of the pipeline, what 2 CPU cores could not show (bench/bench_store_io.py's cells,
+    in this process): stage one's writer with 1 thread and with the CUDA default's threads, and stage two's
+    reader (the CUDA path: stored encodings, decoded on the GPU) for kd_rs, kd and align with 0, 2, 4 and 8
+    workers, in tokens/s. It decides whether num_workers should default above 0 on CUDA."""
+    import importlib.util
+
+    from goose.pipeline.stage_one.cache_teacher import writer_threads
+
+    spec = importlib.util.spec_from_file_location("bench_store_io", REPO / "bench" / "bench_store_io.py")
+    io = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(io)
+    threads = writer_threads(0, s.device)
+    writer = {t: io.writer_cell(store, t, 1, 1, None, False, s.device.type == "cuda")["tokens_per_s"]
+              for t in sorted({1, threads})}
+    from goose.cache.reader import CacheReader
+
+    batches = min(40, CacheReader(store).n_windows // s.batch)
+    reader = {f"{fields} w{workers}": io.reader_cell(store, fields, workers, batches, False, s.batch)["tokens_per_s"]
+              for fields in ("kd_rs", "kd", "align") for workers in ((0, 2) if s.dry else (0, 2, 4, 8))}
+    return {"ok": True, "writer_tokens_per_s": writer, "reader_tokens_per_s": reader,
+            "cores": len(os.sched_getaffinity(0))}
+
+
 def step_train(s: Settings, tmp: Path, store: str, config: str, backend: str, checkpointing: bool) -> dict:
     from goose.pipeline.stage_two.config import load_config
     from goose.pipeline.stage_two.train import Trainer
@@ -273,6 +299,10 @@ def table(rows: list[dict], device: str) -> str:
         elif r["step"] == "device codec":
             res = (f"the store's encodings decoded and the top-k encoded on this device equal numpy's "
                    f"({r['fields']} fields, {r['windows']} windows)")
+        elif r["step"] == "store I/O":
+            w = ", ".join(f"{t} thread(s) {v:,.0f}" for t, v in r["writer_tokens_per_s"].items())
+            rd = ", ".join(f"{k} {v:,.0f}" for k, v in r["reader_tokens_per_s"].items())
+            res = f"{r['cores']} cores; writer tokens/s: {w}; reader tokens/s (CUDA path): {rd}"
         elif r["step"].startswith("train"):
             res = (f"{r['tokens_per_s']:,.0f} tokens/s, MFU {fmt(r['mfu'], '.1%')}, peak {fmt(r['peak_gb'], '.1f')} GB "
                    f"({r['params'] / 1e6:.1f}M parameters)")
@@ -293,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--windows", type=int, default=768,
                     help="stage one's windows of 1,024 tokens on the GPU (wiki_00-03 hold ~870)")
     ap.add_argument("--steps", type=int, default=5, help="timed training steps per row after one warm-up")
-    ap.add_argument("--skip", default="", help="comma-separated steps to leave out: parity,stage1,train,generate")
+    ap.add_argument("--skip", default="", help="comma-separated steps to leave out: parity,stage1,io,train,generate")
     args = ap.parse_args(argv)
     s = Settings(args)
     if not s.dry and not torch.cuda.is_available():
@@ -313,6 +343,8 @@ def main(argv: list[str] | None = None) -> dict:
         store = rows[-1].get("store") if rows and rows[-1]["step"] == "stage one" else None
         if store:
             rows.append(guarded("device codec", step_device_codec, s, store))
+            if "io" not in skip:
+                rows.append(guarded("store I/O", step_store_io, s, store))
         if "train" not in skip and store:
             for config in ("kd_rs", "full"):
                 for backend in s.backends:
