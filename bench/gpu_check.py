@@ -133,18 +133,18 @@ def step_stage_one(s: Settings, tmp: Path, teacher: str, data_files: list[str]) 
         raise ValueError(f"the data files hold {len(windows)} windows of {s.seq_len}, not --windows {s.windows}: "
                          f"give more --data-files")
 
-    def bare() -> float:
+    def bare(model) -> float:
         sync(s.device)
         t = time.perf_counter()
         with torch.inference_mode():
             for b in range(0, len(windows), s.batch):
                 ids = torch.from_numpy(windows[b : b + s.batch]).to(s.device)
-                loaded.model(input_ids=ids, use_cache=False).logits.float().sum().item()
+                model(input_ids=ids, use_cache=False).logits.float().sum().item()
         return time.perf_counter() - t
 
-    bare()  # warm-up
+    bare(loaded.model)  # warm-up
     reset_peak(s.device)
-    bare_s = min(bare(), bare())
+    bare_s = min(bare(loaded.model), bare(loaded.model))
     forward_peak = peak_gb(s.device)
     del loaded
     reset_peak(s.device)
