@@ -394,7 +394,7 @@ def test_overwrite_refuses_a_folder_in_use(store, tmp_path):
             if Path(f"/proc/{sleeper.pid}/stat").exists() else ""
         (out / ".lock").write_text(f"{sleeper.pid} {started}")
         one_line_error(run_cli(["train-from-cache", "--cache", store, "--out", out, *TRAIN, "--overwrite"]),
-                       f"in use by a running training (pid {sleeper.pid})")
+                       f"in use by a running training (pid {sleeper.pid} on host ")  # the older lock form
         assert (out / "checkpoints").is_dir()
     finally:
         sleeper.kill()

@@ -219,7 +219,7 @@ def test_a_live_run_locks_its_folder_and_a_stale_lock_is_taken_over(tmp_path, st
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (run / LOCK_FILE).write_text(str(sleeper.pid))
-        with pytest.raises(GooseError, match=f"in use by another training \\(pid {sleeper.pid}\\)"):
+        with pytest.raises(GooseError, match=f"in use by another training \\(pid {sleeper.pid} on host "):
             Trainer(cfg_for(store, run, "steps=2"), progress=False)
     finally:
         sleeper.kill()

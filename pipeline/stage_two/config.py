@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from ...errors import GooseError
+from ...locks import describe, live_holder
 from .curriculum import CurriculumConfig
 from .temperature import TemperatureConfig
 
@@ -422,31 +423,6 @@ def run_entries(out: str | Path) -> list[str]:
     return [name for name in RUN_ENTRIES if os.path.lexists(folder / name)]
 
 
-def _lock_holder(folder: Path) -> int | None:
-    """The pid of a live training holding `folder`'s lock (train.py's `.lock`: 'pid start_time'), or None."""
-    try:
-        pid_text, _, started = (folder / ".lock").read_text().strip().partition(" ")
-        pid = int(pid_text or 0)
-    except (OSError, ValueError):
-        return None
-    if pid <= 0 or pid == os.getpid():
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    if started:
-        try:
-            now = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-        except (OSError, IndexError):
-            now = started
-        if now != started:
-            return None  # the pid was reused: the lock is stale
-    return pid
-
-
 def prepare_run_folder(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> list[str]:
     """Check train-from-cache's --out before any training work, and with `overwrite` clear it.
 
@@ -477,10 +453,10 @@ def prepare_run_folder(cfg: TrainConfig, *, resume: bool = False, overwrite: boo
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise GooseError(f"--overwrite: {folder} holds files that are not goose's run files ({shown}); "
                          f"nothing was deleted: move them away or choose another --out")
-    holder = _lock_holder(folder)
+    holder = live_holder(str(folder / ".lock"))
     if holder is not None:
-        raise GooseError(f"--overwrite: run folder {folder} is in use by a running training (pid {holder}); "
-                         f"nothing was deleted")
+        raise GooseError(f"--overwrite: run folder {folder} is in use by a running training ({describe(holder)}); "
+                         f"nothing was deleted (if that run is gone, delete {folder / '.lock'})")
     # the store and the config must be usable before the old run is deleted
     from ...cache.reader import CacheReader
     from .train import check_store

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ... import __version__
 from ...cache.device_codec import BatchDecoder, fields_to_read
 from ...cache.reader import CacheReader
+from ...locks import ProcessLock
 from ...errors import GooseError, RunFailed
 from ...student.model import Student, StudentConfig, config_for_store, detach_state
 from ...student.spikes import firing_rate_loss
@@ -381,62 +382,24 @@ def load_checkpoint(path: Path, device) -> dict:
 
 
 class RunLock:
-    """One training process per run folder: RUN/.lock holds the owner's pid. A lock whose pid is no
-    longer alive is stale (a killed run) and is taken over."""
+    """One training process per run folder: RUN/.lock, goose's one process lock (`locks.py`), so a run held
+    on another host (a cluster sharing the filesystem) is refused too, never judged stale by a pid that
+    means nothing here. A lock whose process is gone on this host is stale (a killed run) and taken over."""
 
     def __init__(self, run: Path):
         self.path = run / LOCK_FILE
-        self.held = False
+        self.lock = None
 
     def acquire(self) -> None:
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    pid, _, started = self.path.read_text().strip().partition(" ")
-                    pid = int(pid or 0)
-                except (OSError, ValueError):
-                    pid, started = 0, ""
-                # a live pid is the owner only if it also started when the owner did (pids are reused,
-                # e.g. after a container restart)
-                same = pid > 0 and _alive(pid) and (not started or started == _start_time(pid))
-                if pid == os.getpid() or same:
-                    if pid == os.getpid():
-                        self.held = True
-                        return
-                    raise GooseError(f"run folder {self.path.parent} is in use by another training (pid {pid}); "
-                                     "wait for it or choose another --out") from None
-                self.path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()} {_start_time(os.getpid())}")
-            self.held = True
-            return
-        raise GooseError(f"cannot lock run folder {self.path.parent}")
+        where = self.path.parent
+        self.lock = ProcessLock.acquire(str(self.path), lambda who: (
+            f"run folder {where} is in use by another training ({who}); wait for it or choose another --out "
+            f"(if that run is gone, delete {self.path})"), reentrant=True)
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
-
-def _start_time(pid: int) -> str:
-    """The process's start time in clock ticks since boot (Linux /proc), or "" where unknown."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def run_identity(cfg: TrainConfig, reader: CacheReader) -> dict:
