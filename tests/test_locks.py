@@ -38,7 +38,7 @@ def test_a_lock_from_another_host_is_refused_by_name_and_never_taken_over(tmp_pa
 def _can_unshare() -> bool:
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         return False
-    return subprocess.run(["unshare", "--pid", "--fork", "--uts", "--mount-proc", "true"],
+    return subprocess.run(["unshare", "--pid", "--fork", "--kill-child", "--uts", "--mount-proc", "true"],
                           capture_output=True).returncode == 0
 
 
@@ -48,7 +48,20 @@ needs_namespaces = pytest.mark.skipif(not _can_unshare(), reason="needs root and
 def on_host(host: str, *argv: str) -> list[str]:
     """A command run as if on another machine: its own PID namespace (pids unseen from here) and hostname."""
     script = f"hostname {host} && exec " + " ".join(shlex.quote(a) for a in argv)
-    return ["unshare", "--pid", "--fork", "--uts", "--mount-proc", "sh", "-c", script]
+    # --kill-child: killing unshare kills the namespace's process too (else the training outlives the test)
+    return ["unshare", "--pid", "--fork", "--kill-child", "--uts", "--mount-proc", "sh", "-c", script]
+
+
+def _running_in(folder: Path) -> bool:
+    """Whether a process whose command line names `folder` is still running (a leaked training)."""
+    time.sleep(0.5)
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(folder) in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _env():
@@ -82,6 +95,7 @@ def test_training_held_on_another_host_refuses_resume_and_overwrite_there(store,
     finally:
         first.kill()
         first.wait()
+        assert not _running_in(run), "the first training outlived its namespace"
 
 
 @needs_namespaces
