@@ -19,8 +19,7 @@ import subprocess
 import sys
 import time
 
-FIELDS = {"kd_rs": ["input_ids", "sample_ids", "sample_counts"],
-          "kd": ["input_ids", "topk_ids", "topk_logprobs", "tail_logmass"]}
+from bench_store_io import fields_for  # the field sets of the shipped configs, as bench_store_io reads them
 
 
 def cell(cache: str, fields: str, variant: str, batches: int) -> float:
@@ -31,7 +30,7 @@ def cell(cache: str, fields: str, variant: str, batches: int) -> float:
     from goose.pipeline.stage_two.loader import CacheLoader
 
     spec = CacheReader(cache).spec
-    names = FIELDS.get(fields) or FIELDS["kd"] + [f"hidden/{layer}" for layer in spec.hidden_layers]
+    names = fields_for(fields, spec)
     kw = {}
     if variant == "after, decode off":
         from goose.cache.device_codec import fields_to_read

@@ -16,7 +16,8 @@ import torch
 
 import goose.student.wkv as wkv_module
 from goose.student.model import Student, preset
-from goose.student.wkv import LOG_DECAY_MIN, fla_available, wkv_fla, wkv_recurrent
+from goose.student.wkv import fla_available, wkv_fla, wkv_recurrent
+from test_wkv_fla import rwkv7_inputs as mapping_inputs
 from triton_interpreter import interpreting
 
 if torch.cuda.is_available() and fla_available():
@@ -80,14 +81,8 @@ def fla_here(monkeypatch):
 
 
 def rwkv7_inputs(B=2, T=37, H=2, N=16, seed=0):
-    """Inputs shaped like the time-mix's: log decay in [-e^-1/2, 0), a = -kk, b = kk * iclr; a carried state."""
-    g = torch.Generator().manual_seed(seed)
-    r, k, v = (torch.randn(B, T, H, N, generator=g) for _ in range(3))
-    log_w = LOG_DECAY_MIN * torch.rand(B, T, H, N, generator=g)
-    kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, generator=g), dim=-1)
-    iclr = torch.rand(B, T, H, N, generator=g)
-    state = torch.randn(B, H, N, N, generator=g) * 0.3
-    return [x.to(DEVICE).requires_grad_() for x in (r, log_w, k, v, -kk, kk * iclr, state)]
+    """tests/test_wkv_fla.py's time-mix-shaped inputs (and carried state), on this device, requiring grad."""
+    return [x.to(DEVICE).requires_grad_() for x in mapping_inputs(B=B, T=T, H=H, N=N, seed=seed)]
 
 
 def loss_of(o, S, seed=1):

@@ -49,6 +49,7 @@ from ...cache.schema import (
     tail_temperature_problem,
 )
 from ...cache import device_codec
+from ...cache.integrity import StoreFiles
 from ...cache.lock import StoreLock, check_unlocked
 from ...cache.stats import store_nbytes
 from ...cache.writer import CacheWriter
@@ -607,9 +608,11 @@ class DiskSpaceCheck:
     (docs/BENCHMARKS.md), so a run that would fill the disk stops after one block, not after hours. Local
     stores only (an object store has no free-space figure)."""
 
-    def __init__(self, writer: CacheWriter, url: str, spec: StoreSpec, unfinished: list[int]):
+    def __init__(self, writer: CacheWriter, url: str, spec: StoreSpec, unfinished: list[int],
+                 storage_options: dict | None = None):
         self.writer, self.url, self.spec, self.unfinished = writer, url, spec, list(unfinished)
-        self.local = "://" not in url or url.startswith("file://")
+        files = StoreFiles(url, storage_options)  # the store's own notion of a local path
+        self.local, self.root = files.local, files.root
         self.checked = False
 
     def __call__(self, block: int) -> None:
@@ -621,7 +624,7 @@ class DiskSpaceCheck:
         start, stop = self.spec.block_range(block)
         per_window = self.writer.block_nbytes[block] / (stop - start)
         left = sum(np.subtract(*self.spec.block_range(b)[::-1]) for b in self.unfinished if b != block) * per_window
-        free = shutil.disk_usage(self.url.removeprefix("file://")).free
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(self.root)) or ".").free
         if left > free:
             raise GooseError(
                 f"store {self.url} will not fit: its {len(self.unfinished) - 1} unfinished blocks need about "
@@ -812,7 +815,7 @@ def _cache_windows(cfg: CacheTeacherConfig, ranks: Ranks, teacher: Teacher, laye
         # the windows are read back from the counting pass's spill block by block as the loop reaches them
         if todo:
             threads = writer_threads(cfg.writer_threads, teacher.device)
-            space = DiskSpaceCheck(writer, cfg.output, spec, all_todo)
+            space = DiskSpaceCheck(writer, cfg.output, spec, all_todo, cfg.storage_options)
             background = BlockWriterPool(writer, maxsize=2, threads=threads, on_written=space)
             try:
                 pca = writer.pca_basis() if spec.hidden_pca_rank and 0 not in todo else None
