@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .schema import StoreSpec, hidden_channel_scale_name, hidden_name, hidden_scale_name
+from ..numerics import log1mexp
 
 
 def encode_topk(ids: torch.Tensor, logprobs: torch.Tensor, step: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +110,7 @@ class BatchDecoder:
         m = lp.max(-1, keepdim=True).values
         lse = m + torch.log(torch.exp(lp - m).sum(-1, keepdim=True))
         t = batch["tail_logmass"][..., spec.tail_temperatures.index(1.0)].to(torch.float64)[..., None]
-        log_head = torch.where(t > -0.6931, torch.log(-torch.expm1(t)), torch.log1p(-torch.exp(t)))  # log(1 - tail)
+        log_head = log1mexp(t)  # log(1 - tail)
         lp = lp - lse + log_head
         order = torch.sort(-lp, dim=-1, stable=True).indices
         return ids.gather(-1, order), lp.gather(-1, order).to(torch.float32)

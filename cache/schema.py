@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..numerics import log1mexp
+
 SCHEMA_VERSION = 4
 # v1 kept raw fp16 top-k logits and the full logsumexp per T, and the tail bucket was their difference:
 # at GPT-2's logit scale (-60 to -100, fp16 step 0.0625) that difference is rounding noise for confident
@@ -224,7 +226,7 @@ def decode_topk(gaps: np.ndarray, rel: np.ndarray, tail_t1: np.ndarray, step: fl
     lse = m + np.log(np.exp(lp - m).sum(-1, keepdims=True))
     t = np.asarray(tail_t1, dtype=np.float64)[..., None]
     with np.errstate(divide="ignore", invalid="ignore"):
-        log_head = np.where(t > -0.6931, np.log(-np.expm1(t)), np.log1p(-np.exp(t)))  # log(1 - tail), exact
+        log_head = log1mexp(t)  # log(1 - tail), exact
     lp = lp - lse + log_head
     order = np.argsort(-lp, axis=-1, kind="stable")
     return (np.take_along_axis(ids, order, -1).astype(gaps.dtype),
@@ -250,7 +252,7 @@ def fold_topk(logprobs: np.ndarray, tail_logmass: np.ndarray, temps, threshold: 
         with np.errstate(divide="ignore", invalid="ignore"):
             log_frac = np.log(np.where(dropped, e, 0.0).sum(-1)) - np.log(e.sum(-1))
             tj = tail[..., j]
-            log_head = np.where(tj > -0.6931, np.log(-np.expm1(tj)), np.log1p(-np.exp(tj)))
+            log_head = log1mexp(tj)
         out[..., j] = np.logaddexp(tj, log_head + log_frac)
     return keep, out.astype(np.float32)
 

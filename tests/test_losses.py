@@ -299,7 +299,7 @@ def test_pocl_order_buckets_and_stages():
 
 def test_alignment_pairs_like_with_like():
     from goose.pipeline.stage_two.config import TrainConfig
-    from goose.pipeline.stage_two.train import Distiller, align_loss, align_spans
+    from goose.pipeline.stage_two.objective import Distiller, align_loss, align_spans
 
     # the teacher's last stored state is after its final norm: the student's paired state goes through its own
     g = torch.Generator().manual_seed(0)

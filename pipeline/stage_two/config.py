@@ -55,8 +55,9 @@ class LossConfig:
     kd_weight: float = 0.5
     ce_weight: float = 0.5
     align_weight: float = 0.0
-    kd: str = "topk"  # topk (top-k + tail bucket) | rskd (stored samples) | topk_rskd (top-k + sampled tail) | none
-    reverse_kl: bool = False
+    kd: str = "topk"  # a registered KD loss (losses/registry.py: losses.kd_loss_names()) or none
+    kd_options: dict = field(default_factory=dict)  # that loss's own options (e.g. {alpha: 0.1} for skew_kl)
+    reverse_kl: bool = False  # topk only: KL(q || p)
     align: AlignConfig = field(default_factory=AlignConfig)
     firing_rate_target: float = 0.3
     firing_rate_weight: float = 0.0

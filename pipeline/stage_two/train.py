@@ -32,28 +32,16 @@ from ...cache.reader import CacheReader
 from ...locks import ProcessLock
 from ...errors import GooseError, RunFailed
 from ...student.model import Student, StudentConfig, config_for_store, detach_state
-from ...student.spikes import firing_rate_loss
 from .config import TrainConfig, dump_config
 from .curriculum import Curriculum, difficulty_order
 from .distributed import (DistEnv, clip_grad_norm, full_model_state, full_optimizer_state, load_full_model_state,
                           load_full_optimizer_state, shard_student)
 from .loggers import Loggers, open_loggers
 from .loader import CacheLoader, read_windows
-from .losses import (
-    cka_align,
-    ce_loss,
-    cosine_align,
-    kd_loss,
-    layer_map,
-    mse_align,
-    rskd_loss,
-    topk_rskd_loss,
-    student_bucket_logprobs,
-    teacher_bucket_logprobs,
-)
+from .losses import build_kd_loss, ce_loss, layer_map, student_bucket_logprobs, teacher_bucket_logprobs
 from .monitor import EventLog, HealthMonitor
+from .objective import Distiller, Objective, align_teacher_layers
 from ..stage_one.teacher import resolve_device
-from .temperature import Temperature
 
 CKPT_FILE = "state.pt"
 LOCK_FILE = ".lock"
@@ -67,62 +55,6 @@ RESUMABLE_KEYS = {"out", "steps", "log_every", "val_every", "ckpt_every", "keep_
 
 # ---------------------------------------------------------------------------------------------
 # Pieces
-
-
-class Distiller(nn.Module):
-    """The trainable parts of distillation that are not the student: temperature and projectors."""
-
-    def __init__(self, cfg: TrainConfig, pairs: list[tuple[int, int]], d_student: int, d_teacher: int):
-        super().__init__()
-        self.temperature = Temperature(cfg.temperature)
-        self.pairs = pairs
-        needs_projector = cfg.loss.align.loss == "mse" or (cfg.loss.align.loss == "cosine" and d_student != d_teacher)
-        self.projectors = nn.ModuleDict(
-            {f"{s}_{t}": nn.Linear(d_student, d_teacher, bias=False) for s, t in pairs} if needs_projector else {}
-        )
-
-
-def align_spans(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
-    """(student, teacher, student base, teacher base) per pair: for feature deltas each student span
-    h[s] - h[s_prev] is matched with the teacher span between the same two aligned points (the previous
-    pair, or the embeddings for the first), not with a single teacher layer h[t] - h[t - 1]."""
-    ordered = sorted(pairs)
-    spans = [(s, t, *(ordered[i - 1] if i else (0, 0))) for i, (s, t) in enumerate(ordered)]
-    return [span for span in spans if span[:2] != span[2:]]  # an explicit (0, 0) pair has no span
-
-
-def align_loss(cfg: TrainConfig, distiller: Distiller, hidden: list, batch: dict, final_norm: nn.Module,
-               n_teacher_layers: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Alignment over the layer pairs. The teacher's last hidden state is after its final norm (HF returns
-    GPT-2's hidden_states[-1] after ln_f), so the student state paired with it goes through the student's
-    final norm too: like is compared with like. With a loss mask (B, L), only the positions whose prediction
-    counts are aligned (the teacher's per-channel standardisation still uses every token)."""
-
-    def student_state(s: int, t: int) -> torch.Tensor:
-        return final_norm(hidden[s]) if t == n_teacher_layers else hidden[s]
-
-    losses = []
-    deltas = cfg.loss.align.feature_deltas
-    for s, t, s0, t0 in align_spans(distiller.pairs) if deltas else [(s, t, s, t) for s, t in distiller.pairs]:
-        hs, ht = student_state(s, t), batch[f"hidden/{t}"]
-        if deltas:
-            hs, ht = hs - student_state(s0, t0), ht - batch[f"hidden/{t0}"]
-        proj = distiller.projectors[f"{s}_{t}"] if f"{s}_{t}" in distiller.projectors else None
-        kind = cfg.loss.align.loss
-        if kind == "mse":
-            losses.append(mse_align(hs, ht, proj, mask=mask))
-        elif kind == "cosine":
-            losses.append(cosine_align(hs, ht, proj, mask=mask))
-        else:
-            losses.append(cka_align(hs, ht, mask=mask))
-    return torch.stack(losses).mean()
-
-
-def align_weight_at(cfg: TrainConfig, step: int) -> float:
-    a = cfg.loss.align
-    if cfg.loss.align_weight <= 0 or step < a.warmup_steps:
-        return 0.0
-    return cfg.loss.align_weight * min(1.0, (step - a.warmup_steps + 1) / max(a.ramp_steps, 1))
 
 
 def lr_factor(cfg: TrainConfig, step: int, rewarm_from: int | None) -> float:
@@ -182,24 +114,9 @@ def temperature_optimizer(cfg: TrainConfig, distiller: Distiller) -> torch.optim
 def check_store(cfg: TrainConfig, reader: CacheReader, val_reader: CacheReader | None) -> None:
     """Mismatches between the store and the run config fail here, before any training."""
     spec = reader.spec
-    if cfg.loss.kd not in ("topk", "rskd", "topk_rskd", "none"):
-        raise GooseError(f"loss.kd must be topk, rskd, topk_rskd or none, got {cfg.loss.kd!r}")
-    if cfg.loss.kd in ("rskd", "topk_rskd") and not spec.samples:
-        raise GooseError(f"loss.kd={cfg.loss.kd} needs RS-KD samples but store {reader.url} has none "
-                         f"(cache with --samples)")
-    if cfg.loss.kd in ("rskd", "topk_rskd") and (cfg.temperature.mode != "fixed" or cfg.temperature.value != 1.0
-                                                 or cfg.loss.reverse_kl):
-        # the draws are from the teacher at T = 1: another T (or a learned one) would be silently ignored
-        raise GooseError(f"loss.kd={cfg.loss.kd} is forward KL at T = 1: it needs temperature.mode=fixed, "
-                         f"temperature.value=1 and loss.reverse_kl=false")
-    if cfg.loss.kd == "topk":
-        lo, hi = cfg.temperature.range()
-        if cfg.curriculum.enabled and cfg.temperature.mode == "stage":
-            lo, hi = min(cfg.curriculum.temperatures), max(cfg.curriculum.temperatures)
-        t_lo, t_hi = min(spec.tail_temperatures), max(spec.tail_temperatures)
-        if lo < t_lo - 1e-6 or hi > t_hi + 1e-6:
-            raise GooseError(f"temperatures {lo:g}..{hi:g} leave the store's tail temperatures {t_lo:g}..{t_hi:g}; "
-                             f"recache with wider --tail-temperatures or narrow the temperature range")
+    kd = build_kd_loss(cfg)  # an unknown name or option is refused here
+    if kd is not None:
+        kd.check(cfg, spec, reader.url)
     if cfg.temperature.mode == "stage" and not cfg.curriculum.enabled:
         raise GooseError("temperature.mode=stage needs curriculum.enabled=true")
     if cfg.loss.align_weight > 0 and not spec.hidden_layers:
@@ -420,6 +337,17 @@ def _normalised_student(student: dict) -> dict:
         return student
 
 
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+    """`saved` with every key it lacks, at any depth, taken from `defaults`."""
+    out = dict(saved)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out[k], dict) and v:
+            out[k] = _with_defaults(out[k], v)
+    return out
+
+
 def _differences(a, b, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
@@ -500,9 +428,7 @@ class Trainer:
                                        spec.hidden_layers, a.pairs, a.last_k)
             except ValueError as exc:
                 raise GooseError(str(exc)) from None
-            needed = {t for _, t in self.pairs} | ({t0 for *_, t0 in align_spans(self.pairs)} if a.feature_deltas
-                                                   else set())
-            missing = sorted(needed - set(spec.hidden_layers))
+            missing = sorted(set(align_teacher_layers(cfg, self.pairs)) - set(spec.hidden_layers))
             if missing or not self.pairs:
                 raise GooseError(f"alignment needs teacher layers {missing or '(none mapped)'} but the store has "
                                  f"{list(spec.hidden_layers)}")
@@ -535,16 +461,8 @@ class Trainer:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
 
         # data
-        self.fields = ["input_ids"]
-        if cfg.loss.kd in ("topk", "topk_rskd"):
-            self.fields += ["topk_ids", "topk_logprobs", "tail_logmass"]
-        if cfg.loss.kd in ("rskd", "topk_rskd"):
-            self.fields += ["sample_ids", "sample_counts"]
-        layers_needed = sorted({t for _, t in self.pairs} | ({t0 for *_, t0 in align_spans(self.pairs)}
-                                                             if cfg.loss.align.feature_deltas else set()))
-        self.fields += [f"hidden/{t}" for t in layers_needed]
-        if spec.loss_mask:  # masked (instruction) data: losses are means over the positions whose prediction counts
-            self.fields.append("loss_mask")
+        self.objective = Objective(cfg, spec, self.distiller, self.model.ln_out, self.n_teacher_layers)
+        self.fields = self.objective.fields()
         self.curriculum = None
         if cfg.curriculum.enabled:
             # per-window means, read chunk by chunk (never the whole per-token arrays at once)
@@ -643,48 +561,8 @@ class Trainer:
             out = self.forward(ids, state, output_hidden_states=bool(self.pairs))
         if c.carry_state:
             self._next_carry = detach_state(out.state)  # truncated BPTT: the next window starts here
-        logits = out.logits
         T = self.distiller.temperature(progress, stage["temperature"]).to(self.device)
-        parts = {"temperature": T} if c.loss.kd == "topk" else {}
-        total = torch.zeros((), device=self.device)
-        mask = batch.get("loss_mask")  # None (every position counts) unless the store has a loss mask
-        if c.loss.kd == "topk":
-            kd = kd_loss(logits, batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"],
-                         self.reader.spec.tail_temperatures, T, reverse=c.loss.reverse_kl, mask=mask)
-            parts["kd"] = kd
-            total = total + stage["kd_weight"] * kd
-        elif c.loss.kd == "rskd":
-            kd = rskd_loss(logits, batch["sample_ids"], batch["sample_counts"], mask=mask)
-            parts["kd"] = kd
-            total = total + stage["kd_weight"] * kd
-        elif c.loss.kd == "topk_rskd":
-            kd = topk_rskd_loss(logits, batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"],
-                                self.reader.spec.tail_temperatures, batch["sample_ids"], batch["sample_counts"],
-                                mask=mask)
-            parts["kd"] = kd
-            total = total + stage["kd_weight"] * kd
-        with contextlib.nullcontext() if stage["ce_weight"] > 0 else torch.no_grad():  # logged even when unused
-            ce = ce_loss(logits, ids, mask=mask)
-        parts["ce"] = ce
-        if stage["ce_weight"] > 0:
-            total = total + stage["ce_weight"] * ce
-        w_align = align_weight_at(c, self.step)
-        if self.pairs:
-            al = align_loss(c, self.distiller, out.hidden_states, batch, self.model.ln_out, self.n_teacher_layers,
-                            mask=mask)
-            parts["align"] = al
-            total = total + w_align * al
-        parts["align_weight"] = w_align
-        if c.loss.firing_rate_weight > 0 and out.spike_rates:
-            rate = firing_rate_loss(out.spike_rates, c.loss.firing_rate_target)
-            parts["rate"] = rate
-            total = total + c.loss.firing_rate_weight * rate
-        anchor = self.distiller.temperature.anchor_loss(stage["temperature"])
-        if anchor is not None:
-            parts["t_anchor"] = anchor
-            total = total + anchor
-        parts["total"] = total
-        return parts
+        return self.objective(out, batch, T, stage, self.step, self.device)
 
     def next_batch(self) -> dict:
         """The loader's next batch on the training device, decoded there when it travelled encoded (CUDA)."""
@@ -804,9 +682,7 @@ class Trainer:
              "kd_weight": stage["kd_weight"], "ce_weight": stage["ce_weight"], "skipped": not finite}
         if sums:
             m.update({("loss" if k == "total" else k): v for k, v in sums.items()})
-            if "kd" in sums:
-                T = sums.get("temperature", 1.0)
-                m["kl"] = sums["kd"] / (T * T) if c.loss.kd == "topk" else sums["kd"]
+            m.update(self.objective.logged(sums))
         if self.distiller.temperature.learnable:  # m["temperature"] is the T the KD loss used this step
             m["grl_lambda"] = self.distiller.temperature.grl_lambda(progress)
         if self.scaler.is_enabled():
@@ -891,10 +767,10 @@ class Trainer:
         saved = d.get("identity")
         if saved is None:
             raise GooseError(f"checkpoint {path} predates run identity checks; it cannot be resumed safely")
-        # a config key added after the checkpoint was written counts as its default (old runs still resume)
+        # a config key added after the checkpoint was written (at any depth, as loss.kd_options) counts as
+        # its default: old runs still resume
         defaults = {k: v for k, v in TrainConfig().to_dict().items() if k not in RESUMABLE_KEYS}
-        saved = {**saved, "config": {**{k: v for k, v in defaults.items() if k not in saved.get("config", {})},
-                                     **saved.get("config", {})}}
+        saved = {**saved, "config": _with_defaults(saved.get("config", {}), defaults)}
         if "student" not in saved:  # checkpoints before the student was part of the identity: its config.yaml
             recorded = self.recorded_student
             saved["student"] = recorded if recorded is not None else self.identity["student"]
