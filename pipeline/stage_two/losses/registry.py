@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 
 from ....errors import GooseError
+from .buckets import bucket_logprobs, masked_mean
 
 KD_LOSSES: dict[str, type["KDLoss"]] = {}
 
@@ -78,6 +79,23 @@ class KDLoss:
     def logged(self, kd: float, T: float) -> dict:
         """Its metrics row entries, from the step's mean loss and the T it used."""
         return {self.metric: kd / self.scale(T)}
+
+
+class BucketKDLoss(KDLoss):
+    """A divergence between the teacher's and the student's k + 1 bucket distributions at T: a subclass
+    gives only `divergence` (per token, from log-probabilities). Over the buckets it is the divergence of
+    the coarsened distributions, a lower bound of the full-vocabulary one (any f-divergence shrinks when
+    outcomes are merged), and equal to it at k = V."""
+
+    fields = ("topk_ids", "topk_logprobs", "tail_logmass")
+
+    def divergence(self, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, student_logits, batch, temps, T, mask):
+        log_p, log_q = bucket_logprobs(student_logits, batch, temps, T)
+        T = torch.as_tensor(T, dtype=torch.float32, device=log_p.device)
+        return self.scale(T) * masked_mean(self.divergence(log_p, log_q), mask)
 
 
 def kd_loss_names() -> list[str]:
