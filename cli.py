@@ -280,7 +280,8 @@ def train_from_cache(cache, out, config_file, overrides, val_cache, storage_opti
 
     An --out that already holds a run is refused unless --resume (continue it exactly) or --overwrite
     (delete it and start afresh) is given."""
-    from .pipeline.stage_two.config import load_config, prepare_run_folder
+    from .pipeline.stage_two.config import load_config
+    from .pipeline.stage_two.run_folder import prepare_run_folder
     from .pipeline.stage_two.train import run_train
 
     cfg = load_config(config_file, overrides, cache=cache, out=out, val_cache=val_cache,
@@ -317,7 +318,7 @@ def train_from_cache(cache, out, config_file, overrides, val_cache, storage_opti
     if s["events"]:
         lines.append("  health events: " + ", ".join(f"{k} x{v}" for k, v in sorted(s["events"].items())))
     if "outputs" in s:  # the files that exist (train.py's run_files), never one a short run did not write
-        from .pipeline.stage_two.train import summary_files_line
+        from .pipeline.stage_two.run_folder import summary_files_line
 
         lines.append(summary_files_line(s["outputs"]))
     else:

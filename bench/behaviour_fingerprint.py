@@ -132,6 +132,7 @@ def normalised(fp: dict) -> dict:
     ev = fp.get("eval", {})
     if isinstance(ev.get("store_overlap"), dict):
         ev["store_overlap"] = sorted(ev["store_overlap"].values(), key=str)
+    ev.get("data", {}).pop("data_files", None)
     return fp
 
 

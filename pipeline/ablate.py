@@ -110,7 +110,7 @@ def check_grid(grid: dict, cache: str, out: Path, extra_set: list[str] = (),
 def run_ablation(cache: str, grid_name: str, out: str, *, parallel: int = 1, extra_set: list[str] = (),
                  storage_options: dict | None = None, echo=print) -> dict:
     from ..cache.reader import CacheReader
-    from .stage_two.config import run_entries
+    from .stage_two.run_folder import run_entries
     from .report import run_report
 
     grid = load_grid(grid_name)

@@ -218,7 +218,8 @@ def _run_stages(root: Path, *, seed: int, teacher_steps: int, student_steps: int
     from .stage_one.data import DataSpec
     from .evaluate import EvalConfig, run_eval
     from .report import run_report
-    from .stage_two.train import latest_checkpoint, run_train
+    from .stage_two.checkpoint import latest_checkpoint
+    from .stage_two.train import run_train
 
     t_start = time.perf_counter()
     (root / "data").mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,8 @@ def run_validate(cfg: ValidateConfig) -> list[Check]:
     from ..cache.reader import CacheReader
     from .stage_two.config import TrainConfig, from_dict
     from .stage_two.loader import read_windows
-    from .stage_two.train import split_windows, validate_model
+    from .stage_two.checks import split_windows
+    from .stage_two.validation import validate_model
 
     run = Path(cfg.run)
     best = run / "best"

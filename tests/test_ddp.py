@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from goose.pipeline.stage_two.train import CKPT_FILE, checkpoints
+from goose.pipeline.stage_two.checkpoint import CKPT_FILE, checkpoints
 
 # KD + CTKD (a learnable temperature outside the DDP module) + alignment (projectors, also outside) + LIF
 # spikes with running statistics: everything that must be synchronised by hand is in play

@@ -18,7 +18,9 @@ from click.testing import CliRunner
 
 from goose.cli import main
 from goose.errors import GooseError, RunFailed
-from goose.pipeline.stage_two.train import CKPT_FILE, LOCK_FILE, Trainer, checkpoints
+from goose.pipeline.stage_two.checkpoint import CKPT_FILE, checkpoints
+from goose.pipeline.stage_two.run_folder import LOCK_FILE
+from goose.pipeline.stage_two.train import Trainer
 
 from test_train import cfg_for  # noqa: E402 (tests/ is on sys.path under pytest)
 

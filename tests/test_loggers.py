@@ -18,7 +18,7 @@ import pytest
 from goose.errors import GooseError
 from goose.pipeline.stage_two.config import load_config
 from goose.pipeline.stage_two.loggers import open_loggers, run_identity, scalars
-from goose.pipeline.stage_two.train import progress_postfix, run_files, summary_files_line
+from goose.pipeline.stage_two.run_folder import progress_postfix, run_files, summary_files_line
 
 VAL_ROW = {"step": 2, "kind": "val", "val_ppl": 5.0, "val_loss": 1.6, "spike_rate": None,
            "spike_sites": {"0.tm_r": {"rate": 0.25, "dead": 0.0, "sat": 0.0}}}

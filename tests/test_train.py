@@ -281,7 +281,7 @@ def test_spike_anneal_fraction_blends_spikes_in_over_that_share_of_the_steps(tmp
 def test_validation_mid_anneal_scores_the_fully_ternary_model_that_best_holds(tmp_path, store):
     """With spikes annealing in over every step, each validation scores the model as saved (fully ternary,
     as best/ loads), not the partly continuous training blend; the training mix is restored afterwards."""
-    from goose.pipeline.stage_two.train import validate_model
+    from goose.pipeline.stage_two.validation import validate_model
     from goose.student.model import Student
 
     out = tmp_path / "anneal"

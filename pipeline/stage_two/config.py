@@ -10,9 +10,6 @@ import dataclasses
 import difflib
 import json
 import math
-import os
-import shutil
-import time
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +18,6 @@ from pathlib import Path
 import yaml
 
 from ...errors import GooseError
-from ...locks import describe, live_holder
 from .curriculum import CurriculumConfig
 from .temperature import TemperatureConfig
 
@@ -405,73 +401,3 @@ def show_config(name: str | None = None, overrides: list[str] | tuple = ()) -> d
     """The fully resolved config (every key, defaults included) of a shipped config or file `name` (None:
     the built-in defaults) with `key.sub=value` overrides, as a plain dict."""
     return load_config(name, overrides).to_dict()
-
-
-# ---------------------------------------------------------------------------------------------
-# Run folders: what train-from-cache does with a folder that already holds a run
-
-# Everything a goose training writes into its run folder (train.py; DONE from ablate, DONE.json from the
-# quickstart). --overwrite removes only these, and refuses a folder that holds anything else.
-RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "events.jsonl", "tb", "trackers", "checkpoints", "best", ".best-tmp",
-               ".best-old", ".lock", "profile", "DONE", "DONE.json", "eval.json")
-
-
-def run_entries(out: str | Path) -> list[str]:
-    """The goose run files and folders present in `out` (empty when it holds no run or does not exist)."""
-    folder = Path(out)
-    if not folder.is_dir():
-        return []
-    return [name for name in RUN_ENTRIES if os.path.lexists(folder / name)]
-
-
-def prepare_run_folder(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> list[str]:
-    """Check train-from-cache's --out before any training work, and with `overwrite` clear it.
-
-    A folder holding a run (any of RUN_ENTRIES) needs --resume (continue it) or --overwrite (start afresh);
-    without either it is refused. --overwrite removes goose's own run files only, after the store and config
-    have been checked, and refuses a folder that also holds other files or that a live training holds.
-    Returns the entries removed. Under torchrun only rank 0 removes; the other ranks wait for it."""
-    if resume and overwrite:
-        raise GooseError("--resume and --overwrite exclude each other: --resume continues the run in --out, "
-                         "--overwrite deletes it and starts afresh")
-    folder = Path(cfg.out)
-    if folder.exists() and not folder.is_dir():
-        raise GooseError(f"--out {folder} is a file, not a run folder")
-    present = run_entries(folder)
-    if resume or not present:
-        return []
-    if not overwrite:
-        raise GooseError(f"run folder {folder} already holds a run ({', '.join(present)}): pass --resume to "
-                         f"continue it or --overwrite to delete it and start afresh (or choose another --out)")
-    rank = int(os.environ.get("RANK", "0") or 0)
-    if rank > 0:  # rank 0 clears the folder; wait until it has (it cannot start the run without this rank)
-        deadline = time.monotonic() + 300
-        while (folder / "checkpoints").exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        return []
-    foreign = sorted(p.name for p in folder.iterdir() if p.name not in RUN_ENTRIES)
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise GooseError(f"--overwrite: {folder} holds files that are not goose's run files ({shown}); "
-                         f"nothing was deleted: move them away or choose another --out")
-    holder = live_holder(str(folder / ".lock"))
-    if holder is not None:
-        raise GooseError(f"--overwrite: run folder {folder} is in use by a running training ({describe(holder)}); "
-                         f"nothing was deleted (if that run is gone, delete {folder / '.lock'})")
-    # the store and the config must be usable before the old run is deleted
-    from ...cache.reader import CacheReader
-    from .train import check_store
-
-    options = cfg.storage_options or None
-    reader = CacheReader(cfg.cache, storage_options=options)
-    check_store(cfg, reader, CacheReader(cfg.val_cache, storage_options=options) if cfg.val_cache else None)
-    for name in present:
-        path = folder / name
-        try:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-        except OSError as exc:
-            raise GooseError(f"--overwrite: cannot delete {path}: {exc.strerror or exc}") from None
-    return present

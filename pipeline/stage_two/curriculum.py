@@ -129,3 +129,16 @@ class Curriculum:
     def load_state_dict(self, d: dict) -> None:
         self.stage, self.changed_at = int(d["stage"]), int(d["changed_at"])
         self.best_val, self.bad_evals = float(d["best_val"]), int(d["bad_evals"])
+
+
+def curriculum_from_store(cfg: CurriculumConfig, reader, train_windows: np.ndarray) -> Curriculum:
+    """POCL over a store's training windows, easiest first by the teacher's per-window mean NLL and entropy
+    (read chunk by chunk, never the whole per-token arrays at once)."""
+    n = reader.spec.n_windows
+    nll, ent = np.empty(n), np.empty(n)
+    for start, part in reader.iter_chunks(["gold_nll", "entropy"]):
+        stop = start + len(part["gold_nll"])
+        nll[start:stop] = np.nanmean(part["gold_nll"], axis=1)
+        ent[start:stop] = part["entropy"].astype(np.float32).mean(axis=1)
+    order = difficulty_order(nll[train_windows], ent[train_windows])
+    return Curriculum(cfg, train_windows[order])

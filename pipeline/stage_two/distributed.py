@@ -190,3 +190,23 @@ def clip_grad_norm(param_lists: list[list[torch.nn.Parameter]], max_norm: float)
     for params in param_lists:
         torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
     return float(total)
+
+
+def parallelize(model: torch.nn.Module, cfg, dist_env: DistEnv, device: torch.device):
+    """(the module the step calls, the parameters left replicated, fsdp?) for a run's `parallel` and world.
+    FSDP shards before compile and before the optimizer (both must see the sharded parameters); its
+    optimizer state is kept by parameter name with the spike parameters in a group of their own, in one
+    process too (parallel: fsdp), so its checkpoints resume under any world size. DDP: running spike
+    statistics are all-reduced inside the model (global-batch statistics), so the buffers agree on every rank
+    without DDP broadcasting them."""
+    fsdp = dist_env.active and cfg.parallel == "fsdp"
+    replicated: list = []
+    if fsdp:
+        replicated = shard_student(model, device.type, dist_env.world)
+    elif cfg.parallel == "fsdp":
+        replicated = [p for name, p in model.named_parameters() if ".spikes." in name]
+    forward = torch.compile(model) if cfg.compile else model
+    if dist_env.active and not fsdp:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            forward, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    return forward, replicated, fsdp

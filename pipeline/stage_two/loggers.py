@@ -295,3 +295,33 @@ def open_loggers(names, run: Path, config: dict, *, step: int = 0, tensorboard: 
         Loggers(backends).close()
         raise
     return Loggers(backends)
+
+
+def open_run_loggers(cfg, run: Path, step: int, warn) -> Loggers:
+    """A training's loggers (rank 0): the run's config.yaml (as written, resolved fields included; the
+    config itself where there is none) logged to each. Closed again if any fails to start."""
+    import yaml
+
+    config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else cfg.to_dict()
+    loggers = Loggers([])
+    try:
+        loggers = open_loggers(cfg.loggers, run, config, step=step, tensorboard=cfg.tensorboard, warn=warn)
+        loggers.log_config(config)
+    except BaseException:
+        loggers.close()
+        raise
+    return loggers
+
+
+def start_profiler(profile_steps: int, run: Path, device):
+    """torch.profiler over `profile_steps` steps after one wait and one warm-up step, traces to RUN/profile
+    (TensorBoard's format); None when profile_steps is 0."""
+    if profile_steps <= 0:
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    profiler = profile(activities=acts, schedule=schedule(wait=1, warmup=1, active=profile_steps, repeat=1),
+                       on_trace_ready=tensorboard_trace_handler(str(run / "profile")))
+    profiler.start()
+    return profiler

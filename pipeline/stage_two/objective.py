@@ -13,9 +13,10 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from ...errors import GooseError
 from ...student.spikes import firing_rate_loss
 from .config import TrainConfig
-from .losses import build_kd_loss, ce_loss, cka_align, cosine_align, mse_align
+from .losses import build_kd_loss, ce_loss, cka_align, cosine_align, layer_map, mse_align
 from .temperature import Temperature
 
 
@@ -141,3 +142,21 @@ class Objective:
         if self.kd is None or "kd" not in sums:
             return {}
         return self.kd.logged(sums["kd"], sums.get("temperature", 1.0))
+
+
+def alignment_pairs(cfg: TrainConfig, n_student: int, n_teacher: int, stored: tuple[int, ...]) -> list[tuple[int, int]]:
+    """The (student layer, teacher layer) pairs alignment uses ([] without alignment); a map that needs a
+    teacher layer the store lacks, or names a student layer outside the model, is refused."""
+    if cfg.loss.align_weight <= 0:
+        return []
+    a = cfg.loss.align
+    try:
+        pairs = layer_map(a.layer_map, n_student, n_teacher, stored, a.pairs, a.last_k)
+    except ValueError as exc:
+        raise GooseError(str(exc)) from None
+    missing = sorted(set(align_teacher_layers(cfg, pairs)) - set(stored))
+    if missing or not pairs:
+        raise GooseError(f"alignment needs teacher layers {missing or '(none mapped)'} but the store has {list(stored)}")
+    if any(not 0 <= s <= n_student for s, _ in pairs):
+        raise GooseError(f"alignment pairs {pairs} name student layers outside 0..{n_student}")
+    return pairs

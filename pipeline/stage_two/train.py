@@ -1,19 +1,19 @@
-"""Stage two: train the spiking student by streaming a teacher cache. The teacher is never loaded.
+"""Stage two's recipe: train the spiking student by streaming a teacher cache. The teacher is never loaded.
 
-Recipe: open the store read-only -> check it against the run config -> build student, distillation
-heads (temperature, projectors), optimiser and schedules -> resume if asked -> loop: batches from the
-loader, losses (KD + CE + alignment + rate), guarded optimiser step, logging, health checks, validation,
-curriculum stages, atomic checkpoints -> final checkpoint, summary.
+It only orchestrates components that stand alone: open the store read-only and check it against the run
+config (checks) -> build the student, its distillation heads and loss terms (objective), the optimisers
+(optim) and the parallel wrapping (distributed) -> resume if asked (checkpoint) -> loop: batches from the
+loader, the objective, the guarded optimiser step, logging (loggers), health checks (monitor), validation
+(validation), curriculum stages (curriculum), atomic checkpoints and the best model (checkpoint, run_folder)
+-> final checkpoint, summary. docs/ARCHITECTURE.md says where each kind of change goes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -22,356 +22,42 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_map
-import torch.nn.functional as F
-import yaml
 from tqdm.auto import tqdm
 
 from ... import __version__
 from ...cache.device_codec import BatchDecoder, fields_to_read
 from ...cache.reader import CacheReader
-from ...locks import ProcessLock
 from ...errors import GooseError, RunFailed
 from ...student.model import Student, StudentConfig, config_for_store, detach_state
+from .checkpoint import (check_identity, checkpoints, latest_checkpoint, load_checkpoint, recorded_student, rng_state,
+                         run_identity, save_checkpoint, set_rng_state)
+from .checks import check_store, split_windows
 from .config import TrainConfig, dump_config
-from .curriculum import Curriculum, difficulty_order
-from .distributed import (DistEnv, clip_grad_norm, full_model_state, full_optimizer_state, load_full_model_state,
-                          load_full_optimizer_state, shard_student)
-from .loggers import Loggers, open_loggers
-from .loader import CacheLoader, read_windows
-from .losses import build_kd_loss, ce_loss, layer_map, student_bucket_logprobs, teacher_bucket_logprobs
+from .curriculum import curriculum_from_store
+from .distributed import (DistEnv, full_model_state, full_optimizer_state, load_full_model_state,
+                          load_full_optimizer_state, parallelize)
+from .loader import CacheLoader
+from .loggers import Loggers, open_run_loggers, start_profiler
 from .monitor import EventLog, HealthMonitor
-from .objective import Distiller, Objective, align_teacher_layers
+from .objective import Distiller, Objective, alignment_pairs
+from .optim import GuardedStep, build_optimizers, lr_factor
+from .run_folder import RunLock, progress_postfix, run_files, truncate_jsonl, write_best
+from .validation import validate_model
 from ..stage_one.teacher import resolve_device
-
-CKPT_FILE = "state.pt"
-LOCK_FILE = ".lock"
-
-# Config keys a resumed run may change: they steer how long it runs, what it logs and where, never what
-# it computes. Anything else differing from the checkpoint's config is refused on --resume.
-RESUMABLE_KEYS = {"out", "steps", "log_every", "val_every", "ckpt_every", "keep_checkpoints", "tensorboard", "loggers",
-                  "profile_steps", "device", "num_workers", "cache", "val_cache", "nan_patience", "max_rollbacks",
-                  "rollback_lr_factor", "monitor", "storage_options"}
-
-
-# ---------------------------------------------------------------------------------------------
-# Pieces
-
-
-def lr_factor(cfg: TrainConfig, step: int, rewarm_from: int | None) -> float:
-    """Linear warm-up, cosine decay to min_lr_ratio; optional short re-warm-up after a stage change."""
-    o = cfg.optim
-    if step < o.warmup_steps:
-        f = (step + 1) / o.warmup_steps
-    else:
-        progress = (step - o.warmup_steps) / max(cfg.steps - o.warmup_steps, 1)
-        f = o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    if rewarm_from is not None and o.rewarm_steps_at_stage > 0 and step - rewarm_from < o.rewarm_steps_at_stage:
-        f *= (step - rewarm_from + 1) / o.rewarm_steps_at_stage
-    return f
-
-
-def param_groups(cfg: TrainConfig, model: Student, distiller: Distiller, replicated=()) -> list[dict]:
-    """Weight decay on large matrices only; none on norms, biases, mixes, spike parameters. The CTKD
-    temperature is not here: it has its own SGD optimiser (`temperature_optimizer`). `replicated`: under
-    FSDP the parameters left unsharded, in a group of their own (one foreach step cannot mix them with
-    sharded ones)."""
-    decay, no_decay, spikes = [], [], []
-    apart = {id(p) for p in replicated}
-    own_spike_lr = cfg.optim.spike_lr_mult != 1.0  # a group of their own only then: old checkpoints resume
-    for name, p in model.named_parameters():
-        if id(p) in apart:
-            continue
-        if own_spike_lr and ".spikes." in name:  # every site, the head's included (head_spike.spikes.head)
-            spikes.append(p)
-            continue
-        big = p.ndim == 2 and ".spikes." not in name and not name.endswith("r_k")
-        (decay if big else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay, "name": "decay"},
-              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-    if spikes:
-        groups.append({"params": spikes, "weight_decay": 0.0, "name": "spikes",
-                       "lr": cfg.optim.lr * cfg.optim.spike_lr_mult})
-    if replicated:  # under FSDP: the spike parameters (left unsharded)
-        groups.append({"params": list(replicated), "weight_decay": 0.0, "name": "replicated",
-                       "lr": cfg.optim.lr * cfg.optim.spike_lr_mult})
-    if len(distiller.projectors):
-        groups.append({"params": list(distiller.projectors.parameters()), "weight_decay": cfg.optim.weight_decay,
-                       "name": "projectors"})
-    for g in groups:
-        g["base_lr"] = g.get("lr", cfg.optim.lr)
-    return groups
-
-
-def temperature_optimizer(cfg: TrainConfig, distiller: Distiller) -> torch.optim.Optimizer | None:
-    """Plain SGD with momentum for CTKD's theta, as in the reference (zhengli97/CTKD). Under Adam the step
-    is normalised by the gradient's running magnitude, so the reversal strength lambda cancels out (lambda
-    1.0 and 0.001 gave the same temperature trajectory); under SGD lambda scales every step."""
-    if not distiller.temperature.learnable:
-        return None
-    return torch.optim.SGD([distiller.temperature.theta], lr=cfg.temperature.lr, momentum=cfg.temperature.momentum)
-
-
-def check_store(cfg: TrainConfig, reader: CacheReader, val_reader: CacheReader | None) -> None:
-    """Mismatches between the store and the run config fail here, before any training."""
-    spec = reader.spec
-    kd = build_kd_loss(cfg)  # an unknown name or option is refused here
-    if kd is not None:
-        kd.check(cfg, spec, reader.url)
-    if cfg.temperature.mode == "stage" and not cfg.curriculum.enabled:
-        raise GooseError("temperature.mode=stage needs curriculum.enabled=true")
-    if cfg.loss.align_weight > 0 and not spec.hidden_layers:
-        raise GooseError(f"alignment needs teacher hidden states but store {reader.url} has none (--hidden-layers)")
-    if val_reader is not None:
-        if val_reader.vocab_size != spec.vocab_size or \
-                val_reader.provenance.get("tokenizer_hash") != reader.provenance.get("tokenizer_hash"):
-            raise GooseError("--val-cache was made with another tokenizer or vocabulary than the training store")
-    if cfg.batch_size < 1 or cfg.steps < 1 or cfg.optim.accumulation < 1:
-        raise GooseError("steps, batch_size and optim.accumulation must be >= 1")
-    if cfg.carry_state and cfg.curriculum.enabled:
-        raise GooseError("carry_state needs consecutive windows; the POCL curriculum reorders them (use one)")
-    if cfg.amp not in ("none", "bf16", "fp16"):
-        raise GooseError(f"amp must be none, bf16 or fp16, got {cfg.amp!r}")
-
-
-def split_windows(cfg: TrainConfig, reader: CacheReader, val_reader: CacheReader | None):
-    """(training windows, validation store URL, its spec, fixed validation windows) for a run config."""
-    spec = reader.spec
-    if val_reader is not None:
-        return (np.arange(spec.n_windows), val_reader.url, val_reader.spec,
-                np.arange(min(cfg.val_windows, val_reader.spec.n_windows)))
-    n_val = max(1, int(round(cfg.val_fraction * spec.n_windows)))
-    if n_val >= spec.n_windows:
-        raise GooseError(f"store has {spec.n_windows} windows: too few to hold out {n_val} for validation")
-    val = np.arange(spec.n_windows - n_val, spec.n_windows)[: cfg.val_windows]
-    return np.arange(spec.n_windows - n_val), reader.url, spec, val
-
-
-@torch.no_grad()
-def validate_model(model: Student, url: str, spec, windows: np.ndarray, batch_size: int, device,
-                   autocast=contextlib.nullcontext, storage_options: dict | None = None) -> tuple[dict, dict]:
-    """Perplexity, teacher perplexity on the same windows, KL to the teacher at T=1, top-1 agreement and
-    spike statistics over fixed windows of a store. Returns (metrics, per-site SpikeStats).
-
-    Always of the fully ternary model, also while the trainer anneals spikes in: that is the model best/,
-    `goose eval` and export hold (a saved model loads fully ternary), so a mid-anneal validation neither
-    flatters the curve with continuous activations nor picks a best/ that scores worse once loaded. The
-    training mix is restored afterwards, so training and resume are unchanged."""
-    sites = list(model.spike_modules().values())
-    training_mix = [site.mix for site in sites]
-    for site in sites:
-        site.mix = 1.0
-    try:
-        return _validate_ternary(model, url, spec, windows, batch_size, device, autocast, storage_options)
-    finally:
-        for site, mix in zip(sites, training_mix):
-            site.mix = mix
-
-
-def _validate_ternary(model, url, spec, windows, batch_size, device, autocast, storage_options):
-    model.eval()
-    fields = ["input_ids", "topk_ids", "topk_logprobs", "tail_logmass", "gold_nll"]
-    if getattr(spec, "loss_mask", False):  # masked data: every metric over the positions whose prediction counts
-        fields.append("loss_mask")
-    nll_sum = kl_sum = agree = teacher_nll = 0.0
-    n_tok = n_kd = 0
-    stats_all: dict = {}
-    for batch in read_windows(url, windows, fields, batch_size, storage_options):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast():
-            out = model(batch["input_ids"], collect_stats=True)
-        logits = out.logits.float()
-        ids = batch["input_ids"]
-        log_p = teacher_bucket_logprobs(batch["topk_logprobs"], batch["tail_logmass"], spec.tail_temperatures, 1.0)
-        log_q = student_bucket_logprobs(logits, batch["topk_ids"], 1.0)
-        if "loss_mask" in batch:
-            m = batch["loss_mask"].double()
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).long(),
-                                  reduction="none").view(ids.shape[0], -1)
-            nll_sum += float((nll.double() * m[:, :-1]).sum())
-            teacher_nll += float((batch["gold_nll"][:, :-1].double() * m[:, :-1]).sum())
-            n_tok += int(m[:, :-1].sum())
-            kl_sum += float(((log_p.exp() * (log_p - log_q)).sum(-1).double() * m).sum())
-            agree += float(((logits.argmax(-1) == batch["topk_ids"][..., 0]).double() * m).sum())
-            n_kd += int(m.sum())
-        else:
-            n = ids[:, 1:].numel()
-            nll_sum += float(ce_loss(logits, ids)) * n
-            teacher_nll += float(batch["gold_nll"][:, :-1].double().sum())
-            n_tok += n
-            kl_sum += float((log_p.exp() * (log_p - log_q)).sum(-1).sum())
-            agree += float((logits.argmax(-1) == batch["topk_ids"][..., 0]).sum())
-            n_kd += ids.numel()
-        for key, st in out.spike_stats.items():
-            if key in stats_all:
-                stats_all[key].merge(st)
-            else:
-                stats_all[key] = st
-    summaries = {k: s.summary() for k, s in stats_all.items()}
-    energy = model.energy_report(stats_all)
-    rates = [s["firing_rate"] for s in summaries.values() if s]
-    if n_tok == 0 or n_kd == 0:
-        raise GooseError("the validation windows hold no position whose loss counts (their loss_mask is all "
-                         "zero): validate on more windows (val_windows, val_fraction) or another --val-cache")
-    return {
-        "val_loss": nll_sum / n_tok, "val_ppl": math.exp(nll_sum / n_tok),
-        "teacher_ppl": math.exp(teacher_nll / n_tok), "val_kl": kl_sum / n_kd, "val_top1_agree": agree / n_kd,
-        "spike_rate": float(np.mean(rates)) if rates else None,
-        "zero_fraction": 1 - float(np.mean(rates)) if rates else None,
-        "dead_fraction_max": max((s["dead_fraction"] for s in summaries.values() if s), default=None),
-        "saturated_fraction_max": max((s["saturated_fraction"] for s in summaries.values() if s), default=None),
-        "energy_ratio_vs_dense": energy["energy_ratio_vs_dense"],
-        "spike_sites": {k: {"rate": s["firing_rate"], "dead": s["dead_fraction"], "sat": s["saturated_fraction"]}
-                        for k, s in summaries.items() if s},
-    }, summaries
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _rng_state() -> dict:
-    """Every RNG's state in types `torch.load(weights_only=True)` accepts (no numpy objects)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(run: Path, step: int, payload: dict, keep: int) -> Path:
-    """Write checkpoints/step_N atomically: a temp folder, fsync, then rename. Keeps the newest `keep`."""
-    ckdir = run / "checkpoints"
-    ckdir.mkdir(parents=True, exist_ok=True)
-    final = ckdir / f"step_{step:07d}"
-    tmp = ckdir / f".tmp-step_{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        with open(tmp / CKPT_FILE, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:120]
-        kept = [p.name for p in checkpoints(run)]
-        raise GooseError(f"cannot write checkpoint {final} ({why}; is the disk full?); finished checkpoints are "
-                         f"kept: {', '.join(kept) or 'none'}") from None
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in sorted(ckdir.glob("step_*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def checkpoints(run: Path) -> list[Path]:
-    """Finished checkpoints, oldest first (a crash mid-write leaves only a .tmp folder, never listed)."""
-    return [p for p in sorted((run / "checkpoints").glob("step_*")) if (p / CKPT_FILE).exists()]
-
-
-def latest_checkpoint(run: Path) -> Path | None:
-    found = checkpoints(run)
-    return found[-1] if found else None
-
-
-def load_checkpoint(path: Path, device) -> dict:
-    """A checkpoint's payload. weights_only=True: unpickling runs no code from the file, only tensors and
-    plain containers are rebuilt (a crafted state.pt is refused, not executed)."""
-    try:
-        return torch.load(path / CKPT_FILE, map_location=device, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - truncated zip, refused global, bad pickle: all one message
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        first = first if len(first) <= 240 else first[:237] + "..."
-        raise GooseError(f"cannot load checkpoint {path / CKPT_FILE}: {first}") from None
-
-
-class RunLock:
-    """One training process per run folder: RUN/.lock, goose's one process lock (`locks.py`), so a run held
-    on another host (a cluster sharing the filesystem) is refused too, never judged stale by a pid that
-    means nothing here. A lock whose process is gone on this host is stale (a killed run) and taken over."""
-
-    def __init__(self, run: Path):
-        self.path = run / LOCK_FILE
-        self.lock = None
-
-    def acquire(self) -> None:
-        where = self.path.parent
-        self.lock = ProcessLock.acquire(str(self.path), lambda who: (
-            f"run folder {where} is in use by another training ({who}); wait for it or choose another --out "
-            f"(if that run is gone, delete {self.path})"), reentrant=True)
-
-    def release(self) -> None:
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
-
-
-def run_identity(cfg: TrainConfig, reader: CacheReader) -> dict:
-    """What a checkpoint must agree with to be resumed: the config minus RESUMABLE_KEYS, and the store by
-    content (its fingerprint), not by path, so a moved store still resumes."""
-    config = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_KEYS}
-    p = reader.provenance
-    return {"config": config, "store": {"data_fingerprint": p.get("data_fingerprint"),
-                                        "config_hash": p.get("config_hash")}}
-
-
-def _normalised_student(student: dict) -> dict:
-    """A recorded student config as this version resolves it: fields added since at what they meant then
-    (StudentConfig.from_dict), so an older record compares equal to the same model."""
-    try:
-        return StudentConfig.from_dict(student).to_dict()
-    except (TypeError, ValueError):
-        return student
-
-
-def _with_defaults(saved: dict, defaults: dict) -> dict:
-    """`saved` with every key it lacks, at any depth, taken from `defaults`."""
-    out = dict(saved)
-    for k, v in defaults.items():
-        if k not in out:
-            out[k] = v
-        elif isinstance(v, dict) and isinstance(out[k], dict) and v:
-            out[k] = _with_defaults(out[k], v)
-    return out
-
-
-def _differences(a, b, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b), key=str):
-            out += _differences(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [prefix.rstrip(".")]
-
-
-def _truncate_jsonl(path: Path, step: int) -> None:
-    """Drop lines logged after `step` (they belong to the part of a crashed run that is being redone)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
-# ---------------------------------------------------------------------------------------------
-# The run
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True, echo=print):
         self.cfg, self.progress, self.echo = cfg, progress, echo
+        self._open(resume)
+        self._build_student(resume)
+        self._build_data()
+        self._claim_run_folder(resume)
+
+    # ---- building ------------------------------------------------------------------------------
+    def _open(self, resume: bool) -> None:
+        """The store, the run folder, the device and the ranks; the seed; the training and validation windows."""
+        cfg = self.cfg
         self.reader = CacheReader(cfg.cache, storage_options=cfg.storage_options or None)
         self.val_reader = (CacheReader(cfg.val_cache, storage_options=cfg.storage_options or None)
                            if cfg.val_cache else None)
@@ -394,22 +80,23 @@ class Trainer:
         if cfg.batch_size % self.dist.world:
             raise GooseError(f"batch_size is the global batch: {cfg.batch_size} does not split over "
                              f"{self.dist.world} ranks")
-        self._seed(cfg.seed)
-        spec = self.reader.spec
-
-        # windows: training pool and validation subset
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
         self.train_windows, self.val_url, self.val_spec, self.val_windows = split_windows(
             cfg, self.reader, self.val_reader)
         if len(self.train_windows) < cfg.batch_size:
             raise GooseError(f"only {len(self.train_windows)} training windows for a batch of {cfg.batch_size}")
 
-        # model and distillation heads
+    def _build_student(self, resume: bool) -> None:
+        """The student, its distillation heads and loss terms, the parallel wrapping and the optimisers."""
+        cfg, spec = self.cfg, self.reader.spec
         try:
             scfg = config_for_store(cfg.model.preset, spec.vocab_size, **cfg.model.overrides)
             # resume: the student the run started with (config.yaml records it resolved), so a model default
             # changed since (token_gain's did) does not change the model under its checkpoints; a changed
             # preset or override is still refused by the identity check
-            self.recorded_student = recorded = self._recorded_student() if resume else None
+            self.recorded_student = recorded = recorded_student(self.run) if resume else None
             if recorded is not None:  # sized to this store (another store is the identity check's to refuse)
                 scfg = StudentConfig.from_dict({**recorded, "vocab_size": spec.vocab_size})
         except (TypeError, ValueError) as exc:
@@ -419,63 +106,29 @@ class Trainer:
         if cfg.model.init_embedding_from_teacher:
             self.model.init_embedding_from(torch.from_numpy(self.reader.teacher_embedding().astype(np.float32)))
             self.model.to(self.device)
-        self.pairs = []
         self.n_teacher_layers = int(self.reader.provenance.get("n_layers", 0))
-        if cfg.loss.align_weight > 0:
-            a = cfg.loss.align
-            try:
-                self.pairs = layer_map(a.layer_map, scfg.n_layer, int(self.reader.provenance.get("n_layers", 0)),
-                                       spec.hidden_layers, a.pairs, a.last_k)
-            except ValueError as exc:
-                raise GooseError(str(exc)) from None
-            missing = sorted(set(align_teacher_layers(cfg, self.pairs)) - set(spec.hidden_layers))
-            if missing or not self.pairs:
-                raise GooseError(f"alignment needs teacher layers {missing or '(none mapped)'} but the store has "
-                                 f"{list(spec.hidden_layers)}")
-            if any(not 0 <= s <= scfg.n_layer for s, _ in self.pairs):
-                raise GooseError(f"alignment pairs {self.pairs} name student layers outside 0..{scfg.n_layer}")
+        self.pairs = alignment_pairs(cfg, scfg.n_layer, self.n_teacher_layers, spec.hidden_layers)
         self.distiller = Distiller(cfg, self.pairs, scfg.d_model, spec.hidden_size).to(self.device)
-        self.fsdp = self.dist.active and cfg.parallel == "fsdp"
-        self.replicated: list = []
-        # parallel: fsdp keeps its optimizer state by parameter name (and the spike parameters in a group of
-        # their own) in one process too, so its checkpoints resume under any world size, one rank included
-        self.by_name = cfg.parallel == "fsdp"
-        self.state_modules = nn.ModuleDict({"model": self.model, "distiller": self.distiller})
-        if self.fsdp:  # before compile and before the optimizer: both must see the sharded parameters
-            self.replicated = shard_student(self.model, self.device.type, self.dist.world)
-        elif self.by_name:
-            self.replicated = [p for name, p in self.model.named_parameters() if ".spikes." in name]
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
-        if self.dist.active and not self.fsdp:
-            # running spike statistics are all-reduced inside the model (global-batch statistics), so the
-            # buffers agree on every rank without DDP broadcasting them
-            self.forward = nn.parallel.DistributedDataParallel(
-                self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
-        fused = self.device.type == "cuda"
-        self.opt = torch.optim.AdamW(param_groups(cfg, self.model, self.distiller, self.replicated), lr=cfg.optim.lr,
-                                     betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-                                     **({"fused": True} if fused else {"foreach": True}))
-        self.t_opt = temperature_optimizer(cfg, self.distiller)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-
-        # data
         self.objective = Objective(cfg, spec, self.distiller, self.model.ln_out, self.n_teacher_layers)
+        self.by_name = cfg.parallel == "fsdp"  # optimizer state by parameter name (resumes under any world size)
+        self.state_modules = nn.ModuleDict({"model": self.model, "distiller": self.distiller})
+        self.forward, self.replicated, self.fsdp = parallelize(self.model, cfg, self.dist, self.device)
+        self.opt, self.t_opt = build_optimizers(cfg, self.model, self.distiller, self.replicated, self.device)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        self.guarded_step = GuardedStep(cfg, self.opt, self.t_opt, torch.amp.GradScaler(
+            self.device.type, enabled=cfg.amp == "fp16"), self.dist, self.distiller, self.replicated, self.fsdp)
+        # the resolved student too: a changed model default must not resume into a different model
+        self.identity = {**run_identity(cfg, self.reader), "student": scfg.to_dict()}
+
+    def _build_data(self) -> None:
+        """The fields the loss terms read, the curriculum and the loader. On CUDA the loader hands over the
+        stored encodings and they are decoded on the GPU (cache/device_codec.py): at GPT-2's shapes decoding
+        is most of the host's reading time, and int8 hidden states cross the bus at a quarter of float32's
+        bytes. On CPU the host decodes."""
+        cfg, spec = self.cfg, self.reader.spec
         self.fields = self.objective.fields()
-        self.curriculum = None
-        if cfg.curriculum.enabled:
-            # per-window means, read chunk by chunk (never the whole per-token arrays at once)
-            nll, ent = np.empty(spec.n_windows), np.empty(spec.n_windows)
-            for start, part in self.reader.iter_chunks(["gold_nll", "entropy"]):
-                stop = start + len(part["gold_nll"])
-                nll[start:stop] = np.nanmean(part["gold_nll"], axis=1)
-                ent[start:stop] = part["entropy"].astype(np.float32).mean(axis=1)
-            order = difficulty_order(nll[self.train_windows], ent[self.train_windows])
-            self.curriculum = Curriculum(cfg.curriculum, self.train_windows[order])
-        # On CUDA the loader hands over the stored encodings and they are decoded on the GPU (cache/device_codec.py):
-        # at GPT-2's shapes decoding is most of the host's reading time, and int8 hidden states cross the bus
-        # at a quarter of float32's bytes. On CPU the host decodes, as it always has.
+        self.curriculum = curriculum_from_store(cfg.curriculum, self.reader, self.train_windows) \
+            if cfg.curriculum.enabled else None
         on_device = self.device.type == "cuda"
         self.decode = BatchDecoder(spec, self.fields, self.reader.pca_basis()) if on_device else None
         self.loader = CacheLoader(cfg.cache, fields_to_read(spec, self.fields) if on_device else self.fields,
@@ -485,13 +138,11 @@ class Trainer:
                                   rank=self.dist.rank, world=self.dist.world, storage_options=cfg.storage_options)
         self.loader.set_pool(self.curriculum.pool() if self.curriculum else self.train_windows, 0)
 
-        # bookkeeping
-        self.step = 0
-        self.lr_scale = 1.0
-        self.rewarm_from = None
-        self.bad_steps = 0
-        self.skipped_steps = 0
-        self.rollbacks = 0
+    def _claim_run_folder(self, resume: bool) -> None:
+        """Counters and health checks; the run folder's lock, the resumed state, config.yaml."""
+        cfg = self.cfg
+        self.step, self.lr_scale, self.rewarm_from = 0, 1.0, None
+        self.bad_steps = self.skipped_steps = self.rollbacks = 0
         self.best_val = float("inf")
         self.elapsed_before = 0.0  # training seconds of earlier processes of this run (resume)
         main = self.dist.is_main
@@ -502,39 +153,41 @@ class Trainer:
                                      if cfg.temperature.mode == "ctkd" else None)
         self.carry = None  # carry_state: the model state after the previous window of every row (detached)
         self.stop_signal = None
-        # the resolved student too: a changed model default must not resume into a different model
-        self.identity = {**run_identity(cfg, self.reader), "student": scfg.to_dict()}
         self.failed_batches: list[dict] = []  # non-finite steps since the last rollback: step, batch key, windows
         self.lock = RunLock(self.run)  # before anything is written to the run folder
         if main:
             self.lock.acquire()
         try:
             if resume:
-                self._resume()
+                path, d = self._newest_readable()
+                check_identity(d.get("identity"), self.identity, path, self.recorded_student)
+                self._load(path, payload=d)
         except BaseException:
             self.lock.release()
             raise
         self.dist.barrier()  # every rank has checked the folder before rank 0 writes its first checkpoint
-        if not main:
-            return
-        dump_config(cfg, self.run / "config.yaml", {
-            "store_fingerprint": self.reader.provenance.get("data_fingerprint"),
-            "store_teacher": self.reader.provenance.get("teacher"),
-            "store_config_hash": self.reader.provenance.get("config_hash"),
-            "student": scfg.to_dict(), "align_pairs": [list(p) for p in self.pairs],
-            "train_windows": int(len(self.train_windows)), "val_windows": int(len(self.val_windows)),
-            "goose_version": __version__, "world_size": self.dist.world,
-        })
+        if main:
+            dump_config(cfg, self.run / "config.yaml", {
+                "store_fingerprint": self.reader.provenance.get("data_fingerprint"),
+                "store_teacher": self.reader.provenance.get("teacher"),
+                "store_config_hash": self.reader.provenance.get("config_hash"),
+                "student": self.identity["student"], "align_pairs": [list(p) for p in self.pairs],
+                "train_windows": int(len(self.train_windows)), "val_windows": int(len(self.val_windows)),
+                "goose_version": __version__, "world_size": self.dist.world,
+            })
 
     # ---- helpers -------------------------------------------------------------------------------
+    @property
+    def scaler(self) -> torch.amp.GradScaler:
+        """fp16's loss scaler (disabled otherwise); the guarded step owns it."""
+        return self.guarded_step.scaler
+
+    @scaler.setter
+    def scaler(self, scaler: torch.amp.GradScaler) -> None:
+        self.guarded_step.scaler = scaler
+
     def _warn(self, line: str) -> None:
         (tqdm.write if self.progress else self.echo)(line)
-
-    @staticmethod
-    def _seed(seed: int) -> None:
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -549,16 +202,20 @@ class Trainer:
             return {"temperature": None, "kd_weight": c.loss.kd_weight, "ce_weight": c.loss.ce_weight, "stage": 0}
         return self.curriculum.values(self.step)
 
+    def _note_failed_batch(self) -> None:
+        key = self.loader.last_key
+        self.failed_batches = self.failed_batches[-999:] + [
+            {"step": self.step, "batch": list(key), "windows": self.loader.windows_of(key)}]
+
     # ---- one step ------------------------------------------------------------------------------
     def compute_losses(self, batch: dict, stage: dict, progress: float) -> dict:
         """Every loss part for one micro-batch; `total` is what is minimised."""
         c = self.cfg
-        ids = batch["input_ids"]
         state = None
         if c.carry_state and self.loader.position > 1:  # position 1: the first batch of a pass starts from zero
             state = self.carry
         with self._autocast():
-            out = self.forward(ids, state, output_hidden_states=bool(self.pairs))
+            out = self.forward(batch["input_ids"], state, output_hidden_states=bool(self.pairs))
         if c.carry_state:
             self._next_carry = detach_state(out.state)  # truncated BPTT: the next window starts here
         T = self.distiller.temperature(progress, stage["temperature"]).to(self.device)
@@ -582,6 +239,34 @@ class Trainer:
         if self.t_opt is not None:
             self.t_opt.zero_grad(set_to_none=True)
 
+    def _accumulate(self, stage: dict, progress: float) -> tuple[dict, bool]:
+        """Forward and backward over `accumulation` micro-batches: (mean loss parts, every loss finite)."""
+        c = self.cfg
+        sums: dict[str, float] = {}
+        for micro in range(c.optim.accumulation):
+            batch = self.next_batch()
+            # DDP: gradients are all-reduced in the last micro-batch's backward only. FSDP2 reduce-scatters
+            # every micro-batch into the sharded .grad: holding the sync back would keep full unsharded
+            # gradients on every rank between micro-batches, and a skipped step would leave them behind
+            last = micro == c.optim.accumulation - 1
+            sync = (self.forward.no_sync() if self.dist.active and not self.fsdp and not last
+                    else contextlib.nullcontext())
+            with sync:
+                parts = self.compute_losses(batch, stage, progress)
+                # every rank skips together (a rank leaving out a backward would hang the all-reduce)
+                loss_finite = self.dist.all_true(bool(torch.isfinite(parts["total"])), self.device)
+                if loss_finite:
+                    self.scaler.scale(parts["total"] / c.optim.accumulation).backward()
+            if not loss_finite:
+                self.carry = None  # never start the next windows from a state that produced a non-finite loss
+                self._note_failed_batch()
+                return sums, False
+            if c.carry_state:
+                self.carry = self._next_carry
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(torch.as_tensor(v).detach()) / c.optim.accumulation
+        return sums, True
+
     def train_step(self) -> dict:
         """One optimiser step over `accumulation` micro-batches; a non-finite loss or gradient skips it."""
         c = self.cfg
@@ -593,73 +278,12 @@ class Trainer:
         lr = self._set_lr()
         self.model.train()
         self._zero_grad()
-        sums: dict[str, float] = {}
-        finite = True
-        overflow = False  # fp16: gradients overflowed at the current loss scale (the scaler's business)
-        unscaled = False
-        for micro in range(c.optim.accumulation):
-            batch = self.next_batch()
-            # DDP: gradients are all-reduced in the last micro-batch's backward only
-            last = micro == c.optim.accumulation - 1
-            # FSDP2 reduce-scatters every micro-batch into the sharded .grad: holding the sync back would keep
-            # full unsharded gradients on every rank between micro-batches (FSDP's memory saving gone), and a
-            # skipped step would leave them behind for the next one
-            sync = (self.forward.no_sync() if self.dist.active and not self.fsdp and not last
-                    else contextlib.nullcontext())
-            with sync:
-                parts = self.compute_losses(batch, stage, progress)
-                # every rank skips together (a rank leaving out a backward would hang the all-reduce)
-                loss_finite = self.dist.all_true(bool(torch.isfinite(parts["total"])), self.device)
-                if loss_finite:
-                    self.scaler.scale(parts["total"] / c.optim.accumulation).backward()
-            if not loss_finite:
-                finite = False
-                self.carry = None  # never start the next windows from a state that produced a non-finite loss
-                key = self.loader.last_key
-                self.failed_batches = self.failed_batches[-999:] + [
-                    {"step": self.step, "batch": list(key), "windows": self.loader.windows_of(key)}]
-                break
-            if c.carry_state:
-                self.carry = self._next_carry
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(torch.as_tensor(v).detach()) / c.optim.accumulation
+        sums, loss_finite = self._accumulate(stage, progress)
         if sums and self.dist.active:  # logged losses are global-batch means, as in one process
             keys = sorted(sums)
             means = self.dist.mean(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device))
             sums = dict(zip(keys, means.tolist()))
-        grad_norm = float("nan")
-        t_live = False
-        if finite:
-            # outside the DDP module: CTKD theta, projectors (and under FSDP the replicated spike parameters)
-            self.dist.sync_grads([*self.distiller.parameters(), *self.replicated])
-            self.scaler.unscale_(self.opt)
-            unscaled = True
-            t_live = self.t_opt is not None and self.distiller.temperature.theta.grad is not None
-            if t_live:
-                self.scaler.unscale_(self.t_opt)
-            params = [p for g in self.opt.param_groups for p in g["params"]]
-            max_norm = c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf")
-            if self.fsdp:  # sharded student and replicated distiller: one global norm over both
-                from torch.distributed.tensor import DTensor
-
-                sharded = [p for p in params if isinstance(p, DTensor)]  # the same parameters as below
-                grad_norm = clip_grad_norm([sharded, [p for p in params if not isinstance(p, DTensor)]], max_norm)
-            else:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            grads_finite = math.isfinite(grad_norm) and (
-                not t_live or bool(torch.isfinite(self.distiller.temperature.theta.grad).all()))
-            # A finite loss with non-finite gradients under fp16 is an ordinary loss-scale overflow while the
-            # scale is still large: the scaler skips the step and lowers the scale; no rollback for it. Once
-            # the scale is below monitor.scaler_min the gradients are non-finite on their own.
-            overflow = not grads_finite and self.scaler.is_enabled() and \
-                self.scaler.get_scale() >= c.monitor.scaler_min
-            finite = grads_finite
-        if finite or overflow:
-            self.scaler.step(self.opt)  # skips the update itself when it found inf/NaN gradients
-            if t_live:
-                self.scaler.step(self.t_opt)
-        if unscaled:
-            self.scaler.update()  # only after unscale_: it needs the inf checks that unscale_ records
+        grad_norm, finite, overflow = self.guarded_step(loss_finite)
         if finite:
             self.bad_steps = 0
         elif overflow:
@@ -671,10 +295,8 @@ class Trainer:
             self._zero_grad()
             self.bad_steps += 1
             self.skipped_steps += 1
-            if unscaled:  # the loss was finite: blame this step's batch for the gradients
-                key = self.loader.last_key
-                self.failed_batches = self.failed_batches[-999:] + [
-                    {"step": self.step, "batch": list(key), "windows": self.loader.windows_of(key)}]
+            if loss_finite:  # the loss was finite: blame this step's batch for the gradients
+                self._note_failed_batch()
             self.events.emit(self.step, "nonfinite_step", f"non-finite loss or gradient: step skipped "
                              f"({self.bad_steps} in a row)")
         self.step += 1
@@ -714,7 +336,7 @@ class Trainer:
             # each rank carries the state of its own rows: rank 0 saves all of them
             "carry": self.carry if not self.dist.active else self.dist.gather(self.carry), "world_size": self.dist.world,
             "temperature_optimizer": self.t_opt.state_dict() if self.t_opt is not None else None,
-            "scaler": self.scaler.state_dict(), "rng": _rng_state(),
+            "scaler": self.scaler.state_dict(), "rng": rng_state(),
             "loader": self.loader.state_dict(),
             "curriculum": self.curriculum.state_dict() if self.curriculum else None,
             "lr_scale": self.lr_scale, "rewarm_from": self.rewarm_from, "best_val": self.best_val,
@@ -757,40 +379,6 @@ class Trainer:
                 self._warn(f"warning: {exc}; moved it to .broken-{path.name} and fell back to the previous checkpoint")
         return None
 
-    def _resume(self) -> None:
-        """Load the newest readable checkpoint after checking that it belongs to this config and store."""
-        path, d = self._newest_readable()
-        self._check_identity(d, path)
-        self._load(path, payload=d)
-
-    def _check_identity(self, d: dict, path: Path) -> None:
-        saved = d.get("identity")
-        if saved is None:
-            raise GooseError(f"checkpoint {path} predates run identity checks; it cannot be resumed safely")
-        # a config key added after the checkpoint was written (at any depth, as loss.kd_options) counts as
-        # its default: old runs still resume
-        defaults = {k: v for k, v in TrainConfig().to_dict().items() if k not in RESUMABLE_KEYS}
-        saved = {**saved, "config": _with_defaults(saved.get("config", {}), defaults)}
-        if "student" not in saved:  # checkpoints before the student was part of the identity: its config.yaml
-            recorded = self.recorded_student
-            saved["student"] = recorded if recorded is not None else self.identity["student"]
-        else:  # fields added to the student config since count as their defaults (from_dict's rules)
-            saved["student"] = _normalised_student(saved["student"])
-        changed = _differences(saved, self.identity)
-        if changed:
-            shown = ", ".join(changed[:8]) + (f" (+{len(changed) - 8} more)" if len(changed) > 8 else "")
-            raise GooseError(f"--resume with a config or store that differs from the checkpoint in {shown}; "
-                             f"only {', '.join(sorted(RESUMABLE_KEYS))} may change (use a new --out otherwise)")
-
-    def _recorded_student(self) -> dict | None:
-        """The resolved student config this run's config.yaml recorded when it started (None if absent)."""
-        try:
-            d = yaml.safe_load((self.run / "config.yaml").read_text())
-            student = d["_resolved"]["student"]
-        except (OSError, yaml.YAMLError, KeyError, TypeError):
-            return None
-        return _normalised_student(student) if isinstance(student, dict) else None
-
     def _load(self, path: Path, *, keep_lr_scale: bool = False, payload: dict | None = None) -> None:
         d = payload if payload is not None else load_checkpoint(path, "cpu" if self.fsdp else self.device)
         self.distiller.load_state_dict(d["distiller"])
@@ -816,7 +404,7 @@ class Trainer:
         if self.t_opt is not None:
             self.t_opt.load_state_dict(d["temperature_optimizer"])
         self.scaler.load_state_dict(d["scaler"])
-        _set_rng_state(d["rng"])
+        set_rng_state(d["rng"])
         self.step = int(d["step"])
         if self.curriculum is not None and d["curriculum"] is not None:
             self.curriculum.load_state_dict(d["curriculum"])
@@ -868,24 +456,7 @@ class Trainer:
                 return
             model = Student(self.model.cfg)
             model.load_state_dict(state)
-        tmp = self.run / ".best-tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            model.save_pretrained(tmp)
-            (tmp / "metrics.json").write_text(json.dumps(val, indent=2, default=float))
-            (tmp / "goose.json").write_text(json.dumps(self.provenance(), indent=2))
-            self.reader.save_tokenizer(tmp)  # the student folder is self-contained: eval/generate need nothing else
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise GooseError(f"cannot write {self.run / 'best'} ({exc.strerror or exc}; is the disk full?); the "
-                             f"previous best model and the checkpoints are kept") from None
-        best = self.run / "best"
-        old = self.run / ".best-old"
-        if best.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(best, old)
-        os.replace(tmp, best)
-        shutil.rmtree(old, ignore_errors=True)
+        write_best(self.run, model, val, self.provenance(), self.reader)
 
     # ---- the loop ------------------------------------------------------------------------------
     def _on_signal(self, signum, frame):  # noqa: ARG002
@@ -893,38 +464,24 @@ class Trainer:
 
     def fit(self) -> dict:
         c = self.cfg
-        metrics_path = self.run / "metrics.jsonl"
         if self.dist.is_main:
-            _truncate_jsonl(metrics_path, self.step)
-            _truncate_jsonl(self.run / "events.jsonl", self.step)
+            truncate_jsonl(self.run / "metrics.jsonl", self.step)
+            truncate_jsonl(self.run / "events.jsonl", self.step)
         self.loggers = Loggers([])
         if self.dist.is_main:  # rank 0 logs for the run: metrics.jsonl, TensorBoard and any tracker (`loggers`)
             try:
-                config = (yaml.safe_load((self.run / "config.yaml").read_text())
-                          if (self.run / "config.yaml").is_file() else c.to_dict())
-                self.loggers = open_loggers(c.loggers, self.run, config, step=self.step, tensorboard=c.tensorboard,
-                                            warn=self._warn)
-                self.loggers.log_config(config)
+                self.loggers = open_run_loggers(c, self.run, self.step, self._warn)
             except BaseException:
-                self.loggers.close()
                 self.lock.release()  # a tracker that cannot start (not installed, no server) stops the run cleanly
                 raise
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        profiler = None
-        if c.profile_steps > 0:
-            from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
-
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-            profiler = profile(activities=acts, schedule=schedule(wait=1, warmup=1, active=c.profile_steps, repeat=1),
-                               on_trace_ready=tensorboard_trace_handler(str(self.run / "profile")))
-            profiler.start()
-        bar = tqdm(total=c.steps, initial=self.step, desc="train", unit="step", disable=not self.progress or not self.dist.is_main,
-                   dynamic_ncols=True)
-        t_last, tok_last, start_time = time.perf_counter(), 0, time.perf_counter()
-        self._start_time = start_time
+        profiler = start_profiler(c.profile_steps, self.run, self.device)
+        bar = tqdm(total=c.steps, initial=self.step, desc="train", unit="step",
+                   disable=not self.progress or not self.dist.is_main, dynamic_ncols=True)
+        self._start_time = start_time = time.perf_counter()
+        self._since_log = (start_time, 0)  # (time of the last train row, tokens since)
         tokens_per_step = c.batch_size * c.optim.accumulation * self.reader.seq_len
-        last_val = None
-        interrupted = False
+        last_val, interrupted = None, False
         try:
             if self.dist.all_true(latest_checkpoint(self.run) is None, self.device):
                 self.checkpoint()  # step 0: a rollback target even if the first steps go non-finite
@@ -935,24 +492,7 @@ class Trainer:
                 if self.bad_steps >= c.nan_patience:
                     self.rollback()
                     continue
-                tok_last += tokens_per_step
-                self.monitor.on_step(self.step, m)
-                if self.step % c.log_every == 0 or self.step == c.steps:
-                    now = time.perf_counter()
-                    m["tokens_per_s"] = tok_last / max(now - t_last, 1e-9)
-                    m["tokens"] = self.step * tokens_per_step
-                    m["elapsed_s"] = self.elapsed_before + now - start_time
-                    t_last, tok_last = now, 0
-                    self._log(m)
-                    bar.set_postfix(progress_postfix(m), refresh=False)
-                if self.step % c.val_every == 0 or self.step == c.steps:
-                    last_val = self._validate_and_log()
-                    if self.curriculum is not None and self.curriculum.maybe_advance(self.step, c.steps, last_val["val_loss"]):
-                        self._stage_changed()
-                elif self.curriculum is not None and self.curriculum.maybe_advance(self.step, c.steps):
-                    self._stage_changed()
-                if self.step % c.ckpt_every == 0 or self.step == c.steps:
-                    self.checkpoint()
+                last_val = self._after_step(m, tokens_per_step, bar) or last_val
                 bar.update(1)
                 # torchrun signals every rank, but not at the same step: stop together at the first one
                 if self.dist.any_true(self.stop_signal is not None, self.device):
@@ -982,6 +522,33 @@ class Trainer:
             "outputs": run_files(self.run),
         }
 
+    def _after_step(self, m: dict, tokens_per_step: int, bar) -> dict | None:
+        """Health checks, the train row, validation, curriculum stages and checkpoints after one step;
+        returns the validation row when one ran."""
+        c = self.cfg
+        t_last, tok_last = self._since_log
+        tok_last += tokens_per_step
+        self.monitor.on_step(self.step, m)
+        if self.step % c.log_every == 0 or self.step == c.steps:
+            now = time.perf_counter()
+            m["tokens_per_s"] = tok_last / max(now - t_last, 1e-9)
+            m["tokens"] = self.step * tokens_per_step
+            m["elapsed_s"] = self.elapsed_before + now - self._start_time
+            t_last, tok_last = now, 0
+            self._log(m)
+            bar.set_postfix(progress_postfix(m), refresh=False)
+        self._since_log = (t_last, tok_last)
+        val = None
+        if self.step % c.val_every == 0 or self.step == c.steps:
+            val = self._validate_and_log()
+            if self.curriculum is not None and self.curriculum.maybe_advance(self.step, c.steps, val["val_loss"]):
+                self._stage_changed()
+        elif self.curriculum is not None and self.curriculum.maybe_advance(self.step, c.steps):
+            self._stage_changed()
+        if self.step % c.ckpt_every == 0 or self.step == c.steps:
+            self.checkpoint()
+        return val
+
     def _stage_changed(self) -> None:
         self.loader.set_pool(self.curriculum.pool(), self.curriculum.stage)
         if self.cfg.optim.rewarm_steps_at_stage > 0:
@@ -1007,39 +574,6 @@ class Trainer:
         if not self.dist.is_main:
             return
         self.loggers.log_metrics(m, self.step)
-
-
-def progress_postfix(m: dict) -> dict:
-    """The progress bar's fields for a train row: the loss, and T only while a KD loss uses it (a CE-only
-    run, or a stage with KD weight 0, has no temperature to show)."""
-    out = {"loss": f"{m.get('loss', float('nan')):.3f}"}
-    if m.get("temperature") is not None and (m.get("kd_weight") or 0) > 0:
-        out["T"] = f"{m['temperature']:.2f}"
-    return out
-
-
-def run_files(run: Path) -> dict[str, str]:
-    """The run's outputs that exist now, by role: best (best/, written at the first validation), metrics,
-    events (written only when something happened), tensorboard, trackers, checkpoints. A final summary
-    names only these, so it never points at a file an early interrupt or a quiet run did not write."""
-    roles = {"best": "best", "metrics": "metrics.jsonl", "events": "events.jsonl", "tensorboard": "tb",
-             "trackers": "trackers", "checkpoints": "checkpoints"}
-    out = {}
-    for role, name in roles.items():
-        path = run / name
-        if (path / "config.json").is_file() if role == "best" else path.exists():
-            out[role] = str(path)
-    return out
-
-
-def summary_files_line(files: dict[str, str]) -> str:
-    """'  best model: RUN/best   metrics: RUN/metrics.jsonl ...' over the files that exist (run_files; the
-    `outputs` of run_train's result), for the end-of-run summary."""
-    labels = (("best", "best model"), ("metrics", "metrics"), ("events", "events"), ("tensorboard", "TensorBoard"))
-    parts = [f"{label}: {files[role]}" for role, label in labels if role in files]
-    if "best" not in files:
-        parts.insert(0, "no best model yet (no validation ran)")
-    return "  " + "   ".join(parts)
 
 
 def run_train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, echo=print) -> dict:

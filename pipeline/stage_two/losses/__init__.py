@@ -17,5 +17,10 @@ from .rskd import rskd_loss
 from .topk import kd_loss
 from .topk_rskd import topk_rskd_loss
 
+__all__ = ["KDLoss", "KD_LOSSES", "bucket_logprobs", "build_kd_loss", "ce_loss", "cka_align", "cosine_align",
+           "kd_loss", "kd_loss_names", "kl_terms", "layer_map", "linear_cka", "masked_mean", "mse_align", "register",
+           "rskd_loss", "standardize_channels", "student_bucket_logprobs", "student_bucket_logprobs_reference",
+           "teacher_bucket_logprobs", "topk_rskd_loss"]
+
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
