@@ -106,7 +106,8 @@ def evaluate_run(run: Path, store: Path, point_tokens: int, final_tokens: int) -
     import torch
 
     from goose.pipeline.stage_one.data import DataSpec, load_texts, tokenize_and_pack
-    from goose.pipeline.evaluate import StudentScorer, cache_agreement, evaluate_stream, load_tokenizer
+    from goose.pipeline.evaluate import load_tokenizer
+    from goose.pipeline.scoring import StudentScorer, evaluate_stream
     from goose.student.model import Student, StudentConfig
 
     resolved = __import__("yaml").safe_load((run / "config.yaml").read_text())["_resolved"]
@@ -160,7 +161,7 @@ def evaluate_run(run: Path, store: Path, point_tokens: int, final_tokens: int) -
 
 def teacher_eval(point_tokens: int, final_tokens: int) -> dict:
     from goose.pipeline.stage_one.data import DataSpec, load_texts, tokenize_and_pack
-    from goose.pipeline.evaluate import TeacherScorer, evaluate_stream
+    from goose.pipeline.scoring import TeacherScorer, evaluate_stream
     from goose.pipeline.stage_one.teacher import load_teacher
 
     teacher = load_teacher(str(TEACHER), dtype="fp32", device="cpu")

@@ -25,6 +25,7 @@ CODE_FILES = {
     "student/spikes.py": "spikes.py",
     "student/wkv.py": "wkv.py",
     "errors.py": "errors.py",
+    "ranks.py": "ranks.py",  # the student's spike statistics are global-batch ones under torchrun
 }
 AUTO_MAP = {"AutoConfig": "modeling_goose.GooseConfig", "AutoModelForCausalLM": "modeling_goose.GooseForCausalLM"}
 PROVENANCE_FILES = ("goose.json", "metrics.json")  # kept beside the model: where it came from, how it scored

@@ -232,7 +232,7 @@ def _figures(nll: float, tokens_per_byte: float, scored: int) -> dict:
 
 def compare_text(scorer, lm, tokenizer, samples: list[dict], max_length: int, harness_metrics: dict) -> dict:
     """The harness's goose_text_ppl figures next to goose's on the documents it scored (see the module doc)."""
-    from .evaluate import evaluate_stream
+    from .scoring import evaluate_stream
 
     samples = sorted(samples, key=lambda s: s["doc_id"])
     docs = [s["doc"]["text"] for s in samples]

@@ -30,9 +30,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..ranks import mean_over_ranks_, sum_over_ranks_
 
 SURROGATES = ("ste", "sigmoid", "triangular", "superspike")
 
@@ -55,22 +56,6 @@ def surrogate_grad(z: torch.Tensor, kind: str, scale: float) -> torch.Tensor:
     if kind == "superspike":
         return 1.0 / (1 + scale * z.abs()) ** 2
     raise ValueError(f"unknown surrogate {kind!r}; choose from {SURROGATES}")
-
-
-def _global_sum_(t: torch.Tensor) -> torch.Tensor:
-    """In place: the sum over ranks under data parallelism, so running statistics are those of the global
-    batch (as SyncBatchNorm does) and N ranks train exactly as one process with the same global batch."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t
-
-
-def _global_mean_(t: torch.Tensor) -> torch.Tensor:
-    """In place: the mean over ranks (every rank holds an equal share of the global batch)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t
 
 
 class _Heaviside(torch.autograd.Function):
@@ -272,22 +257,22 @@ class TernarySpike(nn.Module):
         |x - offset|, threshold = stats_alpha * scale, amplitudes = mean magnitude of what fires."""
         flat = x.detach().to(self.scale.dtype).reshape(-1, x.shape[-1])
         if self.centered:
-            self.offset.copy_(_global_mean_(flat.mean(0)))
+            self.offset.copy_(mean_over_ranks_(flat.mean(0)))
             flat = flat - self.offset
         if self.cfg.token_gain:
             flat = _by_group(torch.div, flat, self.gain(flat))
-        self.scale.copy_(_global_mean_(flat.abs().mean(0)).clamp_min(1e-6))
+        self.scale.copy_(mean_over_ranks_(flat.abs().mean(0)).clamp_min(1e-6))
         if self.cfg.threshold == "learned":
             rel = torch.full_like(self.scale, self.cfg.stats_alpha)
             self.threshold_raw.copy_(rel + torch.log(-torch.expm1(-rel)))  # inverse softplus
         theta = self.threshold(flat)  # per channel (C,) or per token (N, 1)
         fallback = 2 * (theta if theta.dim() == 1 else theta.mean())  # a channel that never crossed
         above = flat > theta
-        total, count = _global_sum_((flat * above).sum(0)), _global_sum_(above.sum(0).to(flat.dtype))
+        total, count = sum_over_ranks_((flat * above).sum(0)), sum_over_ranks_(above.sum(0).to(flat.dtype))
         self.amp_pos.copy_(torch.where(count > 0, total / count.clamp_min(1), fallback) / self.scale)
         if self.signed:
             below = flat < -theta
-            total, count = _global_sum_((-flat * below).sum(0)), _global_sum_(below.sum(0).to(flat.dtype))
+            total, count = sum_over_ranks_((-flat * below).sum(0)), sum_over_ranks_(below.sum(0).to(flat.dtype))
             self.amp_neg.copy_(torch.where(count > 0, total / count.clamp_min(1), fallback) / self.scale)
         self.initialized.fill_(True)
         self._initialized_seen = True
@@ -373,7 +358,7 @@ class TernarySpike(nn.Module):
     def _track_scale(self, xc: torch.Tensor, update_scale: bool) -> None:
         if self.training and update_scale:
             with torch.no_grad():  # a new tensor, not in place: autograd saved the old scale for backward
-                batch_scale = _global_mean_(xc.detach().float().abs().mean(dim=tuple(range(xc.dim() - 1))))
+                batch_scale = mean_over_ranks_(xc.detach().float().abs().mean(dim=tuple(range(xc.dim() - 1))))
                 batch_scale = batch_scale.clamp_min(1e-6)
                 batch_scale = batch_scale.to(self.scale.dtype)
                 self.scale = torch.lerp(self.scale, batch_scale, self.scale_momentum)

@@ -13,13 +13,8 @@ from click.testing import CliRunner
 from conftest import ENWIKI_TEACHER, WIKITEXT_VALID, need
 from goose.cli import main
 from goose.errors import GooseError
-from goose.pipeline.evaluate import (
-    EvalConfig,
-    Scorer,
-    StudentScorer,
-    evaluate_stream,
-    expected_calibration_error,
-)
+from goose.pipeline.evaluate import EvalConfig, expected_calibration_error
+from goose.pipeline.scoring import Scorer, StudentScorer, evaluate_stream
 from goose.pipeline.generate import TextStream, filter_logits, generate
 from test_student import float64, random_student  # noqa: F401 - float64 is a fixture
 from test_train import cfg_for
@@ -74,7 +69,7 @@ def test_streamed_student_equals_whole_sequence_and_stride_one_windows(float64):
 def test_teacher_windows_match_hf_loss():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from goose.pipeline.evaluate import TeacherScorer
+    from goose.pipeline.scoring import TeacherScorer
 
     model = AutoModelForCausalLM.from_pretrained(str(need(ENWIKI_TEACHER))).eval()
     tok = AutoTokenizer.from_pretrained(str(ENWIKI_TEACHER))

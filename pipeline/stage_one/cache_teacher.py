@@ -54,6 +54,7 @@ from ...cache.lock import StoreLock, check_unlocked
 from ...cache.stats import store_nbytes
 from ...cache.writer import CacheWriter
 from ...errors import GooseError
+from ...ranks import Ranks
 from .data import DataSpec, WindowSpill, count_windows, fingerprint_update, open_texts
 from . import teacher as stage_one_teacher
 from .teacher import (
@@ -142,67 +143,6 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     if not 0 <= index < count:
         raise GooseError(f"--shard I/N needs 0 <= I < N, got {text!r}")
     return index, count
-
-
-@dataclass
-class Ranks:
-    """This process's place among torchrun's ranks (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def join(cls, device_type: str) -> "Ranks":
-        """Join torchrun's process group when WORLD_SIZE > 1: nccl on CUDA, gloo on CPU."""
-        import torch.distributed as dist
-
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        ranks = cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(ranks.local_rank)
-        if not dist.is_initialized():
-            try:  # long timeout: after its share a rank waits at the barrier for the slowest one
-                dist.init_process_group(backend, timeout=datetime.timedelta(hours=6))
-            except (RuntimeError, ValueError) as exc:
-                raise GooseError(f"cannot join the torchrun process group ({backend}): "
-                                 f"{str(exc).splitlines()[0]}") from None
-        return ranks
-
-    def device(self, device: str) -> str:
-        """cuda (or auto on a CUDA machine) means this rank's own GPU, cuda:LOCAL_RANK."""
-        if self.world > 1 and device in ("auto", "cuda") and resolve_device(device).type == "cuda":
-            return f"cuda:{self.local_rank}"
-        return device
-
-    def broadcast(self, obj):
-        """Rank 0's obj on every rank (also a barrier)."""
-        if self.world == 1:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def total(self, value: int) -> int:
-        """Sum over ranks (also a barrier)."""
-        if self.world == 1:
-            return value
-        import torch.distributed as dist
-
-        values = [None] * self.world
-        dist.all_gather_object(values, value)
-        return sum(values)
-
-    def close(self) -> None:
-        import torch.distributed as dist
-
-        if self.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _check_args(cfg: CacheTeacherConfig) -> None:
@@ -724,7 +664,7 @@ def run_cache_teacher(cfg: CacheTeacherConfig) -> dict:
     """Build (or finish) the store described by cfg; returns a summary dict (of this rank's work, with the
     ranks' total in tokens_computed, under torchrun)."""
     _check_args(cfg)
-    ranks = Ranks.join(resolve_device(cfg.device).type)
+    ranks = Ranks.join(resolve_device(cfg.device).type, timeout=datetime.timedelta(hours=6))
     try:
         with _writer_lock(cfg, ranks):
             return _run(cfg, ranks)
@@ -753,7 +693,7 @@ def _writer_lock(cfg: CacheTeacherConfig, ranks: Ranks) -> StoreLock:
 
 
 def _run(cfg: CacheTeacherConfig, ranks: Ranks) -> dict:
-    teacher = load_teacher(cfg.teacher, revision=cfg.revision, dtype=cfg.dtype, device=ranks.device(cfg.device))
+    teacher = load_teacher(cfg.teacher, revision=cfg.revision, dtype=cfg.dtype, device=str(ranks.device(resolve_device(cfg.device))))
     layers = _check_against_teacher(cfg, teacher)
     # counting pass: the number of windows and their fingerprint, streamed, so the store's shape and identity
     # are known before it is opened; the windows go to a local spill file (not memory) that the teacher pass

@@ -39,8 +39,14 @@ def split_windows(cfg: TrainConfig, reader: CacheReader, val_reader: CacheReader
     if val_reader is not None:
         return (np.arange(spec.n_windows), val_reader.url, val_reader.spec,
                 np.arange(min(cfg.val_windows, val_reader.spec.n_windows)))
-    n_val = max(1, int(round(cfg.val_fraction * spec.n_windows)))
-    if n_val >= spec.n_windows:
-        raise GooseError(f"store has {spec.n_windows} windows: too few to hold out {n_val} for validation")
-    val = np.arange(spec.n_windows - n_val, spec.n_windows)[: cfg.val_windows]
-    return np.arange(spec.n_windows - n_val), reader.url, spec, val
+    held_out = held_out_windows(spec.n_windows, cfg.val_fraction)
+    if len(held_out) >= spec.n_windows:
+        raise GooseError(f"store has {spec.n_windows} windows: too few to hold out {len(held_out)} for validation")
+    return np.arange(held_out[0]), reader.url, spec, held_out[: cfg.val_windows]
+
+
+def held_out_windows(n_windows: int, fraction: float = TrainConfig.val_fraction) -> np.ndarray:
+    """The windows a store holds out for validation when no --val-cache is given: its last `fraction`
+    (at least one), never trained on. `eval --cache` scores the same ones."""
+    n_val = max(1, int(round(fraction * n_windows)))
+    return np.arange(n_windows - n_val, n_windows)

@@ -28,13 +28,14 @@ from ... import __version__
 from ...cache.device_codec import BatchDecoder, fields_to_read
 from ...cache.reader import CacheReader
 from ...errors import GooseError, RunFailed
+from ...ranks import Ranks
 from ...student.model import Student, StudentConfig, config_for_store, detach_state
 from .checkpoint import (check_identity, checkpoints, latest_checkpoint, load_checkpoint, recorded_student, rng_state,
                          run_identity, save_checkpoint, set_rng_state)
 from .checks import check_store, split_windows
 from .config import TrainConfig, dump_config
 from .curriculum import curriculum_from_store
-from .distributed import (DistEnv, full_model_state, full_optimizer_state, load_full_model_state,
+from .distributed import (full_model_state, full_optimizer_state, load_full_model_state,
                           load_full_optimizer_state, parallelize)
 from .loader import CacheLoader
 from .loggers import Loggers, open_run_loggers, start_profiler
@@ -74,9 +75,8 @@ class Trainer:
         except OSError as exc:
             raise GooseError(f"cannot create run folder {self.run}: {exc.strerror}") from None
         self.device = resolve_device(cfg.device)
-        self.dist = DistEnv.from_env(self.device.type)  # torchrun: one rank per device, rank 0 writes
-        if self.dist.active and self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
+        self.dist = Ranks.join(self.device.type)  # torchrun: one rank per device, rank 0 writes
+        self.device = self.dist.device(self.device)
         if cfg.batch_size % self.dist.world:
             raise GooseError(f"batch_size is the global batch: {cfg.batch_size} does not split over "
                              f"{self.dist.world} ranks")

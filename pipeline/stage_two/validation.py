@@ -1,6 +1,6 @@
 """Validation of the student on fixed windows of a store: perplexity next to the teacher's, KL to the
 teacher, top-1 agreement and spike statistics. `eval --cache` reports the same agreement figures through
-`agreement_sums`."""
+`teacher_agreement`, on the same held-out windows (`checks.held_out_windows`)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,14 @@ from ...errors import GooseError
 from ...student.model import Student
 from .loader import read_windows
 from .losses import ce_loss, student_bucket_logprobs, teacher_bucket_logprobs
+
+
+def teacher_agreement(logits: torch.Tensor, batch: dict, temps) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token (B, L): KL(teacher || student) over the k + 1 buckets at T = 1, and whether the student's
+    top-1 is the teacher's."""
+    log_p = teacher_bucket_logprobs(batch["topk_logprobs"], batch["tail_logmass"], temps, 1.0)
+    log_q = student_bucket_logprobs(logits, batch["topk_ids"], 1.0)
+    return (log_p.exp() * (log_p - log_q)).sum(-1), logits.argmax(-1) == batch["topk_ids"][..., 0]
 
 
 @torch.no_grad()
@@ -52,8 +60,7 @@ def _validate_ternary(model, url, spec, windows, batch_size, device, autocast, s
             out = model(batch["input_ids"], collect_stats=True)
         logits = out.logits.float()
         ids = batch["input_ids"]
-        log_p = teacher_bucket_logprobs(batch["topk_logprobs"], batch["tail_logmass"], spec.tail_temperatures, 1.0)
-        log_q = student_bucket_logprobs(logits, batch["topk_ids"], 1.0)
+        kl, agrees = teacher_agreement(logits, batch, spec.tail_temperatures)
         if "loss_mask" in batch:
             m = batch["loss_mask"].double()
             nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).long(),
@@ -61,16 +68,16 @@ def _validate_ternary(model, url, spec, windows, batch_size, device, autocast, s
             nll_sum += float((nll.double() * m[:, :-1]).sum())
             teacher_nll += float((batch["gold_nll"][:, :-1].double() * m[:, :-1]).sum())
             n_tok += int(m[:, :-1].sum())
-            kl_sum += float(((log_p.exp() * (log_p - log_q)).sum(-1).double() * m).sum())
-            agree += float(((logits.argmax(-1) == batch["topk_ids"][..., 0]).double() * m).sum())
+            kl_sum += float((kl.double() * m).sum())
+            agree += float((agrees.double() * m).sum())
             n_kd += int(m.sum())
         else:
             n = ids[:, 1:].numel()
             nll_sum += float(ce_loss(logits, ids)) * n
             teacher_nll += float(batch["gold_nll"][:, :-1].double().sum())
             n_tok += n
-            kl_sum += float((log_p.exp() * (log_p - log_q)).sum(-1).sum())
-            agree += float((logits.argmax(-1) == batch["topk_ids"][..., 0]).sum())
+            kl_sum += float(kl.sum())
+            agree += float(agrees.sum())
             n_kd += ids.numel()
         for key, st in out.spike_stats.items():
             if key in stats_all:

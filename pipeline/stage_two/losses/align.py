@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ....ranks import mean_over_ranks
 from .buckets import masked_mean
-
-
-def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    """Under data parallelism, the mean over ranks (equal shares: the global batch's statistic)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t
 
 
 def standardize_channels(h: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -24,8 +15,8 @@ def standardize_channels(h: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     Two passes (mean, then mean square deviation) rather than E[x^2] - mean^2, which cancels badly on
     outlier channels."""
     flat = h.float().reshape(-1, h.shape[-1])
-    mean = _mean_over_ranks(flat.mean(0))
-    std = _mean_over_ranks((flat - mean).square().mean(0)).sqrt()
+    mean = mean_over_ranks(flat.mean(0))
+    std = mean_over_ranks((flat - mean).square().mean(0)).sqrt()
     return ((h.float() - mean) / (std + eps)).detach()
 
 
