@@ -7,12 +7,14 @@ Execution forms (same weights): `mode="chunked"` (training: the delta-rule state
 wkv.py) and `mode="recurrent"` (one token at a time, O(1) state per layer). Both take and return a state,
 so training can carry state across consecutive windows and generation can feed one token per call.
 
-Spike sites (where ternary spikes replace a dense activation). The default puts spikes at the input of
-every large matrix multiply, so each of those becomes additions/subtractions of weight columns with
-skips for zeros: tm_r, tm_k, tm_v (receptance/key/value inputs), tm_out (output projection input),
-cm_k (FFN up-projection input) and cm_v (FFN down-projection input, unsigned since relu^2 >= 0).
-The small low-rank paths (decay, in-context rate, value residual, gate) and the LM head stay dense;
-"head" and "block_in" are optional sites for ablations.
+Spike sites (where ternary spikes replace a dense activation) are the rows of SPIKE_SITES: the site
+modules, the width checks and the energy estimate all read that table, so a new site is one row plus the
+call where it sits in the forward. The default puts spikes at the input of every large matrix multiply,
+so each of those becomes additions/subtractions of weight columns with skips for zeros: tm_r, tm_k, tm_v
+(receptance/key/value inputs), tm_out (output projection input), cm_k (FFN up-projection input) and cm_v
+(FFN down-projection input, unsigned since relu^2 >= 0). The small low-rank paths (decay, in-context
+rate, value residual, gate) and the LM head stay dense; "head" and "block_in" are optional sites for
+ablations.
 """
 
 from __future__ import annotations
@@ -33,9 +35,34 @@ from .spikes import SpikeConfig, SpikeStats, TernaryLinear, TernarySpike
 from . import wkv as _wkv
 from .wkv import wkv_chunked, wkv_fla, wkv_recurrent
 
-ALL_SITES = ("block_in", "tm_r", "tm_k", "tm_v", "tm_out", "cm_k", "cm_v", "head")
-DEFAULT_SITES = ("tm_r", "tm_k", "tm_v", "tm_out", "cm_k", "cm_v")
-UNSIGNED_SITES = ("cm_v",)
+
+
+@dataclass(frozen=True)
+class SpikeSite:
+    """One place where ternary spikes can replace a dense activation."""
+
+    name: str
+    module: str  # what holds it: "att" (time-mix), "ffn" (channel-mix), "block" or "head"
+    width: str  # the StudentConfig field that is the spiked activation's width
+    feeds: tuple[str, str] | None  # (in, out) widths of the matmul it turns into additions; None: none
+    default: bool = True  # spiked unless a config's spike_sites says otherwise
+    unsigned: bool = False  # spiked {0, +a} by default: its input is never negative
+
+
+SPIKE_SITES = (
+    SpikeSite("block_in", "block", "d_model", None, default=False),  # ln1's output, before the token shift
+    SpikeSite("tm_r", "att", "d_model", ("d_model", "d_model")),
+    SpikeSite("tm_k", "att", "d_model", ("d_model", "d_model")),
+    SpikeSite("tm_v", "att", "d_model", ("d_model", "d_model")),
+    SpikeSite("tm_out", "att", "d_model", ("d_model", "d_model")),
+    SpikeSite("cm_k", "ffn", "d_model", ("d_model", "d_ffn")),
+    SpikeSite("cm_v", "ffn", "d_ffn", ("d_ffn", "d_model"), unsigned=True),  # relu^2 >= 0
+    SpikeSite("head", "head", "d_model", ("d_model", "vocab_size"), default=False),
+)
+SITES = {site.name: site for site in SPIKE_SITES}
+ALL_SITES = tuple(SITES)
+DEFAULT_SITES = tuple(site.name for site in SPIKE_SITES if site.default)
+UNSIGNED_SITES = tuple(site.name for site in SPIKE_SITES if site.unsigned)
 # where the student's spikes differ from a bare SpikeConfig: four per-token gain groups per site (three
 # seeds of KD on the proxy, 0.5M tokens: 0.6-2.1 % lower PPL than no gain, docs/BENCHMARKS.md). A spike
 # dict (a config's model.overrides, a saved config.json) fills only the fields it leaves out from these.
@@ -100,7 +127,7 @@ class StudentConfig:
         if self.d_model % self.head_size:
             raise ValueError(f"d_model {self.d_model} is not a multiple of head_size {self.head_size}")
         groups = int(self.spike.token_gain)
-        widths = {self.d_ffn if site == "cm_v" else self.d_model for site in self.spike_sites}
+        widths = {self.site_width(site) for site in self.spike_sites}
         if groups and any(w % groups for w in widths):
             raise ValueError(f"spike token_gain's {groups} channel groups must divide every spiked width "
                              f"({', '.join(map(str, sorted(widths)))}: d_model and d_ffn)")
@@ -108,6 +135,10 @@ class StudentConfig:
     @property
     def n_head(self) -> int:
         return self.d_model // self.head_size
+
+    def site_width(self, site: str) -> int:
+        """The width of the activation a spike site spikes (SPIKE_SITES)."""
+        return getattr(self, SITES[site].width)
 
     @property
     def d_ffn(self) -> int:
@@ -179,14 +210,15 @@ def _linear(cfg: StudentConfig, n_in: int, n_out: int) -> nn.Linear:
 
 
 class SpikeSites(nn.Module):
-    """The spike modules of one block, by site name; a site that is off passes its input through."""
+    """The spike modules of one module (`SpikeSite.module`), by site name; a site that is off passes its
+    input through."""
 
-    def __init__(self, cfg: StudentConfig, widths: dict[str, int]):
+    def __init__(self, cfg: StudentConfig, module: str):
         super().__init__()
         self.spikes = nn.ModuleDict(
-            {site: TernarySpike(width, cfg.spike, signed=site not in cfg.unsigned_sites and not cfg.spike.binary,
-                                steps=cfg.site_steps.get(site, 1))
-             for site, width in widths.items() if site in cfg.spike_sites}
+            {s.name: TernarySpike(cfg.site_width(s.name), cfg.spike, steps=cfg.site_steps.get(s.name, 1),
+                                  signed=s.name not in cfg.unsigned_sites and not cfg.spike.binary)
+             for s in SPIKE_SITES if s.module == module and s.name in cfg.spike_sites}
         )
 
     def forward(self, site: str, x: torch.Tensor, state: dict, ctx: dict) -> torch.Tensor:
@@ -241,7 +273,7 @@ class TimeMix(nn.Module):
             self.key.weight.uniform_(-0.05 / C**0.5, 0.05 / C**0.5)
             self.value.weight.uniform_(-0.5 / C**0.5, 0.5 / C**0.5)
             self.output.weight.zero_()
-        self.spikes = SpikeSites(cfg, {"tm_r": C, "tm_k": C, "tm_v": C, "tm_out": C})
+        self.spikes = SpikeSites(cfg, "att")
 
     def forward(self, x, v_first, state: dict, ctx: dict):
         B, T, C = x.shape
@@ -297,7 +329,7 @@ class ChannelMix(nn.Module):
         with torch.no_grad():
             self.key.weight.uniform_(-0.5 / C**0.5, 0.5 / C**0.5)
             self.value.weight.zero_()
-        self.spikes = SpikeSites(cfg, {"cm_k": C, "cm_v": cfg.d_ffn})
+        self.spikes = SpikeSites(cfg, "ffn")
 
     def forward(self, x, state: dict, ctx: dict):
         prev = torch.cat([state["shift"].unsqueeze(1), x[:, :-1]], dim=1)
@@ -315,7 +347,7 @@ class Block(nn.Module):
         self.ln0 = nn.LayerNorm(C) if layer == 0 else None
         self.ln1, self.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
         self.att, self.ffn = TimeMix(cfg, layer), ChannelMix(cfg, layer)
-        self.spikes = SpikeSites(cfg, {"block_in": C})
+        self.spikes = SpikeSites(cfg, "block")
 
     def forward(self, x, v_first, state: dict, ctx: dict):
         if self.ln0 is not None:
@@ -344,7 +376,7 @@ class Student(nn.Module):
         self.emb = nn.Embedding(V, C)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(C)
-        self.head_spike = SpikeSites(cfg, {"head": C})
+        self.head_spike = SpikeSites(cfg, "head")
         self.head = None if cfg.tie_embeddings else nn.Linear(C, V, bias=False)
         self.gradient_checkpointing = False  # recompute each block in backward (less memory, ~1.3x time)
         with torch.no_grad():
@@ -391,6 +423,27 @@ class Student(nn.Module):
         h = self.head_spike("head", self.ln_out(x), state[-1]["spikes"], ctx)
         logits = h @ self.emb.weight.t() if self.head is None else self.head(h)
         return StudentOutput(logits, state, hidden, rates, stats)
+
+    def param_groups(self, weight_decay: float, *, spike_lr: float | None = None, exclude=()) -> list[dict]:
+        """Optimizer groups, as nanoGPT's configure_optimizers: weight decay on the large matrices only, none
+        on norms, biases, mixes and spike parameters. With `spike_lr` every site's spike parameters
+        (thresholds, amplitudes, offsets, leaks; the head's included) get a group of their own at that
+        learning rate. `exclude`: parameters another group holds (FSDP's replicated ones)."""
+        decay, no_decay, spikes = [], [], []
+        apart = {id(p) for p in exclude}
+        for name, p in self.named_parameters():
+            if id(p) in apart:
+                continue
+            if spike_lr is not None and ".spikes." in name:
+                spikes.append(p)
+                continue
+            big = p.ndim == 2 and ".spikes." not in name and not name.endswith("r_k")
+            (decay if big else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+                  {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+        if spikes:
+            groups.append({"params": spikes, "weight_decay": 0.0, "name": "spikes", "lr": spike_lr})
+        return groups
 
     def spike_modules(self) -> dict[str, TernarySpike]:
         out = {}
@@ -483,7 +536,7 @@ class Student(nn.Module):
         times its rate.
         """
         cfg = self.cfg
-        C, F_, V, H, N = cfg.d_model, cfg.d_ffn, cfg.vocab_size, cfg.n_head, cfg.head_size
+        H, N = cfg.n_head, cfg.head_size
         rate = {}
         for key, st in stats.items():
             summary = st.summary()
@@ -494,8 +547,10 @@ class Student(nn.Module):
             att = self.blocks[i].att
             lora = sum(p.numel() for n, p in att.named_parameters(recurse=False)
                        if n in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2"))
-            for site, n_in, n_out in (("tm_r", C, C), ("tm_k", C, C), ("tm_v", C, C), ("tm_out", C, C),
-                                      ("cm_k", C, F_), ("cm_v", F_, C)):
+            for s in SPIKE_SITES:
+                if s.feeds is None or s.module == "head":
+                    continue
+                site, n_in, n_out = s.name, getattr(cfg, s.feeds[0]), getattr(cfg, s.feeds[1])
                 ops = n_in * n_out
                 dense += ops
                 key = f"{i}.{site}"
@@ -508,12 +563,13 @@ class Student(nn.Module):
             other = lora + 5 * H * N * N  # low-rank paths; state decay, read, two writes, output read
             macs += other
             dense += other
-        head = C * V
+        n_in, n_out = (getattr(cfg, w) for w in SITES["head"].feeds)  # the LM head, spiked or not
+        head = n_in * n_out
         dense += head
         if "head.head" in rate:
             acs += rate["head.head"] * head * self._steps_per_token("head")
             if cfg.spike.token_gain:
-                macs += 2 * C + int(cfg.spike.token_gain) * V
+                macs += 2 * n_in + int(cfg.spike.token_gain) * n_out
         else:
             macs += head
         return {

@@ -674,3 +674,29 @@ def test_a_residual_steps_gradient_reaches_the_input_directly():
     (first * g).sum().backward()
     (second * g).sum().backward()
     torch.testing.assert_close(x.grad, x1.grad + r.grad)
+
+
+def test_the_spike_site_table_builds_every_site_at_its_width():
+    """Each SPIKE_SITES row is a spike module in the module it names, at its width, signed as it says, and
+    every site that feeds a matmul is counted by the energy estimate: rate x in x out ACs of the matmul
+    its row names (block_in feeds none: LayerNorm's output goes through the token shift first)."""
+    from goose.student.model import SPIKE_SITES
+
+    model = random_student(spike_sites=tuple(s.name for s in SPIKE_SITES), spike=SpikeConfig())
+    cfg = model.cfg
+    where = {"att": "blocks.0.att.spikes.spikes.", "ffn": "blocks.0.ffn.spikes.spikes.",
+             "block": "blocks.0.spikes.spikes.", "head": "head_spike.spikes."}
+    modules = model.spike_modules()
+    assert len(modules) == cfg.n_layer * (len(SPIKE_SITES) - 1) + 1
+    for site in SPIKE_SITES:
+        spike = modules[where[site.module] + site.name]
+        assert spike.channels == getattr(cfg, site.width) == cfg.site_width(site.name)
+        assert spike.signed == (not site.unsigned)
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        stats = model(ids, collect_stats=True).spike_stats
+    rates = {k: s.summary()["firing_rate"] for k, s in stats.items()}
+    want = sum(rates[f"{i}.{s.name}"] * getattr(cfg, s.feeds[0]) * getattr(cfg, s.feeds[1])
+               for i in range(cfg.n_layer) for s in SPIKE_SITES if s.feeds and s.module != "head")
+    want += rates["head.head"] * cfg.d_model * cfg.vocab_size
+    assert model.energy_report(stats)["acs_per_token"] == pytest.approx(want)

@@ -28,26 +28,13 @@ def lr_factor(cfg: TrainConfig, step: int, rewarm_from: int | None) -> float:
 
 
 def param_groups(cfg: TrainConfig, model: Student, distiller: Distiller, replicated=()) -> list[dict]:
-    """Weight decay on large matrices only; none on norms, biases, mixes, spike parameters. The CTKD
-    temperature is not here: it has its own SGD optimiser (`temperature_optimizer`). `replicated`: under
-    FSDP the parameters left unsharded, in a group of their own (one foreach step cannot mix them with
-    sharded ones)."""
-    decay, no_decay, spikes = [], [], []
-    apart = {id(p) for p in replicated}
+    """The student's own groups (`Student.param_groups`: weight decay on its large matrices only), then
+    the replicated parameters and the alignment projectors. The CTKD temperature is not here: it has its
+    own SGD optimiser (`temperature_optimizer`). `replicated`: under FSDP the parameters left unsharded, in
+    a group of their own (one foreach step cannot mix them with sharded ones)."""
     own_spike_lr = cfg.optim.spike_lr_mult != 1.0  # a group of their own only then: old checkpoints resume
-    for name, p in model.named_parameters():
-        if id(p) in apart:
-            continue
-        if own_spike_lr and ".spikes." in name:  # every site, the head's included (head_spike.spikes.head)
-            spikes.append(p)
-            continue
-        big = p.ndim == 2 and ".spikes." not in name and not name.endswith("r_k")
-        (decay if big else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay, "name": "decay"},
-              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-    if spikes:
-        groups.append({"params": spikes, "weight_decay": 0.0, "name": "spikes",
-                       "lr": cfg.optim.lr * cfg.optim.spike_lr_mult})
+    groups = model.param_groups(cfg.optim.weight_decay, spike_lr=cfg.optim.lr * cfg.optim.spike_lr_mult
+                                if own_spike_lr else None, exclude=replicated)
     if replicated:  # under FSDP: the spike parameters (left unsharded)
         groups.append({"params": list(replicated), "weight_decay": 0.0, "name": "replicated",
                        "lr": cfg.optim.lr * cfg.optim.spike_lr_mult})
