@@ -17,6 +17,7 @@ import click
 
 from . import __version__
 from .errors import GooseError
+from .pipeline.stage_one.config import DEVICE_HELP, DTYPES, CacheTeacherConfig
 
 
 class _Group(click.Group):
@@ -43,6 +44,80 @@ def _floats(text: str) -> tuple[float, ...]:
         return tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def config_options(cls):
+    """click options built from a config dataclass's fields, so each default and help text is written once,
+    in the config: `--kebab-name` (or the field's `flags`), the field's type, default and `help`, and its
+    `choices`, `min`, `metavar` and `required`. `cli` says how the text is read: floats (comma-separated),
+    json, shard (I/N), multiple (repeat the option), flag (--x/--no-x, default the config's), off_flag (a
+    flag that turns a True field off), nested (a dataclass field: its own fields' options)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    decorators = []
+    for f in dataclasses.fields(cls):
+        meta, kind = f.metadata, f.metadata.get("cli")
+        if kind == "nested":
+            decorators.append(config_options(hints[f.name]))
+            continue
+        if "help" not in meta:
+            raise TypeError(f"{cls.__name__}.{f.name} has no help for its command-line option")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else \
+            (None if f.default is dataclasses.MISSING else f.default)
+        flags = meta.get("flags") or (f"--{f.name.replace('_', '-')}",)
+        kw = {"help": meta["help"], **{k: meta[k] for k in ("metavar", "required") if k in meta}}
+        if kind == "flag":
+            flags = (f"{flags[0]}/--no-{flags[0][2:]}",)
+            kw["default"] = default
+        elif kind == "off_flag":
+            kw["is_flag"] = True
+        elif kind == "multiple":
+            kw["multiple"] = True
+        elif kind == "floats":
+            kw.update(default=",".join(f"{x:g}" for x in default), show_default=True)
+        elif kind in ("json", "shard"):
+            pass
+        else:
+            base = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
+            kind_type = base[0] if base[0] in (int, float, str) else str
+            if "choices" in meta:
+                kind_type = click.Choice(meta["choices"])
+            elif "min" in meta:
+                kind_type = click.IntRange(min=meta["min"])
+            kw.update(type=kind_type, show_default=default is not None)
+            if default is not None:  # an explicit None would count as a default (a required option unmet)
+                kw["default"] = default
+        decorators.append(click.option(*flags, f.name, **kw))
+
+    def apply(fn):
+        for decorate in reversed(decorators):
+            fn = decorate(fn)
+        return fn
+
+    return apply
+
+
+def config_from_options(cls, kw: dict):
+    """The config dataclass from the values of its `config_options` (popped from `kw`)."""
+    import dataclasses
+    import typing
+
+    from .pipeline.stage_one.config import parse_shard
+
+    hints = typing.get_type_hints(cls)
+    read = {"floats": _floats, "json": _storage_options, "shard": parse_shard, "multiple": tuple,
+            "off_flag": lambda on: not on}
+    values = {}
+    for f in dataclasses.fields(cls):
+        kind = f.metadata.get("cli")
+        if kind == "nested":
+            values[f.name] = config_from_options(hints[f.name], kw)
+        else:
+            value = kw.pop(f.name)
+            values[f.name] = read[kind](value) if kind in read else value
+    return cls(**values)
 
 
 def _storage_options(text: str | None) -> dict | None:
@@ -97,9 +172,7 @@ def _examples(*lines: str) -> str:
     return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
-# shared option definitions, so every command spells them the same way
-DTYPES = ("auto", "fp32", "bf16", "fp16")
-DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
+# shared option definitions, so every command spells them the same way (cache-teacher's come from its config)
 STORAGE_HELP = "JSON object of fsspec options for remote URLs (e.g. '{\"anon\": true}')."
 JSON_HELP = "Print the result as one JSON object on stdout (keys: docs/CLI.md); progress goes to stderr."
 
@@ -131,85 +204,17 @@ def main():
     "goose cache-teacher --teacher gpt2 --dataset wikitext --dataset-config wikitext-103-raw-v1 --out runs/wt103.zarr",
     "goose cache-teacher --teacher ../shared/teachers/enwiki-tiny --data-files text.txt --seq-len 256 "
     "--max-tokens 262144 --out runs/tiny.zarr"))
-@click.option("--out", "--output", "-o", "output", required=True,
-              help="Store path or fsspec URL to write (e.g. runs/wt2.zarr, s3://b/x.zarr); --output is an alias.")
-@click.option("--teacher", default="gpt2", show_default=True, help="Hub name or local model folder.")
-@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) [default: the hub's main].")
-@_dtype_option("Teacher dtype; auto = fp32 on CPU, bf16 on CUDA.")
-@_device_option()
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Windows per teacher forward.")
-@click.option("--dataset", default=None, help="Hub dataset name (e.g. wikitext); or use --data-files.")
-@click.option("--dataset-config", default=None, help="Hub dataset config (e.g. wikitext-103-raw-v1).")
-@click.option("--split", default=None, help="Dataset split [default: train].")
-@click.option("--data-files", multiple=True, help="Local txt/json/jsonl/parquet/csv files (repeat the option).")
-@click.option("--text-column", default="text", show_default=True,
-              help="Column holding the text (json/parquet/csv); the prompt with --response-column; 'input_ids' "
-                   "for pre-tokenised rows with a per-token 'loss_mask' column.")
-@click.option("--response-column", default=None,
-              help="Column holding the response of prompt/response rows: the store keeps a loss mask and stage "
-                   "two trains only on response tokens (and their EOS) [default: none, plain text].")
-@click.option("--seq-len", type=int, default=1024, show_default=True, help="Window length in tokens.")
-@click.option("--max-tokens", type=int, default=None, help="Cap on tokens cached [default: the whole corpus].")
-@click.option("--top-k", type=int, default=64, show_default=True,
-              help="Teacher logits stored per token (the rest is one exact tail bucket).")
-@click.option("--tail-temperatures", default="1,1.25,1.5,2,3,4", show_default=True,
-              help="Temperatures at which the full-vocabulary logsumexp is stored.")
-@click.option("--samples", type=int, default=0, show_default=True, help="RS-KD draws per token (0 = none).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the RS-KD draws (--samples).")
-@click.option("--hidden-layers", default=None,
-              help="Teacher layers to store: '0,6,12', '-1', 'all' (0 = embeddings) [default: none].")
-@click.option("--hidden-dtype", type=click.Choice(["float16", "int8"]), default="float16", show_default=True,
-              help="Storage of the hidden states; int8 (with per-channel and per-token scales) is ~1/3 the bytes.")
-@click.option("--chunk-windows", type=int, default=16, show_default=True, help="Windows per storage chunk.")
-@click.option("--shard-chunks", type=int, default=1, show_default=True,
-              help="Chunks per shard (1 = no sharding; use for very large stores).")
-@click.option("--topk-encoding", type=click.Choice(["compact", "fixed16"]), default="compact", show_default=True,
-              help="How the top-k is stored: compact (schema v4: the top-1, then the rest by id as gaps; "
-                   "log-probabilities relative to the top-1 in steps of --logprob-step; tail log-masses to 12 "
-                   "mantissa bits; about half the bytes, KD targets within KL step^2/8 per token) or fixed16 "
-                   "(the v3 layout, fp32 tails).")
-@click.option("--logprob-step", type=float, default=None,
-              help="Fixed-point step (nats) of the stored top-k log-probabilities [default: 1/16 compact, "
-                   "2^-10 fixed16].")
-@click.option("--hidden-pca-rank", type=int, default=0, show_default=True,
-              help="Store each --hidden-layers layer as its R leading principal components (fitted on the first "
-                   "block, basis kept in the store; readers get the full-width reconstruction). 0 = full width. "
-                   "One process only.")
-@click.option("--compile-targets/--no-compile-targets", default=None,
-              help="Run the vocabulary-wide reductions as compiled kernels: the top-k in C, the tail sums and "
-                   "entropy as torch.compile'd fused loops (CPU; ~3x cheaper, equal to the eager ops to fp32 "
-                   "rounding, equal logits in ascending id order; building takes 4-20 s) "
-                   "[default: on for a CPU teacher when tokens x vocabulary >= 2^33, e.g. 1M tokens at V 8192].")
-@click.option("--compression", type=click.Choice(["zstd", "blosc", "none"]), default="blosc", show_default=True,
-              help="Compressor of every array; blosc is zstd with byte shuffle (best for the compact encoding).")
-@click.option("--compression-level", type=int, default=3, show_default=True, help="Level of the compressor.")
-@click.option("--writer-threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Threads encoding, compressing and writing finished blocks beside the forward; 0 = auto (1 on "
-                   "CPU, half the host's cores up to 8 on CUDA: one thread writes ~0.1M tokens/s at GPT-2's "
-                   "shapes). The stored bytes are the same for any count.")
-@_storage_option()
-@click.option("--shard", default=None, metavar="I/N",
-              help="Compute only blocks b with b mod N == I (one job of N sharing the store; no finalize: "
-                   "run `goose cache finalize STORE` after all N).")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@config_options(CacheTeacherConfig)
 @_json_option()
 def cache_teacher(**kw):
     """Run the teacher once over a corpus and write its targets into a Zarr v3 store (resumable: rerun the
     same command after a crash). Under torchrun, the ranks share the work (docs/SCALING.md). The data is
     read and tokenised once; its packed windows wait in a temporary file (2 bytes a token, in TMPDIR; one
     per torchrun rank; a tmpfs TMPDIR is memory), unlinked from the start so nothing is left behind."""
-    from .pipeline.stage_one.cache_teacher import CacheTeacherConfig, parse_shard, run_cache_teacher
-    from .pipeline.stage_one.data import DataSpec
+    from .pipeline.stage_one.cache_teacher import run_cache_teacher
 
     as_json = kw.pop("as_json")
-    data = DataSpec(dataset=kw.pop("dataset"), dataset_config=kw.pop("dataset_config"), split=kw.pop("split"),
-                    data_files=tuple(kw.pop("data_files")), text_column=kw.pop("text_column"),
-                    response_column=kw.pop("response_column"))
-    cfg = CacheTeacherConfig(
-        data=data, tail_temperatures=_floats(kw.pop("tail_temperatures")),
-        storage_options=_storage_options(kw.pop("storage_options")),
-        progress=not kw.pop("no_progress"), shard=parse_shard(kw.pop("shard")), **kw,
-    )
+    cfg = config_from_options(CacheTeacherConfig, kw)
     with _stdout_to_stderr(as_json):
         s = run_cache_teacher(cfg)
     if s["rank"] > 0:  # under torchrun, rank 0 reports for all
@@ -234,13 +239,12 @@ def cache_teacher(**kw):
     )
 
 
-# built-in defaults of the train-from-cache flags that override config keys (pipeline/stage_two/config.py TrainConfig;
-# tests/test_cli.py checks they agree)
-_TRAIN_DEFAULTS = {"steps": 1000, "batch_size": 8, "seed": 0, "device": "auto", "amp": "none"}
-
-
 def _from_config(key: str) -> str:
-    return f"the config's {key}, else {_TRAIN_DEFAULTS[key]}"
+    """The default shown for a train-from-cache flag that overrides a config key: the config's, else
+    TrainConfig's own default (read from it, never copied)."""
+    from .pipeline.stage_two.config import TrainConfig
+
+    return f"the config's {key}, else {getattr(TrainConfig, key)}"
 
 
 @main.command("train-from-cache", epilog=_examples(

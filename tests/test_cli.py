@@ -119,9 +119,29 @@ def test_uniform_options():
 
 
 def test_train_flag_defaults_shown_in_help_are_the_configs():
-    defaults = TrainConfig()
-    for key, value in cli._TRAIN_DEFAULTS.items():
-        assert getattr(defaults, key) == value, key
+    shown = {p.name: p.show_default for p in main.commands["train-from-cache"].params}
+    for key in ("steps", "batch_size", "seed", "device", "amp"):
+        assert shown[key] == f"the config's {key}, else {getattr(TrainConfig(), key)}", key
+
+
+def test_cache_teacher_options_are_its_configs_fields():
+    """Every CacheTeacherConfig (and DataSpec) field is an option with the config's default and help, and the
+    options given nothing build the config's defaults."""
+    import dataclasses
+
+    from goose.pipeline.stage_one.config import CacheTeacherConfig
+    from goose.pipeline.stage_one.data import DataSpec
+
+    params = {p.name: p for p in main.commands["cache-teacher"].params}
+    for cls in (CacheTeacherConfig, DataSpec):
+        for f in dataclasses.fields(cls):
+            if f.name == "data":
+                continue
+            assert params[f.name].help == f.metadata["help"], f.name
+    ctx = main.commands["cache-teacher"].make_context("cache-teacher", ["--out", "s.zarr"])
+    kw = dict(ctx.params)
+    kw.pop("as_json")
+    assert cli.config_from_options(CacheTeacherConfig, kw) == CacheTeacherConfig(output="s.zarr") and not kw
 
 
 def test_train_from_cache_requires_out(tmp_path, monkeypatch):

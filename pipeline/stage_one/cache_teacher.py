@@ -29,7 +29,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -55,7 +55,8 @@ from ...cache.stats import store_nbytes
 from ...cache.writer import CacheWriter
 from ...errors import GooseError
 from ...ranks import Ranks
-from .data import DataSpec, WindowSpill, count_windows, fingerprint_update, open_texts
+from .config import CacheTeacherConfig
+from .data import WindowSpill, count_windows, fingerprint_update, open_texts
 from . import teacher as stage_one_teacher
 from .teacher import (
     NonFiniteLogits,
@@ -66,46 +67,6 @@ from .teacher import (
     resolve_hidden_layers,
     teacher_targets,
 )
-
-
-@dataclass
-class CacheTeacherConfig:
-    output: str
-    teacher: str = "gpt2"
-    revision: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    batch_size: int = 8
-    data: DataSpec = field(default_factory=DataSpec)
-    seq_len: int = 1024
-    max_tokens: int | None = None
-    top_k: int = 64
-    tail_temperatures: tuple[float, ...] = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
-    samples: int = 0
-    seed: int = 0
-    hidden_layers: str | None = None
-    hidden_dtype: str = "float16"
-    chunk_windows: int = 16
-    shard_chunks: int = 1
-    compression: str = "blosc"
-    compression_level: int = 3
-    # compact (schema v4): top-k by id as gaps, log-probabilities relative to the top-1 in steps of 1/32 nat,
-    # tail log-masses to 12 mantissa bits (~half the bytes at equal KD targets); fixed16: the v3 layout
-    topk_encoding: str = "compact"
-    logprob_step: float | None = None  # fixed-point step of the top-k log-probabilities (None: the encoding's)
-    hidden_pca_rank: int = 0  # > 0: store each hidden layer as this many principal components (fit on block 0)
-    # the vocabulary-wide reductions as compiled kernels: the top-k in C, the sums as torch.compile'd fused loops
-    # (CPU: 3.0-3.9x cheaper than the eager ops at V = 8192 and 50257, on one thread or two; equal to the eager
-    # reference to fp32 rounding, equal logits by ascending id). None: on CPU when the run is large enough to
-    # repay the one-off compilation (4-20 s; see use_compiled_targets). Falls back to eager ops, with a
-    # warning, if inductor cannot build them
-    compile_targets: bool | None = None
-    storage_options: dict | None = None
-    # threads writing finished blocks (encode, compress, write) beside the forward; 0 = auto (BlockWriterPool):
-    # 1 on CPU, half the host's cores up to 8 on CUDA. Never changes the stored bytes
-    writer_threads: int = 0
-    progress: bool = True
-    shard: tuple[int, int] | None = None  # (I, N): compute only blocks b with b % N == I; do not finalize
 
 
 # The per-token targets' arithmetic, per path, in the store's provenance: a path's revision is bumped whenever
@@ -130,19 +91,6 @@ def use_compiled_targets(cfg: CacheTeacherConfig, device: torch.device, vocab: i
     if cfg.compile_targets is not None:
         return cfg.compile_targets
     return tokens * vocab >= COMPILE_TARGETS_MIN_LOGITS
-
-
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """'I/N' -> (I, N), with 0 <= I < N."""
-    if text is None:
-        return None
-    try:
-        index, count = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise GooseError(f"--shard must be I/N (e.g. 0/4), got {text!r}") from None
-    if not 0 <= index < count:
-        raise GooseError(f"--shard I/N needs 0 <= I < N, got {text!r}")
-    return index, count
 
 
 def _check_args(cfg: CacheTeacherConfig) -> None:

@@ -31,14 +31,23 @@ MASK_COLUMN = "loss_mask"
 
 @dataclass(frozen=True)
 class DataSpec:
-    dataset: str | None = None
-    dataset_config: str | None = None
-    split: str | None = None
-    data_files: tuple[str, ...] = field(default_factory=tuple)
-    text_column: str = "text"
+    """A corpus: a hub dataset or local files. Each field's metadata is its command-line help."""
+
+    dataset: str | None = field(default=None, metadata={"help": "Hub dataset name (e.g. wikitext); or use "
+                                                                 "--data-files."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config (e.g. "
+                                                                        "wikitext-103-raw-v1)."})
+    split: str | None = field(default=None, metadata={"help": "Dataset split [default: train]."})
+    data_files: tuple[str, ...] = field(default_factory=tuple, metadata={
+        "help": "Local txt/json/jsonl/parquet/csv files (repeat the option).", "cli": "multiple"})
+    text_column: str = field(default="text", metadata={
+        "help": "Column holding the text (json/parquet/csv); the prompt with --response-column; 'input_ids' for "
+                "pre-tokenised rows with a per-token 'loss_mask' column."})
     # masked (instruction) data: text_column is the prompt and this column the response; only the response
     # (and its EOS) is trained on. None: plain text, no mask (see `iter_windows`)
-    response_column: str | None = None
+    response_column: str | None = field(default=None, metadata={
+        "help": "Column holding the response of prompt/response rows: the store keeps a loss mask and stage two "
+                "trains only on response tokens (and their EOS) [default: none, plain text]."})
 
     @property
     def masked(self) -> bool:

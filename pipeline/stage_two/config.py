@@ -19,7 +19,53 @@ import yaml
 
 from ...errors import GooseError
 from .curriculum import CurriculumConfig
-from .temperature import TemperatureConfig
+
+
+@dataclass
+class TemperatureConfig:
+    mode: str = "fixed"  # fixed | linear | cosine | step | stage | ctkd
+    value: float = 1.0  # fixed T; CTKD's initial T (the proxy sweep: T = 1 beat T = 2, evaluation is at T = 1)
+    start: float = 2.0  # linear/cosine: T at step 0 ...
+    end: float = 1.0  # ... and at the last step
+    steps: list = field(default_factory=lambda: [[0.0, 2.0]])  # step: [[fraction, T], ...]
+    t_min: float = 1.0  # CTKD bounds
+    t_max: float = 4.0
+    lambda_max: float = 1.0  # CTKD gradient-reversal strength after the warm-up
+    lambda_warmup: float = 0.1  # fraction of training over which lambda rises (cosine) from 0
+    lr: float = 1e-2  # CTKD's own learning rate (SGD, follows the run's LR schedule)
+    momentum: float = 0.9  # CTKD's SGD momentum (the reference's)
+    anchor_weight: float = 0.0  # optional L2 anchor lambda_reg * (T - anchor)^2
+    anchor: float | None = None  # defaults to `value` (or the POCL stage temperature)
+
+    def __post_init__(self):
+        modes = ("fixed", "linear", "cosine", "step", "stage", "ctkd")
+        if self.mode not in modes:
+            raise ValueError(f"temperature mode must be one of {modes}, got {self.mode!r}")
+        pairs_ok = isinstance(self.steps, list) and len(self.steps) > 0 and all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in pair)
+            for pair in self.steps)
+        if not pairs_ok:
+            raise ValueError(f"temperature.steps must be a list of [fraction, T] pairs of numbers, got {self.steps!r}")
+        for name in ("value", "start", "end", "t_min", "t_max"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"temperature.{name} must be > 0, got {getattr(self, name)!r}")
+        if any(t <= 0 for _, t in self.steps):
+            raise ValueError(f"temperature.steps temperatures must be > 0, got {self.steps!r}")
+        if self.mode == "ctkd" and not self.t_min < self.value < self.t_max:
+            raise ValueError(f"CTKD initial T (temperature.value) {self.value} must lie strictly inside "
+                             f"({self.t_min}, {self.t_max}): set temperature.value, e.g. 1.25")
+
+    def range(self) -> tuple[float, float]:
+        """The lowest and highest T this config can produce (checked against the store's temperatures)."""
+        if self.mode == "ctkd":
+            return self.t_min, self.t_max
+        if self.mode in ("linear", "cosine"):
+            return min(self.start, self.end), max(self.start, self.end)
+        if self.mode == "step":
+            ts = [float(t) for _, t in self.steps]
+            return min(ts), max(ts)
+        return self.value, self.value
 
 
 @dataclass
