@@ -17,7 +17,7 @@ import click
 
 from . import __version__
 from .errors import GooseError
-from .pipeline.stage_one.config import DEVICE_HELP, DTYPES, CacheTeacherConfig
+from .pipeline.stage_one.config import DEVICE_HELP, DTYPES, STORAGE_HELP, CacheTeacherConfig
 
 
 class _Group(click.Group):
@@ -173,7 +173,6 @@ def _examples(*lines: str) -> str:
 
 
 # shared option definitions, so every command spells them the same way (cache-teacher's come from its config)
-STORAGE_HELP = "JSON object of fsspec options for remote URLs (e.g. '{\"anon\": true}')."
 JSON_HELP = "Print the result as one JSON object on stdout (keys: docs/CLI.md); progress goes to stderr."
 
 

@@ -70,14 +70,14 @@ class Ranks:
             return cls()
         ranks = cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl" if device_type == "cuda" else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(ranks.local_rank)
-        if not dist.is_initialized():
-            try:
+        try:
+            if backend == "nccl":
+                torch.cuda.set_device(ranks.local_rank)
+            if not dist.is_initialized():
                 dist.init_process_group(backend, **({"timeout": timeout} if timeout is not None else {}))
-            except (RuntimeError, ValueError) as exc:
-                raise GooseError(f"cannot join the torchrun process group ({backend}): "
-                                 f"{str(exc).splitlines()[0]}") from None
+        except (RuntimeError, ValueError) as exc:  # a bad LOCAL_RANK, an unreachable master: one line
+            raise GooseError(f"cannot join the torchrun process group ({backend}): "
+                             f"{str(exc).splitlines()[0]}") from None
         return ranks
 
     def device(self, device: torch.device) -> torch.device:

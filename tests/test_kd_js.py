@@ -36,6 +36,7 @@ def test_js_refuses_a_bad_beta_and_unknown_options():
 
     spec = StoreSpec(4, 8, 16, 100, (1.0, 2.0))
     with pytest.raises(GooseError, match="beta must be in"):
-        kd_loss_named("js", beta=1.0).check(load_config(None, ["loss.kd=js"]), spec, "store")
+        kd_loss_named("js", beta=1.0)
+    kd_loss_named("js", beta=0.3).check(load_config(None, ["loss.kd=js"]), spec, "store")  # a store it can use
     with pytest.raises(GooseError, match=r"not options of loss.kd=js \(its options: beta\)"):
         kd_loss_named("js", alpha=0.1)

@@ -14,6 +14,7 @@ from .data import DataSpec
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
+STORAGE_HELP = "JSON object of fsspec options for remote URLs (e.g. '{\"anon\": true}')."
 
 
 def _opt(default=None, help: str = "", **meta):  # noqa: A002 - the option's help, as click names it
@@ -68,8 +69,7 @@ class CacheTeacherConfig:
         "torch.compile'd fused loops (CPU; ~3x cheaper, equal to the eager ops to fp32 rounding, equal logits in "
         "ascending id order; building takes 4-20 s) [default: on for a CPU teacher when tokens x vocabulary >= "
         "2^33, e.g. 1M tokens at V 8192].", cli="flag")
-    storage_options: dict | None = _opt(None, "JSON object of fsspec options for remote URLs (e.g. "
-                                        "'{\"anon\": true}').", cli="json")
+    storage_options: dict | None = _opt(None, STORAGE_HELP, cli="json")
     writer_threads: int = _opt(0, "Threads encoding, compressing and writing finished blocks beside the forward; "
                                "0 = auto (1 on CPU, half the host's cores up to 8 on CUDA: one thread writes ~0.1M "
                                "tokens/s at GPT-2's shapes). The stored bytes are the same for any count.", min=0)

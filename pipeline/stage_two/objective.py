@@ -13,6 +13,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from ...cache.schema import hidden_name
 from ...errors import GooseError
 from ...student.spikes import firing_rate_loss
 from .config import TrainConfig
@@ -61,9 +62,9 @@ def align_loss(cfg: TrainConfig, distiller: Distiller, hidden: list, batch: dict
     losses = []
     deltas = cfg.loss.align.feature_deltas
     for s, t, s0, t0 in align_spans(distiller.pairs) if deltas else [(s, t, s, t) for s, t in distiller.pairs]:
-        hs, ht = student_state(s, t), batch[f"hidden/{t}"]
+        hs, ht = student_state(s, t), batch[hidden_name(t)]
         if deltas:
-            hs, ht = hs - student_state(s0, t0), ht - batch[f"hidden/{t0}"]
+            hs, ht = hs - student_state(s0, t0), ht - batch[hidden_name(t0)]
         proj = distiller.projectors[f"{s}_{t}"] if f"{s}_{t}" in distiller.projectors else None
         kind = cfg.loss.align.loss
         if kind == "mse":
@@ -97,7 +98,7 @@ class Objective:
             fields += [f for f in ("topk_ids", "topk_logprobs", "tail_logmass", "sample_ids", "sample_counts")
                        if f in self.kd.fields]
             fields += [f for f in self.kd.fields if f not in fields]
-        fields += [f"hidden/{t}" for t in align_teacher_layers(self.cfg, self.distiller.pairs)]
+        fields += [hidden_name(t) for t in align_teacher_layers(self.cfg, self.distiller.pairs)]
         if self.spec.loss_mask:  # masked (instruction) data: losses are means over the positions whose prediction counts
             fields.append("loss_mask")
         return fields

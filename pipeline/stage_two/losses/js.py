@@ -30,8 +30,7 @@ class JensenShannonKD(BucketKDLoss):
     options = {"beta": 0.5}
     metric = "js"
 
-    def check(self, cfg, spec, url):
-        super().check(cfg, spec, url)
+    def check_options(self):
         if not 0.0 < float(self.opts["beta"]) < 1.0:
             raise GooseError(f"loss.kd_options.beta must be in (0, 1), got {self.opts['beta']}")
 

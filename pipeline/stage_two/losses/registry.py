@@ -43,6 +43,10 @@ class KDLoss:
             raise GooseError(f"loss.kd_options {unknown} are not options of loss.kd={self.name} (its options: {known})")
         self.opts = {**self.options, **given}
         self.reverse = bool(cfg.loss.reverse_kl)
+        self.check_options()
+
+    def check_options(self) -> None:
+        """Refuse option values the loss cannot take (a GooseError naming the option); run when it is built."""
 
     def check(self, cfg, spec, url: str) -> None:
         """Refuse, before training, a run config or store this loss cannot be computed from."""

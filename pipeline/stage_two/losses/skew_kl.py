@@ -32,8 +32,7 @@ class SkewKLKD(BucketKDLoss):
     options = {"alpha": 0.1, "reverse": False}
     metric = "skew_kl"
 
-    def check(self, cfg, spec, url):
-        super().check(cfg, spec, url)
+    def check_options(self):
         if not 0.0 <= float(self.opts["alpha"]) < 1.0:
             raise GooseError(f"loss.kd_options.alpha must be in [0, 1), got {self.opts['alpha']}")
         if not isinstance(self.opts["reverse"], bool):
