@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .schema import StoreSpec, hidden_channel_scale_name, hidden_name, hidden_scale_name
+from .schema import StoreSpec, hidden_channel_scale_name, hidden_layer_of, hidden_name, hidden_scale_name
 from ..numerics import log1mexp
 
 
@@ -133,7 +133,7 @@ class BatchDecoder:
         for name in self.fields:
             if name in out:
                 continue
-            layer = int(name.split("/", 1)[1]) if name.startswith("hidden/") else None
+            layer = hidden_layer_of(name)
             if layer is None:
                 out[name] = self._passthrough(batch, name)
                 continue

@@ -308,8 +308,16 @@ def compression_level_problem(compression: str, level: int) -> str | None:
 MIN_BETA_GAP = 1e-3
 
 
+HIDDEN_PREFIXES = ("hidden/", "hidden_scale/", "hidden_channel_scale/")  # a hidden layer's arrays, by layer
+
+
 def hidden_name(layer: int) -> str:
     return f"hidden/{layer}"
+
+
+def hidden_layer_of(name: str) -> int | None:
+    """The teacher layer of a hidden-state array's name (`hidden_name`'s inverse); None for other arrays."""
+    return int(name.split("/", 1)[1]) if name.startswith("hidden/") else None
 
 
 def hidden_scale_name(layer: int) -> str:

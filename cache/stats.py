@@ -9,7 +9,7 @@ import numpy as np
 
 from .integrity import StoreFiles, block_key, checksum
 from .reader import CacheReader
-from .schema import CHECKSUM_ARRAY, EMBEDDING_ARRAY, decode_logprobs, decode_topk
+from .schema import CHECKSUM_ARRAY, EMBEDDING_ARRAY, HIDDEN_PREFIXES, decode_logprobs, decode_topk
 
 def store_nbytes(url: str, storage_options: dict | None = None, prefix: str = "") -> int:
     """Bytes on disk (or in the bucket) under the store, optionally under one array's prefix.
@@ -160,7 +160,7 @@ def _check_chunk(part: dict, spec, tol: float = 1e-3) -> list[str]:
         if (part["sample_counts"].astype(np.int64).sum(-1) != spec.samples).any():
             bad.append(f"sample_counts do not sum to {spec.samples}")
     for name in part:
-        if name.startswith(("hidden/", "hidden_scale/", "hidden_channel_scale/")) and part[name].dtype.kind == "f":
+        if name.startswith(HIDDEN_PREFIXES) and part[name].dtype.kind == "f":
             if not np.isfinite(part[name].astype(np.float32)).all():
                 bad.append(f"{name} not finite")
     return bad
