@@ -41,17 +41,17 @@ def bucket_probs(z, ti, T):
     return torch.cat([p.gather(-1, ti), (p * outside).sum(-1, keepdim=True)], -1)
 
 
-def kd_loss_named(name: str, **options):
-    """The registered loss as the trainer builds it from a run config."""
-    return build_kd_loss(load_config(None, [f"loss.kd={name}", f"loss.kd_options={options}"]))
+def kd_loss_named(name: str, *, config: tuple = (), **options):
+    """The registered loss as the trainer builds it from a run config (`config`: more key=value overrides)."""
+    return build_kd_loss(load_config(None, [f"loss.kd={name}", f"loss.kd_options={options}", *config]))
 
 
-def check_against_brute_force(name: str, options: dict, divergence, scale):
+def check_against_brute_force(name: str, options: dict, divergence, scale, config: tuple = ()):
     """A bucket KD loss against `divergence(p, q)` (per token, float64 probabilities over the last axis) on
     the buckets of full logits, times `scale(T)`: at stored temperatures, masked, at k = V (where the buckets
     are the full vocabulary), and its gradient against autograd through the float64 reference. Also: merging
     the tail into one bucket never raises the divergence above the full-vocabulary one."""
-    loss = kd_loss_named(name, **options)
+    loss = kd_loss_named(name, config=config, **options)
     zt, zs, ti, lp, tail = teacher_case()
     batch = {"topk_ids": ti, "topk_logprobs": lp, "tail_logmass": tail}
     mask = (torch.arange(12).reshape(2, 6) % 3 != 0).long()

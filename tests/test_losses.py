@@ -25,34 +25,9 @@ from goose.pipeline.stage_two.losses import (
 )
 from goose.pipeline.stage_one.native_topk import topk_rows_native
 from goose.pipeline.stage_one.teacher import NonFiniteLogits, _powers_of, exp_power_plan, teacher_targets, topk_rows
-from goose.cache.schema import StoreSpec, decode_logprobs, encode_logprobs
 from goose.pipeline.stage_two.temperature import Temperature, TemperatureConfig, grad_reverse
-
-TEMPS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
-
-
-def stored_targets(zt, k, temps=TEMPS):
-    """What the store keeps for teacher logits zt, through the real writer-side code and the store dtypes."""
-    ids = torch.zeros(zt.shape[:-1], dtype=torch.long)
-    t = teacher_targets(zt.float(), ids, top_k=k, tail_temperatures=temps)
-    step = StoreSpec(1, 1, 1, 1, (1.0,)).logprob_step  # the default a new store gets
-    lp = torch.from_numpy(decode_logprobs(encode_logprobs(t["topk_logprobs"].numpy(), step), step))
-    return t["topk_ids"].clone(), lp, t["tail_logmass"].clone()  # out of inference mode, as the loader's are
-
-
-def teacher_case(V=300, k=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    zt = torch.randn(2, 6, V, generator=g) * 3
-    zs = torch.randn(2, 6, V, generator=g) * 2
-    ti, lp, tail = stored_targets(zt, k)
-    return zt, zs, ti, lp, tail
-
-
-def bucket_probs(z, ti, T):
-    """Brute force in float64 from full logits: k + 1 buckets, tail = summed probability of every other token."""
-    p = torch.softmax(z.double() / T, -1)
-    outside = torch.ones_like(p, dtype=torch.bool).scatter(-1, ti, False)
-    return torch.cat([p.gather(-1, ti), (p * outside).sum(-1, keepdim=True)], -1)
+# the stored targets and the float64 bucket reference, shared with the KD losses' own tests
+from kd_reference import TEMPS, bucket_probs, check_against_brute_force, kl, stored_targets, teacher_case
 
 
 def bucket_kl_reference(zt, zs, ti, T, reverse=False):
@@ -67,6 +42,13 @@ def test_kd_equals_bucket_kl_at_stored_temperatures(T, reverse):
     zt, zs, ti, lp, tail = teacher_case()
     got = kd_loss(zs, ti, lp, tail, TEMPS, T, reverse=reverse)
     torch.testing.assert_close(got.double(), bucket_kl_reference(zt, zs, ti, T, reverse), rtol=1e-4, atol=1e-6)
+
+
+def test_the_registered_topk_loss_equals_brute_force():
+    """loss.kd=topk as the trainer builds it (TopKKD), not only the kd_loss function; reverse KL too."""
+    check_against_brute_force("topk", {}, kl, scale=lambda T: T * T)
+    check_against_brute_force("topk", {}, lambda p, q: kl(q, p), scale=lambda T: T * T,
+                              config=("loss.reverse_kl=true",))
 
 
 def gpt2_scale_case(offset, tail_masses, V=50257, k=64, seed=0):

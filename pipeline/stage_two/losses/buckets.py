@@ -163,3 +163,11 @@ def bucket_logprobs(student_logits, batch: dict, temps, T) -> tuple[torch.Tensor
 def kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     """KL(a || b) per token over the last axis, from log-probabilities (0 where a is 0)."""
     return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+
+def bucket_kd(student_logits, batch: dict, temps, T, divergence, scale, mask=None) -> torch.Tensor:
+    """scale(T) x the mean over tokens (the masked ones, with a mask) of `divergence(log_p, log_q)` between
+    the teacher's and the student's k + 1 bucket distributions at T: every bucket KD loss is this."""
+    log_p, log_q = bucket_logprobs(student_logits, batch, temps, T)
+    T = torch.as_tensor(T, dtype=torch.float32, device=log_p.device)
+    return scale(T) * masked_mean(divergence(log_p, log_q), mask)

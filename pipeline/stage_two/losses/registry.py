@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from ....errors import GooseError
-from .buckets import bucket_logprobs, masked_mean
+from .buckets import bucket_kd
 
 KD_LOSSES: dict[str, type["KDLoss"]] = {}
 
@@ -97,9 +97,7 @@ class BucketKDLoss(KDLoss):
         raise NotImplementedError
 
     def __call__(self, student_logits, batch, temps, T, mask):
-        log_p, log_q = bucket_logprobs(student_logits, batch, temps, T)
-        T = torch.as_tensor(T, dtype=torch.float32, device=log_p.device)
-        return self.scale(T) * masked_mean(self.divergence(log_p, log_q), mask)
+        return bucket_kd(student_logits, batch, temps, T, self.divergence, self.scale, mask)
 
 
 def kd_loss_names() -> list[str]:
