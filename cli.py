@@ -374,7 +374,7 @@ def eval_cmd(student, teacher, tokenizer, dataset, dataset_config, split, data_f
              harness_data_files, harness_limit, as_json):
     """Perplexity of STUDENT (run folder or saved model) or of --teacher, same protocol for both; with
     --harness, EleutherAI's lm-evaluation-harness on the same model, beside goose's figure."""
-    from .pipeline.stage_one.data import DataSpec
+    from .pipeline.data import DataSpec
     from .pipeline.evaluate import EvalConfig, run_eval
     from .pipeline.harness import HarnessConfig, parse_data_files, parse_tasks
 
@@ -448,7 +448,7 @@ def generate_cmd(student, prompt, max_new_tokens, temperature, top_k, top_p, see
     (with --json: once, at the end)."""
     from .pipeline.evaluate import check_tokenizer, load_tokenizer, student_folder
     from .pipeline.generate import TextStream, check_sampling, generate
-    from .pipeline.stage_one.teacher import resolve_device
+    from .pipeline.devices import resolve_device
     from .student.model import Student
 
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -498,7 +498,7 @@ def generate_cmd(student, prompt, max_new_tokens, temperature, top_k, top_p, see
 @_json_option()
 def validate_cmd(run, max_ppl_ratio, max_dead, max_saturated, min_rate, max_rate, device, storage_options, as_json):
     """Post-training checks of RUN as a pass/fail table; exit 1 if any check fails."""
-    from .pipeline.stage_one.teacher import resolve_device
+    from .pipeline.devices import resolve_device
     from .pipeline.validate import ValidateConfig, run_validate
 
     with _stdout_to_stderr(as_json):

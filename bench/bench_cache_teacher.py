@@ -26,8 +26,8 @@ import torch
 
 from goose.pipeline.stage_one import cache_teacher
 from goose.pipeline.stage_one.cache_teacher import CacheTeacherConfig, run_cache_teacher
-from goose.pipeline.stage_one.data import DataSpec, load_texts, tokenize_and_pack
-from goose.pipeline.stage_one.teacher import load_teacher
+from goose.pipeline.data import DataSpec, load_texts, tokenize_and_pack
+from goose.pipeline.teacher import load_teacher
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

@@ -105,7 +105,7 @@ def evaluate_run(run: Path, store: Path, point_tokens: int, final_tokens: int) -
     import numpy as np
     import torch
 
-    from goose.pipeline.stage_one.data import DataSpec, load_texts, tokenize_and_pack
+    from goose.pipeline.data import DataSpec, load_texts, tokenize_and_pack
     from goose.pipeline.evaluate import load_tokenizer
     from goose.pipeline.scoring import StudentScorer, evaluate_stream
     from goose.student.model import Student, StudentConfig
@@ -160,9 +160,9 @@ def evaluate_run(run: Path, store: Path, point_tokens: int, final_tokens: int) -
 
 
 def teacher_eval(point_tokens: int, final_tokens: int) -> dict:
-    from goose.pipeline.stage_one.data import DataSpec, load_texts, tokenize_and_pack
+    from goose.pipeline.data import DataSpec, load_texts, tokenize_and_pack
     from goose.pipeline.scoring import TeacherScorer, evaluate_stream
-    from goose.pipeline.stage_one.teacher import load_teacher
+    from goose.pipeline.teacher import load_teacher
 
     teacher = load_teacher(str(TEACHER), dtype="fp32", device="cpu")
     out = {"parameters": sum(p.numel() for p in teacher.model.parameters())}

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from goose.pipeline.stage_one.teacher import teacher_targets
+from goose.pipeline.stage_one.targets import teacher_targets
 
 TEMPS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
 

@@ -121,8 +121,8 @@ def step_parity(s: Settings) -> dict:
 
 def step_stage_one(s: Settings, tmp: Path, teacher: str, data_files: list[str]) -> dict:
     from goose.pipeline.stage_one.cache_teacher import CacheTeacherConfig, run_cache_teacher
-    from goose.pipeline.stage_one.data import DataSpec, load_texts, tokenize_and_pack
-    from goose.pipeline.stage_one.teacher import load_teacher
+    from goose.pipeline.data import DataSpec, load_texts, tokenize_and_pack
+    from goose.pipeline.teacher import load_teacher
 
     data = DataSpec(data_files=tuple(data_files))
     max_tokens = s.windows * s.seq_len

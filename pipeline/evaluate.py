@@ -13,7 +13,7 @@ A model is a `Scorer`: log-probabilities of the next tokens for a window, option
 With `harness`, EleutherAI's lm-evaluation-harness runs too, on the same model (pipeline/harness.py), and its
 text perplexity is put next to goose's protocols on the same text.
 
-Local text files are streamed (pipeline/stage_one/data.py `open_texts`): nothing is written to the datasets cache.
+Local text files are streamed (pipeline/data.py `open_texts`): nothing is written to the datasets cache.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 
 from ..errors import GooseError
 from ..student.model import Student
-from .stage_one.data import DataSpec, open_texts, tokenize_and_pack
+from .data import DataSpec, open_texts, tokenize_and_pack
 from .harness import TEXT_TASK, HarnessConfig
 from .scoring import PROTOCOLS, StudentScorer, TeacherScorer, evaluate_stream
 
@@ -185,7 +185,8 @@ def store_overlap(tokens: np.ndarray, url: str, n: int = 32, storage_options: di
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    from .stage_one.teacher import load_teacher, resolve_device
+    from .devices import resolve_device
+    from .teacher import load_teacher
 
     if bool(cfg.student) == bool(cfg.teacher):
         raise GooseError("give exactly one of a student (run folder or saved model) or --teacher")

@@ -4,7 +4,7 @@ student or a teacher, offline, beside goose's own protocols.
 goose ships two local tasks in `harness_tasks/` (package data), whose documents are read here, in memory
 (no download, nothing written to the datasets cache):
 - goose_text_ppl: wikitext-style perplexity (loglikelihood_rolling) over local text files, documents split as
-                  goose splits them (pipeline/stage_one/data.py), the text scored as it is;
+                  goose splits them (pipeline/data.py), the text scored as it is;
 - goose_mc:       multiple choice from a local jsonl ({"question", "choices", "answer"}), acc and acc_norm.
 Any other lm-eval task name is passed through (it downloads its data as lm-eval does: not offline).
 
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GooseError
-from .stage_one.data import DataSpec, open_texts, split_documents
+from .data import DataSpec, open_texts, split_documents
 
 TASK_DIR = Path(__file__).resolve().parent.parent / "harness_tasks"
 TEXT_TASK, MC_TASK = "goose_text_ppl", "goose_mc"
@@ -123,7 +123,7 @@ class HarnessConfig:
 
 
 def text_documents(files, text_column: str = "text") -> list[str]:
-    """The documents of local text files as goose's pipeline reads them (pipeline/stage_one/data.py: one per file, or
+    """The documents of local text files as goose's pipeline reads them (pipeline/data.py: one per file, or
     one per WikiExtractor article; json/jsonl/parquet/csv rows by their text column), streamed: nothing is
     written to the datasets cache."""
     if not files:
@@ -243,7 +243,7 @@ def compare_text(scorer, lm, tokenizer, samples: list[dict], max_length: int, ha
     per_byte = n_tokens / n_bytes
     eos = tokenizer.eos_token_id
     rolling_total, rolling_n = rolling_nll(scorer, harness_ids, max_length, lm.prefix_token_id)
-    goose_ids = tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]  # as pipeline/stage_one/data.py
+    goose_ids = tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]  # as pipeline/data.py
     stream = np.concatenate([np.asarray(x + [eos], dtype=np.int64) for x in goose_ids])
     windows = evaluate_stream(scorer, stream, "windows", max_length)
     harness = {**_figures(-loglik / n_tokens, per_byte, n_tokens),

@@ -116,7 +116,7 @@ def train_teacher(folder: Path, docs: list[str], *, steps: int, seq_len: int, se
     written to FOLDER.partial and renamed into place at the end, so an interrupted run leaves no teacher."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from .stage_one.data import tokenize_and_pack
+    from .data import tokenize_and_pack
 
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -215,7 +215,7 @@ def _run_stages(root: Path, *, seed: int, teacher_steps: int, student_steps: int
                 cache_tokens: int, echo) -> dict:
     from .stage_one.cache_teacher import CacheTeacherConfig, run_cache_teacher
     from .stage_two.config import load_config
-    from .stage_one.data import DataSpec
+    from .data import DataSpec
     from .evaluate import EvalConfig, run_eval
     from .report import run_report
     from .stage_two.checkpoint import latest_checkpoint

@@ -66,7 +66,7 @@ def corpus_file(tmp_path_factory) -> Path:
 def store(tmp_path_factory) -> str:
     """enwiki-tiny over a slice of the enwiki text: 96 windows of 64 tokens, hidden layers 2 and 4, samples."""
     from goose.pipeline.stage_one.cache_teacher import CacheTeacherConfig, run_cache_teacher
-    from goose.pipeline.stage_one.data import DataSpec
+    from goose.pipeline.data import DataSpec
 
     out = tmp_path_factory.mktemp("store") / "enwiki.zarr"
     cfg = CacheTeacherConfig(output=str(out), teacher=str(need(ENWIKI_TEACHER)),

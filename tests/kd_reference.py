@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from goose.cache.schema import StoreSpec, decode_logprobs, encode_logprobs
-from goose.pipeline.stage_one.teacher import teacher_targets
+from goose.pipeline.stage_one.targets import teacher_targets
 from goose.pipeline.stage_two.config import load_config
 from goose.pipeline.stage_two.losses import build_kd_loss
 

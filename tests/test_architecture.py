@@ -109,3 +109,24 @@ def test_one_implementation_of_each_piece_of_plumbing():
     assert _files_containing("dist.all_reduce(") == ["ranks.py"]  # every mean/sum over ranks
     assert _files_containing("0.6931") == ["numerics.py"]  # log1mexp
     assert _files_containing("def teacher_bucket_logprobs") == ["pipeline/stage_two/losses/buckets.py"]
+
+
+STAGE_ONE_ENTRY_POINTS = {"pipeline.stage_one.cache_teacher", "pipeline.stage_one.config"}
+
+
+def stage_one_reached_from_outside(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Modules outside stage one that import more of it than its recipe and config."""
+    return {name: deps for name, deps in (
+        (name, {t for t in targets if t.startswith("pipeline.stage_one") and t not in STAGE_ONE_ENTRY_POINTS
+                and t != "pipeline.stage_one"})
+        for name, targets in graph.items() if not name.startswith("pipeline.stage_one")) if deps}
+
+
+def test_shared_teacher_and_data_code_lives_outside_stage_one():
+    """Loading a teacher and reading a corpus serve eval, the harness, quickstart and stage two too: they live
+    in pipeline/ (teacher, data, devices), and nothing reaches into stage one for them."""
+    graph = import_graph()
+    assert {"pipeline.teacher", "pipeline.data", "pipeline.devices"} <= set(graph)
+    assert stage_one_reached_from_outside(graph) == {}
+    graph["pipeline.evaluate"] = graph["pipeline.evaluate"] | {"pipeline.stage_one.targets"}  # the check bites
+    assert stage_one_reached_from_outside(graph) == {"pipeline.evaluate": {"pipeline.stage_one.targets"}}

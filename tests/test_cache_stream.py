@@ -14,7 +14,7 @@ from goose.cache.reader import CacheReader
 from goose.cache.writer import CacheWriter
 from goose.errors import GooseError
 from goose.pipeline.stage_one.cache_teacher import CacheTeacherConfig, run_cache_teacher
-from goose.pipeline.stage_one.data import (
+from goose.pipeline.data import (
     DataSpec,
     WindowSpill,
     count_windows,
@@ -143,7 +143,7 @@ def make_cfg(output, teacher, corpus, **kw) -> CacheTeacherConfig:
 
 def test_store_holds_the_streamed_windows_and_max_tokens_caps(tmp_path, tiny_teacher, corpus_file, tokenizer,
                                                                 monkeypatch):
-    import goose.pipeline.stage_one.data as data
+    import goose.pipeline.data as data
 
     passes = []
     real = data._text_batches  # every read of the text goes through it, whichever function packs

@@ -14,8 +14,8 @@ from goose.cache.stats import store_info, verify_store
 from goose.cache.writer import CacheWriter
 from goose.errors import GooseError
 from goose.pipeline.stage_one.cache_teacher import CacheTeacherConfig, run_cache_teacher
-from goose.pipeline.stage_one.data import DataSpec
-from goose.pipeline.stage_one.teacher import draw_samples, quantize_int8
+from goose.pipeline.data import DataSpec
+from goose.pipeline.stage_one.targets import draw_samples, quantize_int8
 
 
 def make_cfg(output, teacher, corpus, **kw) -> CacheTeacherConfig:
@@ -317,7 +317,7 @@ def test_every_schedule_equals_targets_in_order(tiny_teacher, corpus_file, tmp_p
     from goose.cache.schema import StoreSpec
     from goose.pipeline.stage_one import cache_teacher
     from goose.pipeline.stage_one.cache_teacher import compute_blocks
-    from goose.pipeline.stage_one.teacher import load_teacher
+    from goose.pipeline.teacher import load_teacher
 
     teacher = load_teacher(str(tiny_teacher), dtype="fp32", device="cpu")
     assert teacher.body_and_head() is not None  # the overlapped path runs the LM head on the targets thread
@@ -421,12 +421,12 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tiny_teacher, corpus
     """Where inductor cannot build the kernels (no C++ compiler, say), the run warns once and finishes with
     the eager ops: the store equals one made without compiling. An error while running them is not taken for
     a compiler's. And the default picks compiling only for a CPU run large enough to repay it."""
-    from goose.pipeline.stage_one import cache_teacher, teacher as teacher_mod
+    from goose.pipeline.stage_one import cache_teacher, targets as targets_mod
 
     def no_compiler(*a, **kw):
         raise RuntimeError("inductor: no working C++ compiler found")
 
-    monkeypatch.setattr(teacher_mod, "compiled_reductions", no_compiler)
+    monkeypatch.setattr(targets_mod, "compiled_reductions", no_compiler)
     monkeypatch.setattr(cache_teacher, "_COMPILE_FAILED", [])
     with pytest.warns(UserWarning, match="compiled teacher targets failed .*no working C\\+\\+ compiler"):
         summary = run_cache_teacher(make_cfg(tmp_path / "fallback.zarr", tiny_teacher, corpus_file, compile_targets=True))
@@ -439,8 +439,8 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tiny_teacher, corpus
         raise MemoryError("out of memory in a kernel")
 
     monkeypatch.setattr(cache_teacher, "_COMPILE_FAILED", [])
-    monkeypatch.setattr(teacher_mod, "compiled_reductions", lambda *a, **kw: None)
-    monkeypatch.setattr(teacher_mod, "topk_rows", broken_kernels)
+    monkeypatch.setattr(targets_mod, "compiled_reductions", lambda *a, **kw: None)
+    monkeypatch.setattr(targets_mod, "topk_rows", broken_kernels)
     with pytest.raises(MemoryError):
         run_cache_teacher(make_cfg(tmp_path / "broken.zarr", tiny_teacher, corpus_file, compile_targets=True))
     assert cache_teacher._COMPILE_FAILED == []

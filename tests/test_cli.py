@@ -130,7 +130,7 @@ def test_cache_teacher_options_are_its_configs_fields():
     import dataclasses
 
     from goose.pipeline.stage_one.config import CacheTeacherConfig
-    from goose.pipeline.stage_one.data import DataSpec
+    from goose.pipeline.data import DataSpec
 
     params = {p.name: p for p in main.commands["cache-teacher"].params}
     for cls in (CacheTeacherConfig, DataSpec):

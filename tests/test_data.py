@@ -7,7 +7,7 @@ import pytest
 
 from conftest import GPT2_TOKENIZER, need
 from goose.errors import GooseError
-from goose.pipeline.stage_one.data import DataSpec, load_texts, split_documents, tokenize_and_pack, windows_fingerprint
+from goose.pipeline.data import DataSpec, load_texts, split_documents, tokenize_and_pack, windows_fingerprint
 
 
 @pytest.fixture(scope="module")

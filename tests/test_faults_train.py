@@ -174,7 +174,7 @@ def test_resume_keeps_the_recorded_student_when_a_default_changes(six_step_run, 
 
 def test_resume_refuses_another_store(six_step_run, tmp_path, tiny_teacher, corpus_file):
     from goose.pipeline.stage_one.cache_teacher import CacheTeacherConfig, run_cache_teacher
-    from goose.pipeline.stage_one.data import DataSpec
+    from goose.pipeline.data import DataSpec
 
     other = tmp_path / "other.zarr"
     run_cache_teacher(CacheTeacherConfig(output=str(other), teacher=str(tiny_teacher),

@@ -22,7 +22,7 @@ import torch
 
 from conftest import ENWIKI_TEACHER, REPO, SHARED, need
 from goose.errors import GooseError
-from goose.pipeline.stage_one.data import DataSpec, load_texts, open_texts
+from goose.pipeline.data import DataSpec, load_texts, open_texts
 from goose.pipeline.evaluate import EvalConfig, run_eval
 from goose.pipeline.scoring import StudentScorer, TeacherScorer
 from goose.pipeline.harness import (

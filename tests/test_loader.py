@@ -118,7 +118,7 @@ def test_loader_batches_are_the_planned_windows_read_directly(store):
 
 def _small_store(path, tiny_teacher, corpus_file, **kw):
     from goose.pipeline.stage_one.cache_teacher import CacheTeacherConfig, run_cache_teacher
-    from goose.pipeline.stage_one.data import DataSpec
+    from goose.pipeline.data import DataSpec
 
     cfg = CacheTeacherConfig(output=str(path), teacher=str(tiny_teacher), data=DataSpec(data_files=(str(corpus_file),)),
                              seq_len=32, max_tokens=320, top_k=8, chunk_windows=2, batch_size=2, progress=False,

@@ -24,7 +24,7 @@ from goose.pipeline.stage_two.losses import (
     teacher_bucket_logprobs,
 )
 from goose.pipeline.stage_one.native_topk import topk_rows_native
-from goose.pipeline.stage_one.teacher import NonFiniteLogits, _powers_of, exp_power_plan, teacher_targets, topk_rows
+from goose.pipeline.stage_one.targets import NonFiniteLogits, _powers_of, exp_power_plan, teacher_targets, topk_rows
 from goose.pipeline.stage_two.temperature import Temperature, TemperatureConfig, grad_reverse
 # the stored targets and the float64 bucket reference, shared with the KD losses' own tests
 from kd_reference import TEMPS, bucket_probs, check_against_brute_force, kl, stored_targets, teacher_case
@@ -166,7 +166,7 @@ def test_topk_rskd_without_tail_draws_is_bucket_kd_and_is_unbiased():
     torch.testing.assert_close(only_head, kd_loss(zs, ti, lp, tail, TEMPS, 1.0))
     # real multinomial draws (32 a token; some tokens' tails hold < 1 %): the mean gradient over many draw sets
     # converges to the full-vocabulary KL's gradient, far below the bucket loss's own distance from it
-    from goose.pipeline.stage_one.teacher import draw_samples
+    from goose.pipeline.stage_one.targets import draw_samples
     zs = zs.clone().requires_grad_()
     grads = []
     for seed in range(1600):

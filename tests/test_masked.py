@@ -18,9 +18,9 @@ from goose.cli import main
 from goose.errors import GooseError
 from goose.pipeline.stage_one.cache_teacher import CacheTeacherConfig, run_cache_teacher
 from goose.pipeline.stage_two.config import load_config
-from goose.pipeline.stage_one.data import DataSpec
+from goose.pipeline.data import DataSpec
 from goose.pipeline.stage_two.losses import ce_loss, cosine_align, kd_loss, mse_align, rskd_loss, standardize_channels
-from goose.pipeline.stage_one.teacher import teacher_targets
+from goose.pipeline.stage_one.targets import teacher_targets
 from goose.pipeline.stage_two.train import Trainer
 
 from conftest import SHARED, need

@@ -21,7 +21,7 @@ from goose.cache.schema import (
 )
 from goose.cache.writer import CacheWriter
 from goose.pipeline.stage_two.losses import teacher_bucket_logprobs
-from goose.pipeline.stage_one.teacher import teacher_targets
+from goose.pipeline.stage_one.targets import teacher_targets
 
 TEMPS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
 

@@ -19,7 +19,7 @@ from goose.cli import main
 from goose.errors import GooseError
 from goose.pipeline.stage_one.cache_teacher import CacheTeacherConfig, run_cache_teacher
 from goose.pipeline.stage_two.config import MonitorConfig, load_config
-from goose.pipeline.stage_one.data import DataSpec
+from goose.pipeline.data import DataSpec
 from goose.pipeline.stage_two.monitor import EventLog, HealthMonitor
 from goose.pipeline.stage_two.train import Trainer, run_train
 

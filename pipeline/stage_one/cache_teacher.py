@@ -56,25 +56,20 @@ from ...cache.writer import CacheWriter
 from ...errors import GooseError
 from ...ranks import Ranks
 from .config import CacheTeacherConfig
-from .data import WindowSpill, count_windows, fingerprint_update, open_texts
-from . import teacher as stage_one_teacher
-from .teacher import (
-    NonFiniteLogits,
-    Teacher,
-    load_teacher,
-    quantize_int8,
-    resolve_device,
-    resolve_hidden_layers,
-    teacher_targets,
-)
+from ..data import WindowSpill, count_windows, fingerprint_update, open_texts
+from ..devices import resolve_device
+from ..teacher import Teacher, load_teacher, resolve_hidden_layers
+from . import targets as stage_one_targets
+from .targets import NonFiniteLogits, quantize_int8, teacher_targets
 
 
 # The per-token targets' arithmetic, per path, in the store's provenance: a path's revision is bumped whenever
 # a change can move one of its stored values by a rounding step (kernels, summation order, which of tied ids
 # the top-k keeps), so a resume never mixes blocks computed two ways. compiled 2: one exp per logit, the
-# two-level top-k; compiled 3: the top-k in C (`native_topk.py`), tied ids in ascending id order. eager 2:
-# unchanged since.
-TARGETS_REVISION = {"eager": 2, "compiled": 3}
+# two-level top-k; compiled 3: the top-k in C (`native_topk.py`), tied ids in ascending id order; compiled 4:
+# the rows finished by the eager path's own formulas (`targets.finish_rows`: the head divided by T, where it
+# was multiplied by 1 / T). eager 2: unchanged since.
+TARGETS_REVISION = {"eager": 2, "compiled": 4}
 
 # tokens x vocabulary above which the compiled reductions repay their compilation: they save 3.6-4.9 ns per
 # logit (measured on one thread: 40 us/token at V = 8192, 181 at 50257) and compiling costs 4 s (inductor's
@@ -210,7 +205,7 @@ def kernels_available(tail_temperatures, vocab: int, top_k: int) -> bool:
     if _COMPILE_FAILED:
         return False
     try:
-        stage_one_teacher.compiled_reductions(tail_temperatures, vocab, top_k)
+        stage_one_targets.compiled_reductions(tail_temperatures, vocab, top_k)
     except Exception as exc:  # noqa: BLE001 - whatever the compiler raised, the eager ops still work
         _COMPILE_FAILED.append(exc)
         first = str(exc).splitlines()[0] if str(exc) else ""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...errors import GooseError
-from .data import DataSpec
+from ..data import DataSpec
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda or cuda:N."

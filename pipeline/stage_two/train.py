@@ -44,7 +44,7 @@ from .objective import Distiller, Objective, alignment_pairs
 from .optim import GuardedStep, build_optimizers, lr_factor
 from .run_folder import RunLock, progress_postfix, run_files, truncate_jsonl, write_best
 from .validation import validate_model
-from ..stage_one.teacher import resolve_device
+from ..devices import resolve_device
 
 
 class Trainer:

@@ -1,218 +1,19 @@
-"""The teacher: loading (hub name or local folder) and the per-token targets computed from its logits.
+"""The per-token targets stage one stores, from a teacher's full-vocabulary logits.
 
-`teacher_targets` is the one function that turns full-vocabulary logits into what the store keeps. All
-reductions run in fp32 whatever the teacher's dtype.
+`teacher_targets` is the one function that turns logits into what the store keeps; its eager reference and its
+compiled CPU kernels finish every row with the same formulas (`finish_rows`). All reductions run in fp32
+whatever the teacher's dtype.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import threading
 import types
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
-from ...errors import GooseError
 from .native_topk import topk_rows_native
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise GooseError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GooseError(f"device {device!r} asked for but CUDA is not available")
-    return dev
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise GooseError(f"unknown dtype {dtype!r} (use auto, {', '.join(DTYPES)})")
-    return DTYPES[dtype]
-
-
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name and not _hub_id_shape(name)
-
-
-def _hub_id_shape(name: str) -> bool:
-    # "org/model" is a hub id; a path with more parts or an existing folder is not.
-    return name.count("/") == 1 and not os.path.exists(name)
-
-
-@dataclass
-class Teacher:
-    model: torch.nn.Module
-    tokenizer: object
-    name: str
-    revision: str | None
-    device: torch.device
-    dtype: torch.dtype
-    weights_hash: str = ""
-
-    @property
-    def config(self):
-        return self.model.config
-
-    @property
-    def n_layers(self) -> int:
-        return int(self.config.num_hidden_layers)
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.config.hidden_size)
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.model.get_output_embeddings().weight.shape[0])
-
-    @property
-    def max_positions(self) -> int | None:
-        for key in ("n_positions", "max_position_embeddings"):
-            value = getattr(self.config, key, None)
-            if value:
-                return int(value)
-        return None
-
-    def provenance(self) -> dict:
-        return {
-            "teacher": self.name,
-            "revision": self.revision or "main",
-            "config_hash": config_hash(self.config),
-            "weights_hash": self.weights_hash,
-            "tokenizer_hash": tokenizer_hash(self.tokenizer),
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "device": device_name(self.device),  # another device type or GPU model rounds differently
-        }
-
-    def tokenizer_files(self) -> dict[str, bytes]:
-        """The tokenizer as the files `save_pretrained` writes (stored in the cache with the embedding)."""
-        import tempfile
-        from pathlib import Path
-
-        with tempfile.TemporaryDirectory() as tmp:
-            self.tokenizer.save_pretrained(tmp)
-            return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
-
-    def embedding_matrix(self):
-        """The input embedding (V, d) as a float16 numpy array, the store's dtype: converted by torch, bit for
-        bit numpy's rounding but 10x faster (numpy's float32 -> float16 cast took 0.26 s at GPT-2's size, a
-        once-per-store cost that showed in a short run's wall time)."""
-        return self.model.get_input_embeddings().weight.detach().to("cpu", torch.float16).numpy()
-
-    def body_and_head(self) -> tuple[torch.nn.Module, torch.nn.Module] | None:
-        """(body, head) with model(ids).logits == head(body(ids).last_hidden_state), bit for bit, where this
-        is known to hold (GPT-2: its LM head is one Linear on the final-norm states); None otherwise, as
-        other architectures may scale or cap their logits after the head."""
-        if type(self.model).__name__ == "GPT2LMHeadModel":
-            return self.model.transformer, self.model.lm_head
-        return None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return device.type
-
-
-def load_teacher(name: str, *, revision: str | None = None, dtype: str = "auto", device: str = "auto") -> Teacher:
-    """AutoModelForCausalLM + AutoTokenizer from a hub name or a local folder, in eval mode."""
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    transformers.utils.logging.disable_progress_bar()
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    expanded = os.path.expanduser(name)
-    local = os.path.isdir(expanded)
-    if not local and _looks_like_path(name):
-        raise GooseError(f"teacher folder not found: {name}")
-    verbosity = transformers.utils.logging.get_verbosity()
-    # its multi-line load report would bury the one-line error below (and says nothing when all is well)
-    transformers.utils.logging.set_verbosity_error()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(expanded if local else name, revision=revision)
-        model, info = AutoModelForCausalLM.from_pretrained(expanded if local else name, revision=revision,
-                                                           dtype=torch_dtype, output_loading_info=True)
-    except Exception as exc:  # noqa: BLE001 - transformers/safetensors raise many types for a bad folder
-        if local:  # truncated weights (SafetensorError), config.json against the weights (RuntimeError), ...
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            if "mismatched_sizes" in first:  # its report (suppressed above) lists the shapes
-                raise GooseError(f"teacher {name}: its config.json does not match its weights "
-                                 f"(parameter shapes differ)") from None
-            raise GooseError(f"{name} is not a loadable model folder: {type(exc).__name__}: {first}") from None
-        if not isinstance(exc, (OSError, ValueError)):
-            raise
-        raise GooseError(
-            f"cannot load teacher {name!r} from the Hugging Face Hub (offline, or no such model): "
-            f"download it where you have network and pass the local folder with --teacher"
-        ) from None
-    finally:
-        transformers.utils.logging.set_verbosity(verbosity)
-    # transformers initialises weights the checkpoint lacks at random, with only a log line: a config.json
-    # with more layers than the weights would silently cache a partly random teacher
-    bad = {kind: info.get(kind) or [] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if any(bad.values()):
-        detail = "; ".join(f"{kind.replace('_', ' ')}: {', '.join(sorted(map(str, keys))[:3])}"
-                           f"{' ...' if len(keys) > 3 else ''} ({len(keys)})" for kind, keys in bad.items() if keys)
-        raise GooseError(f"teacher {name}: its config.json does not match its weights ({detail})")
-    weights = weights_hash(model)  # on the host, before the move: identifies the exact checkpoint
-    model.to(dev).eval()
-    # A local folder is recorded by absolute path so a resume from another working directory matches.
-    return Teacher(model, tokenizer, os.path.abspath(expanded) if local else name, revision, dev, torch_dtype, weights)
-
-
-def config_hash(config) -> str:
-    d = config.to_dict()
-    for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "use_cache"):
-        d.pop(volatile, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def weights_hash(model: torch.nn.Module) -> str:
-    """sha256 over every parameter and buffer (name, dtype, shape, bytes) in name order."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
-
-
-def tokenizer_hash(tokenizer) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def resolve_hidden_layers(spec: str | None, n_layers: int) -> tuple[int, ...]:
-    """'0,6,12', '-1', 'all' or ''/None -> sorted unique layer indices in [0, n_layers] (0 = embeddings)."""
-    if not spec or spec.strip().lower() == "none":
-        return ()
-    if spec.strip().lower() == "all":
-        return tuple(range(n_layers + 1))
-    layers = []
-    for part in spec.split(","):
-        try:
-            index = int(part)
-        except ValueError:
-            raise GooseError(f"hidden layer {part.strip()!r} is not an integer") from None
-        resolved = index + n_layers + 1 if index < 0 else index
-        if not 0 <= resolved <= n_layers:
-            raise GooseError(f"hidden layer {index} out of range: the teacher has layers 0..{n_layers} (0 = embeddings)")
-        layers.append(resolved)
-    return tuple(sorted(set(layers)))
 
 
 class NonFiniteLogits(ValueError):
@@ -357,6 +158,30 @@ def _powers_of(u: torch.Tensor, wanted) -> dict[int, torch.Tensor]:
     return out
 
 
+def finish_rows(head_s: torch.Tensor, tails, dot: torch.Tensor, gold_s: torch.Tensor, order):
+    """Every per-row target from a row's top-k and its tail sums: the formulas both paths of
+    `teacher_targets` share (the eager reference calls this, and the compiled kernel traces it).
+
+    head_s (n, k): the top-k logits minus the row's max (<= 0); tails[j] (n,): the sum of exp(s / T_j) over the
+    tail (never total minus head); dot (n,): the tail's sum(exp(s) * s) at T = 1; gold_s (n,): the gold
+    token's shifted logit; order: (j, T_j) pairs (`_temperature_order`). Returns (top-k log-probs (n, k),
+    tail log-masses (n, T), entropy, gold NLL, log totals (n, T)), T = 1 giving the first, third and fourth:
+    log p_i = s_i - log S, H = log S - sum(e * s) / S over every id (the tail's part from `dot`, the head's
+    from its k values), with S the row's total sum of exp(s) at T = 1.
+    """
+    logmass, log_totals = [None] * len(order), [None] * len(order)
+    for j, t in order:
+        head_e = torch.exp(head_s / t) if t != 1.0 else torch.exp(head_s)
+        total = tails[j] + head_e.sum(-1)
+        log_totals[j] = total.log()
+        logmass[j] = tails[j].log() - log_totals[j]
+        if t == 1.0:
+            entropy = log_totals[j] - (dot + (head_e * head_s).sum(-1)) / total
+            gold_nll = log_totals[j] - gold_s
+            logprobs = head_s - log_totals[j].unsqueeze(-1)
+    return logprobs, torch.stack(logmass, -1), entropy, gold_nll, torch.stack(log_totals, -1)
+
+
 class _CompiledReductions:
     """The vocabulary-wide passes of `teacher_targets` for one slice of rows as two compiled kernels: the top-k
     in C (`native_topk.topk_rows_native`: the k-th largest strided group maximum, then the ~k logits of the
@@ -384,7 +209,7 @@ class _CompiledReductions:
 
         def slice_targets(z, vals, gold):
             """Everything per row but the top-k itself: (top-k log-probs, tail log-masses, entropy, gold
-            NLL), the same formulas as `_finish_slice`."""
+            NLL, tail sums, log totals), finished by `finish_rows` as the eager path is."""
             m, vk = vals[:, :1], vals[:, -1:]
             s = z - m
             tail = z < vk
@@ -393,7 +218,7 @@ class _CompiledReductions:
             extra = ((z == vk).sum(-1) - (vals == vk).sum(-1)).to(z.dtype)
             head_s = vals - m
             sk = (vk - m)[:, 0]
-            tails, log_totals, logmass, e = [None] * len(temps), [None] * len(temps), [None] * len(temps), None
+            tails, e = [None] * len(temps), None
             if plan is not None:  # one exp per logit, every temperature's term a power of it
                 n_base, powers = plan
                 u_pow = _powers_of(torch.where(tail, torch.exp(s * (1.0 / n_base)), 0.0), powers)
@@ -402,19 +227,12 @@ class _CompiledReductions:
                     e = u_pow[powers[j]]
                 else:
                     e = e * e if j in squared_from else torch.where(tail, torch.exp(s * (1.0 / t)), 0.0)
-                tail_t = e.sum(-1) + extra * torch.exp(sk * (1.0 / t))
-                head_e = torch.exp(head_s * (1.0 / t))
-                total = tail_t + head_e.sum(-1)
-                log_total = total.log()
-                tails[j], log_totals[j] = tail_t, log_total
-                logmass[j] = tail_t.log() - log_total
+                tails[j] = e.sum(-1) + extra * torch.exp(sk * (1.0 / t))
                 if t == 1.0:
                     dot = (e * s).sum(-1) + extra * torch.exp(sk) * sk
-                    entropy = log_total - (dot + (head_e * head_s).sum(-1)) / total
-                    gold_nll = log_total - (z.gather(-1, gold).squeeze(-1) - m[:, 0])
-                    logprobs = head_s - log_total.unsqueeze(-1)
-            return (logprobs, torch.stack(logmass, -1), entropy, gold_nll, torch.stack(tails, -1),
-                    torch.stack(log_totals, -1))
+            gold_s = z.gather(-1, gold).squeeze(-1) - m[:, 0]
+            logprobs, logmass, entropy, gold_nll, log_totals = finish_rows(head_s, tails, dot, gold_s, order)
+            return logprobs, logmass, entropy, gold_nll, torch.stack(tails, -1), log_totals
 
         # the options go with every compilation, a recompilation included (a guard that fails on new inputs)
         options = {"cpp.threads": 1, "cpp_wrapper": True}
@@ -461,6 +279,99 @@ def compiled_reductions(tail_temperatures, vocab: int, top_k: int) -> _CompiledR
         return _COMPILED[key]
 
 
+class _TargetRows:
+    """`teacher_targets`' flat (B * L, ...) outputs, filled a slice of rows at a time, with what every slice
+    reads: the logits, the gold ids, k and the temperatures in visiting order."""
+
+    def __init__(self, flat: torch.Tensor, input_ids: torch.Tensor, top_k: int, temps: list[float]):
+        n, device = flat.shape[0], flat.device
+        B, L = input_ids.shape
+        gold = torch.zeros(B, L, dtype=torch.long, device=device)
+        gold[:, :-1] = input_ids[:, 1:]
+        self.flat, self.gold, self.top_k, self.temps = flat, gold.reshape(-1, 1), top_k, temps
+        self.order, self.squared_from = _temperature_order(temps)
+        self.topk_logprobs = torch.empty(n, top_k, dtype=torch.float32, device=device)
+        self.topk_ids = torch.empty(n, top_k, dtype=torch.long, device=device)
+        self.tail_logmass = torch.empty(n, len(temps), dtype=torch.float32, device=device)
+        self.gold_nll = torch.empty(n, dtype=torch.float32, device=device)
+        self.entropy = torch.empty(n, dtype=torch.float32, device=device)
+
+    def put(self, r0: int, idx, logprobs, logmass, entropy, gold_nll) -> None:
+        n = idx.shape[0]
+        self.topk_ids[r0 : r0 + n], self.topk_logprobs[r0 : r0 + n] = idx, logprobs
+        self.tail_logmass[r0 : r0 + n], self.entropy[r0 : r0 + n], self.gold_nll[r0 : r0 + n] = logmass, entropy, gold_nll
+
+    def redo_low_tails(self, z, r0: int, idx, m, tail, log_total, j: int, t: float) -> None:
+        """A tail far below the top (< e^-69 of it) loses precision in fp32 or underflows to zero: redo
+        those rows shifted by their own largest tail logit, so only an empty tail (k = V) is -inf."""
+        low = (tail < 1e-30).nonzero().squeeze(-1)
+        if len(low) and self.top_k < z.shape[-1]:
+            zt = z[low].scatter(-1, idx[low], float("-inf")) / t
+            self.tail_logmass[r0 + low, j] = torch.logsumexp(zt, -1) - (m[low, 0] / t + log_total[low])
+
+
+def _eager_slice(z: torch.Tensor, out: _TargetRows, s_buf: torch.Tensor, e_buf: torch.Tensor):
+    """(top-k values, ids, tail sums (n, T), tail dot sum(exp(s) * s) at T = 1) of a slice: the reference."""
+    n = z.shape[0]
+    vals, idx = topk_rows(z, out.top_k)
+    m = vals[:, :1]
+    s = torch.sub(z, m, out=s_buf[:n])  # <= 0: every exp below is in (0, 1], no overflow at any T
+    s.scatter_(-1, idx, _MASKED)  # the tail only
+    e = e_buf[:n]
+    tails = torch.empty(n, len(out.temps), dtype=torch.float32, device=z.device)
+    dot = None
+    for j, t in out.order:
+        if j in out.squared_from:  # exp(s / t) = exp(s / 2t)^2, from the temperature done just before
+            torch.mul(e, e, out=e)
+        elif t == 1.0:
+            torch.exp(s, out=e)
+        else:
+            torch.mul(s, 1.0 / t, out=e)
+            e.exp_()
+        tails[:, j] = e.sum(-1)
+        if t == 1.0:
+            # the entropy's tail term as one dot product (in place: e is not read again at this
+            # temperature, and a fresh (n, V) product costs more in allocation than the multiply does)
+            dot = torch.mul(e, s, out=e).sum(-1)
+    return vals, idx, tails, dot
+
+
+def _eager_rows(out: _TargetRows, lo: int, hi: int, rows: int) -> None:
+    """Rows lo..hi of every output by the eager reference, in slices of `rows`, with their own scratch."""
+    V = out.flat.shape[-1]
+    s_buf = torch.empty(min(rows, hi - lo), V, dtype=torch.float32, device=out.flat.device)
+    e_buf = torch.empty_like(s_buf)
+    for r0 in range(lo, hi, rows):
+        z = out.flat[r0 : min(r0 + rows, hi)].float()
+        vals, idx, tails, dot = _eager_slice(z, out, s_buf, e_buf)
+        m = vals[:, :1]
+        head_s = vals - m  # (n, k), <= 0
+        gold_s = z.gather(-1, out.gold[r0 : r0 + z.shape[0]]).squeeze(-1) - m[:, 0]
+        logprobs, logmass, ent, nll, log_totals = finish_rows(head_s, tails.unbind(-1), dot, gold_s, out.order)
+        out.put(r0, idx, logprobs, logmass, ent, nll)
+        for j, t in out.order:
+            out.redo_low_tails(z, r0, idx, m, tails[:, j], log_totals[:, j], j, t)
+
+
+def _compiled_rows(out: _TargetRows, kernels: _CompiledReductions, lo: int, hi: int, rows: int) -> None:
+    """Rows lo..hi by the compiled kernels, built for one slice shape: a short last slice is padded to it."""
+    V = out.flat.shape[-1]
+    for r0 in range(lo, hi, rows):
+        n = min(rows, hi - r0)
+        z = out.flat[r0 : r0 + n].float()
+        g = out.gold[r0 : r0 + n]
+        if n < rows:
+            z = torch.cat([z, z[:1].expand(rows - n, V)])
+            g = torch.cat([g, g.new_zeros(rows - n, 1)])
+        vals, idx = topk_rows_native(z, out.top_k)
+        logprobs, logmass, ent, nll, tails, log_totals = kernels.slice_targets(z, vals, g)
+        out.put(r0, idx[:n], logprobs[:n], logmass[:n], ent[:n], nll[:n])
+        if bool((tails[:n] < 1e-30).any()):  # one check for every temperature
+            m = z[:n].gather(-1, idx[:n, :1])  # the max: the top-1's logit
+            for j, t in out.order:
+                out.redo_low_tails(z[:n], r0, idx[:n], m, tails[:n, j], log_totals[:n, j], j, t)
+
+
 @torch.inference_mode()
 def teacher_targets(
     logits: torch.Tensor,
@@ -502,107 +413,22 @@ def teacher_targets(
     equal to this eager reference to fp32 rounding (equal logits in ascending id order).
     """
     B, L, V = logits.shape
-    device = logits.device
-    flat = logits.reshape(B * L, V)
-    gold = torch.zeros(B, L, dtype=torch.long, device=device)
-    gold[:, :-1] = input_ids[:, 1:]
-    gold = gold.reshape(-1, 1)
-    temps = [float(t) for t in tail_temperatures]
-    topk_logprobs = torch.empty(B * L, top_k, dtype=torch.float32, device=device)
-    topk_ids = torch.empty(B * L, top_k, dtype=torch.long, device=device)
-    tail_logmass = torch.empty(B * L, len(temps), dtype=torch.float32, device=device)
-    gold_nll = torch.empty(B * L, dtype=torch.float32, device=device)
-    entropy = torch.empty(B * L, dtype=torch.float32, device=device)
-    order, squared_from = _temperature_order(temps)
-    rows = _compiled_slice_rows(V) if compiled else _slice_rows(V, device)
-
-    if compiled and device.type != "cpu":
+    if compiled and logits.device.type != "cpu":
         raise ValueError("compiled teacher targets are for CPU logits (on a GPU the eager reductions are cheap)")
-    kernels = compiled_reductions(temps, V, top_k) if compiled else None
+    filled = _TargetRows(logits.reshape(B * L, V), input_ids, top_k, [float(t) for t in tail_temperatures])
+    kernels = compiled_reductions(filled.temps, V, top_k) if compiled else None
+    rows = _compiled_slice_rows(V) if compiled else _slice_rows(V, logits.device)
 
     def reduce_rows(lo: int, hi: int, torch_threads: int | None = None) -> None:
-        """Rows lo..hi of every output, in slices of `rows`, with this call's own scratch buffers."""
         if torch_threads is not None:  # a worker thread: inference mode and the thread count are per thread
             torch.set_num_threads(torch_threads)
         with torch.inference_mode():
-            if kernels is not None:  # compiled for one slice shape: a short last slice is padded to it
-                for r0 in range(lo, hi, rows):
-                    n = min(rows, hi - r0)
-                    z = flat[r0 : r0 + n].float()
-                    if n < rows:
-                        z = torch.cat([z, z[:1].expand(rows - n, V)])
-                    g = gold[r0 : r0 + n]
-                    if n < rows:
-                        g = torch.cat([g, g.new_zeros(rows - n, 1)])
-                    vals, idx = topk_rows_native(z, top_k)
-                    logprobs, logmass, ent, nll, tails, log_totals = kernels.slice_targets(z, vals, g)
-                    topk_ids[r0 : r0 + n], topk_logprobs[r0 : r0 + n] = idx[:n], logprobs[:n]
-                    tail_logmass[r0 : r0 + n], entropy[r0 : r0 + n], gold_nll[r0 : r0 + n] = logmass[:n], ent[:n], nll[:n]
-                    if bool((tails[:n] < 1e-30).any()):  # one check for every temperature
-                        m = z[:n].gather(-1, idx[:n, :1])  # the max: the top-1's logit
-                        for j, t in order:
-                            _redo_low_tails(z[:n], r0, idx[:n], m, tails[:n, j], log_totals[:n, j], j, t)
-                return
-            s_buf = torch.empty(min(rows, hi - lo), V, dtype=torch.float32, device=device)
-            e_buf = torch.empty_like(s_buf)
-            for r0 in range(lo, hi, rows):
-                z = flat[r0 : min(r0 + rows, hi)].float()
-                _finish_slice(z, r0, *_eager_slice(z, s_buf, e_buf))
-
-    def _eager_slice(z: torch.Tensor, s_buf: torch.Tensor, e_buf: torch.Tensor):
-        """(top-k values, ids, tail sums (n, T), tail dot sum(exp(s) * s) at T = 1): the reference."""
-        n = z.shape[0]
-        vals, idx = topk_rows(z, top_k)
-        m = vals[:, :1]
-        s = torch.sub(z, m, out=s_buf[:n])  # <= 0: every exp below is in (0, 1], no overflow at any T
-        s.scatter_(-1, idx, _MASKED)  # the tail only
-        e = e_buf[:n]
-        tails = torch.empty(n, len(temps), dtype=torch.float32, device=device)
-        dot = None
-        for j, t in order:
-            if j in squared_from:  # exp(s / t) = exp(s / 2t)^2, from the temperature done just before
-                torch.mul(e, e, out=e)
-            elif t == 1.0:
-                torch.exp(s, out=e)
+            if kernels is not None:
+                _compiled_rows(filled, kernels, lo, hi, rows)
             else:
-                torch.mul(s, 1.0 / t, out=e)
-                e.exp_()
-            tails[:, j] = e.sum(-1)
-            if t == 1.0:
-                # the entropy's tail term as one dot product (in place: e is not read again at this
-                # temperature, and a fresh (n, V) product costs more in allocation than the multiply does)
-                dot = torch.mul(e, s, out=e).sum(-1)
-        return vals, idx, tails, dot
+                _eager_rows(filled, lo, hi, rows)
 
-    def _finish_slice(z: torch.Tensor, r0: int, vals, idx, tails, dot) -> None:
-        """The slice's rows of every output from its top-k and tail sums."""
-        n = z.shape[0]
-        topk_ids[r0 : r0 + n] = idx
-        m = vals[:, :1]
-        head_s = vals - m  # (n, k), <= 0
-        for j, t in order:
-            tail = tails[:, j]
-            head_e = torch.exp(head_s / t) if t != 1.0 else torch.exp(head_s)
-            total = tail + head_e.sum(-1)
-            log_total = total.log()
-            tail_logmass[r0 : r0 + n, j] = tail.log() - log_total
-            if t == 1.0:
-                # H = log S - sum(e * s) / S over every id: the tail's part from `dot`, the head's from its
-                # k values
-                entropy[r0 : r0 + n] = log_total - (dot + (head_e * head_s).sum(-1)) / total
-                gold_nll[r0 : r0 + n] = log_total - (z.gather(-1, gold[r0 : r0 + n]).squeeze(-1) - m[:, 0])
-                topk_logprobs[r0 : r0 + n] = head_s - log_total.unsqueeze(-1)
-            _redo_low_tails(z, r0, idx, m, tail, log_total, j, t)
-
-    def _redo_low_tails(z, r0: int, idx, m, tail, log_total, j: int, t: float) -> None:
-        """A tail far below the top (< e^-69 of it) loses precision in fp32 or underflows to zero: redo
-        those rows shifted by their own largest tail logit, so only an empty tail (k = V) is -inf."""
-        low = (tail < 1e-30).nonzero().squeeze(-1)
-        if len(low) and top_k < V:
-            zt = z[low].scatter(-1, idx[low], float("-inf")) / t
-            tail_logmass[r0 + low, j] = torch.logsumexp(zt, -1) - (m[low, 0] / t + log_total[low])
-
-    if threads > 1 and device.type == "cpu" and B * L > rows:
+    if threads > 1 and logits.device.type == "cpu" and B * L > rows:
         # the slices are independent: spread them over `threads` workers of one torch thread each (a slice
         # is too small for torch's own intra-op threads to help)
         bounds = [min(B * L, -(-B * L // threads // rows) * rows * i) for i in range(threads + 1)]
@@ -613,19 +439,19 @@ def teacher_targets(
         reduce_rows(0, B * L)
     # a NaN or infinite logit anywhere in a row makes its entropy NaN (NaN or inf - inf in the sums, or
     # 0 * -inf in the dot product); only such rows are checked exactly (one sync, no full-size pass)
-    suspect = (~torch.isfinite(entropy)).nonzero().squeeze(-1)
+    suspect = (~torch.isfinite(filled.entropy)).nonzero().squeeze(-1)
     if len(suspect):
-        bad = suspect[~torch.isfinite(flat[suspect]).all(-1)]
+        bad = suspect[~torch.isfinite(filled.flat[suspect]).all(-1)]
         if len(bad):
             raise NonFiniteLogits(bad.tolist())
-    gold_nll = gold_nll.view(B, L)
+    gold_nll = filled.gold_nll.view(B, L)
     gold_nll[:, -1] = float("nan")
     out = {
-        "topk_ids": topk_ids.view(B, L, top_k),
-        "topk_logprobs": topk_logprobs.view(B, L, top_k),
-        "tail_logmass": tail_logmass.view(B, L, len(temps)),
+        "topk_ids": filled.topk_ids.view(B, L, top_k),
+        "topk_logprobs": filled.topk_logprobs.view(B, L, top_k),
+        "tail_logmass": filled.tail_logmass.view(B, L, len(filled.temps)),
         "gold_nll": gold_nll,
-        "entropy": entropy.view(B, L),
+        "entropy": filled.entropy.view(B, L),
     }
     if samples:
         out["sample_ids"], out["sample_counts"] = draw_samples(logits, samples, sample_seeds)

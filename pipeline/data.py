@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ...errors import GooseError
+from ..errors import GooseError
 
 _BUILDERS = {"": "text", ".txt": "text", ".text": "text", ".raw": "text", ".json": "json", ".jsonl": "json",
              ".parquet": "parquet", ".csv": "csv"}
