@@ -423,6 +423,10 @@ def eval_cmd(student, teacher, tokenizer, dataset, dataset_config, split, data_f
                    f"{sp['dead_fraction_max']:.3f}, saturated max {sp['saturated_fraction_max']:.3f}")
         click.echo(f"  energy: {e['energy_pj_per_token'] / 1e6:.2f} uJ/token vs dense {e['dense_energy_pj_per_token'] / 1e6:.2f}"
                    f" ({e['energy_ratio_vs_dense']:.3f}x; MAC 4.6 pJ, AC 0.9 pJ at 45 nm)")
+        parts = e.get("parts_pj_per_token") or {}
+        total = sum(parts.values()) or 1.0
+        click.echo("  energy by part: " + ", ".join(f"{name.replace('_', ' ')} {value / total:.0%}"
+                                                    for name, value in parts.items() if value))
 
 
 @main.command("generate", epilog=_examples(

@@ -527,13 +527,29 @@ class Student(nn.Module):
     def _steps_per_token(self, site: str) -> int:
         return self.cfg.site_steps.get(site, 1) * (self.cfg.spike.micro_steps if self.cfg.spike.lif else 1)
 
+    def _site_matrix(self, layer: int, site: str) -> nn.Module:
+        """The linear layer a spike site feeds (SPIKE_SITES.feeds); the head's is the (tied) output layer."""
+        if site == "head":
+            return self.head if self.head is not None else self.emb
+        att, ffn = self.blocks[layer].att, self.blocks[layer].ffn
+        return {"tm_r": att.receptance, "tm_k": att.key, "tm_v": att.value, "tm_out": att.output,
+                "cm_k": ffn.key, "cm_v": ffn.value}[site]
+
     def energy_report(self, stats: dict) -> dict:
         """Per-token op counts and energy (45 nm: MAC 4.6 pJ, AC 0.9 pJ) next to the dense equivalent.
 
-        A linear layer whose input is a spike site costs one accumulate per *non-zero* input per output
-        (firing rate x in x out ACs); every other matmul, the delta-rule state update and the head cost MACs.
-        Firing rates are per step: a site with K steps per token (residual steps, LIF micro-steps) costs K
-        times its rate.
+        Each matmul is counted by what its operands are:
+        - fp input x fp weights: in x out MACs;
+        - ternary spikes x fp weights: one accumulate per *non-zero* input per output (rate x in x out ACs);
+        - ternary spikes x ternary weights (`ternary_weights`): an addition only where both are non-zero
+          (rate x nonzero-weight fraction x in x out ACs: a spike's value is its channel's amplitude, so the
+          sum is of fp amplitudes, not of integers), plus one multiply per output by the weight scale;
+        - fp input x ternary weights: nonzero-weight fraction x in x out ACs, plus the scale's out MACs.
+        Full-precision parts are MACs: the low-rank paths (decay, in-context rate, value residual, gate),
+        the delta-rule state update (decay, read, two writes, output read: 5 x H x N^2) and the per-token
+        gains (2 x in + groups x out per spiked matmul). Elementwise work (norms, token shift, activations)
+        is left out of both sides. Firing rates are per step: a site with K steps per token (residual steps,
+        LIF micro-steps) costs K times its rate. `parts` gives each component's energy in pJ per token.
         """
         cfg = self.cfg
         H, N = cfg.n_head, cfg.head_size
@@ -542,43 +558,51 @@ class Student(nn.Module):
             summary = st.summary()
             if summary:
                 rate[key] = summary["firing_rate"]
-        macs = acs = dense = 0.0
+        parts = {"projections": 0.0, "head": 0.0, "low_rank": 0.0, "state": 0.0, "gains": 0.0, "weight_scales": 0.0}
+        totals = {"macs": 0.0, "acs": 0.0, "dense": 0.0}
+
+        def add(part: str, macs: float = 0.0, acs: float = 0.0) -> None:
+            parts[part] += macs * MAC_PJ + acs * AC_PJ
+            totals["macs"] += macs
+            totals["acs"] += acs
+
+        def matmul(part: str, layer, site: SpikeSite) -> None:
+            n_in, n_out = (getattr(cfg, w) for w in site.feeds)
+            ops = n_in * n_out
+            totals["dense"] += ops
+            key = f"{layer}.{site.name}"
+            matrix = self._site_matrix(layer, site.name)
+            weights = matrix.nonzero_fraction() if isinstance(matrix, TernaryLinear) else None
+            fired = rate[key] * self._steps_per_token(site.name) if key in rate else None
+            if fired is None and weights is None:
+                add(part, macs=ops)
+                return
+            add(part, acs=ops * (1.0 if fired is None else fired) * (1.0 if weights is None else weights))
+            if weights is not None:
+                add("weight_scales", macs=n_out)
+            if fired is not None and cfg.spike.token_gain:  # its mean, thresholds times it, each group's outputs
+                add("gains", macs=2 * n_in + int(cfg.spike.token_gain) * n_out)
+
         for i in range(cfg.n_layer):
             att = self.blocks[i].att
+            for site in SPIKE_SITES:
+                if site.feeds is not None and site.module != "head":
+                    matmul("projections", i, site)
             lora = sum(p.numel() for n, p in att.named_parameters(recurse=False)
                        if n in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2"))
-            for s in SPIKE_SITES:
-                if s.feeds is None or s.module == "head":
-                    continue
-                site, n_in, n_out = s.name, getattr(cfg, s.feeds[0]), getattr(cfg, s.feeds[1])
-                ops = n_in * n_out
-                dense += ops
-                key = f"{i}.{site}"
-                if key in rate:
-                    acs += rate[key] * ops * self._steps_per_token(site)
-                    if cfg.spike.token_gain:  # the gain: its mean, thresholds times it, each group's outputs times it
-                        macs += 2 * n_in + int(cfg.spike.token_gain) * n_out
-                else:
-                    macs += ops
-            other = lora + 5 * H * N * N  # low-rank paths; state decay, read, two writes, output read
-            macs += other
-            dense += other
-        n_in, n_out = (getattr(cfg, w) for w in SITES["head"].feeds)  # the LM head, spiked or not
-        head = n_in * n_out
-        dense += head
-        if "head.head" in rate:
-            acs += rate["head.head"] * head * self._steps_per_token("head")
-            if cfg.spike.token_gain:
-                macs += 2 * n_in + int(cfg.spike.token_gain) * n_out
-        else:
-            macs += head
+            add("low_rank", macs=lora)
+            add("state", macs=5 * H * N * N)
+            totals["dense"] += lora + 5 * H * N * N
+        matmul("head", "head", SITES["head"])  # the LM head, spiked or not
+        energy = totals["macs"] * MAC_PJ + totals["acs"] * AC_PJ
         return {
-            "macs_per_token": macs,
-            "acs_per_token": acs,
-            "energy_pj_per_token": macs * MAC_PJ + acs * AC_PJ,
-            "dense_macs_per_token": dense,
-            "dense_energy_pj_per_token": dense * MAC_PJ,
-            "energy_ratio_vs_dense": (macs * MAC_PJ + acs * AC_PJ) / (dense * MAC_PJ),
+            "macs_per_token": totals["macs"],
+            "acs_per_token": totals["acs"],
+            "energy_pj_per_token": energy,
+            "dense_macs_per_token": totals["dense"],
+            "dense_energy_pj_per_token": totals["dense"] * MAC_PJ,
+            "energy_ratio_vs_dense": energy / (totals["dense"] * MAC_PJ),
+            "parts_pj_per_token": parts,
         }
 
 

@@ -440,6 +440,15 @@ class TernaryLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
+        codes, gamma = self.ternary_codes()
+        return F.linear(x, w + (codes * gamma - w).detach(), self.bias)
+
+    def ternary_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes in {-1, 0, +1} in the weight's dtype, gamma): the weights the forward uses are codes * gamma."""
+        w = self.weight.detach()
         gamma = w.abs().mean().clamp_min(1e-8)
-        w_q = (w / gamma).round().clamp(-1, 1) * gamma
-        return F.linear(x, w + (w_q - w).detach(), self.bias)
+        return (w / gamma).round().clamp(-1, 1), gamma
+
+    def nonzero_fraction(self) -> float:
+        """The fraction of weights whose code is not 0: the additions a spiked input costs per firing."""
+        return float((self.ternary_codes()[0] != 0).float().mean())

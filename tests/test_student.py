@@ -700,3 +700,55 @@ def test_the_spike_site_table_builds_every_site_at_its_width():
                for i in range(cfg.n_layer) for s in SPIKE_SITES if s.feeds and s.module != "head")
     want += rates["head.head"] * cfg.d_model * cfg.vocab_size
     assert model.energy_report(stats)["acs_per_token"] == pytest.approx(want)
+
+
+def _ternary_layer_by_hand(token_gain: int):
+    """One fully ternary tiny layer (d_model 64, d_ffn 256, 4 heads of 16, low-rank width 32, vocabulary 512,
+    tied head), every matmul site and the head spiked, weights whose codes are half zeros (cm_k: a quarter)."""
+    from goose.student.spikes import SpikeStats, TernaryLinear
+
+    sites = ("tm_r", "tm_k", "tm_v", "tm_out", "cm_k", "cm_v", "head")
+    model = Student(preset("tiny", n_layer=1, ternary_weights=True, spike_sites=sites,
+                           spike=SpikeConfig(token_gain=token_gain)))
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, TernaryLinear):
+                keep = 0.75 if name.endswith("ffn.key") else 0.5  # nonzero codes: w = +-c there, 0 elsewhere
+                w = torch.zeros_like(module.weight).flatten()
+                n = int(keep * w.numel())
+                w[:n] = torch.tensor([0.3, -0.3]).repeat(n // 2)
+                module.weight.copy_(w.view_as(module.weight))
+    rates = {"0.tm_r": 0.25, "0.tm_k": 0.25, "0.tm_v": 0.25, "0.tm_out": 0.25, "0.cm_k": 0.25, "0.cm_v": 0.5,
+             "head.head": 0.1}
+    stats = {}
+    for key, r in rates.items():
+        width = 256 if key == "0.cm_v" else 64
+        stats[key] = SpikeStats()
+        stats[key].add_counts(torch.full((width,), r * 10.0, dtype=torch.float64), torch.zeros(width, dtype=torch.float64), 10)
+    return model, stats
+
+
+def test_energy_of_one_fully_ternary_layer_counted_by_hand():
+    """Every operation of one ternary layer, counted by hand. ACs (spike x ternary weight: both non-zero):
+    tm_r/k/v/out 4 x 0.25 x 0.5 x 64 x 64 = 2048; cm_k 0.25 x 0.75 x 64 x 256 = 3072; cm_v 0.5 x 0.5 x 256 x 64
+    = 4096; the tied fp head, spiked: 0.1 x 64 x 512 = 3276.8. MACs: low-rank w1 w2 a1 a2 g1 g2 (layer 0 has no
+    value residual) 6 x 64 x 32 = 12288; state 5 x 4 x 16^2 = 5120; weight scales, one per output of each
+    ternary matrix: 4 x 64 + 256 + 64 = 576. Dense twin: 4 x 4096 + 2 x 16384 + 12288 + 5120 + 64 x 512 = 99328."""
+    model, stats = _ternary_layer_by_hand(token_gain=0)
+    e = model.energy_report(stats)
+    assert e["acs_per_token"] == pytest.approx(2048 + 3072 + 4096 + 3276.8)
+    assert e["macs_per_token"] == pytest.approx(12288 + 5120 + 576)
+    assert e["dense_macs_per_token"] == pytest.approx(99328)
+    assert e["energy_pj_per_token"] == pytest.approx(17984 * 4.6 + 12492.8 * 0.9)
+    assert e["energy_ratio_vs_dense"] == pytest.approx((17984 * 4.6 + 12492.8 * 0.9) / (99328 * 4.6))
+    parts = e["parts_pj_per_token"]
+    assert parts == pytest.approx({"projections": 9216 * 0.9, "head": 3276.8 * 0.9, "low_rank": 12288 * 4.6,
+                                   "state": 5120 * 4.6, "gains": 0.0, "weight_scales": 576 * 4.6})
+    assert sum(parts.values()) == pytest.approx(e["energy_pj_per_token"])
+    # four gain groups: 2 x in + 4 x out multiplies per spiked matmul: tm 4 x (128 + 256), cm_k 128 + 1024,
+    # cm_v 512 + 256, head 128 + 2048
+    gained, stats = _ternary_layer_by_hand(token_gain=4)
+    assert gained.energy_report(stats)["parts_pj_per_token"]["gains"] == pytest.approx((1536 + 1152 + 768 + 2176) * 4.6)
+    # the fp-weight twin: the same spikes add every weight (no zero codes, no scales)
+    fp = Student(preset("tiny", n_layer=1, spike_sites=model.cfg.spike_sites, spike=SpikeConfig(token_gain=0)))
+    assert fp.energy_report(stats)["acs_per_token"] == pytest.approx(4 * 0.25 * 4096 + 0.25 * 16384 + 0.5 * 16384 + 3276.8)
