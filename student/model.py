@@ -47,17 +47,19 @@ class SpikeSite:
     feeds: tuple[str, str] | None  # (in, out) widths of the matmul it turns into additions; None: none
     default: bool = True  # spiked unless a config's spike_sites says otherwise
     unsigned: bool = False  # spiked {0, +a} by default: its input is never negative
+    matrix: str | None = None  # the attribute of its module that is the matmul it feeds (energy_report)
 
 
 SPIKE_SITES = (
     SpikeSite("block_in", "block", "d_model", None, default=False),  # ln1's output, before the token shift
-    SpikeSite("tm_r", "att", "d_model", ("d_model", "d_model")),
-    SpikeSite("tm_k", "att", "d_model", ("d_model", "d_model")),
-    SpikeSite("tm_v", "att", "d_model", ("d_model", "d_model")),
-    SpikeSite("tm_out", "att", "d_model", ("d_model", "d_model")),
-    SpikeSite("cm_k", "ffn", "d_model", ("d_model", "d_ffn")),
-    SpikeSite("cm_v", "ffn", "d_ffn", ("d_ffn", "d_model"), unsigned=True),  # relu^2 >= 0
-    SpikeSite("head", "head", "d_model", ("d_model", "vocab_size"), default=False),
+    SpikeSite("tm_r", "att", "d_model", ("d_model", "d_model"), matrix="receptance"),
+    SpikeSite("tm_k", "att", "d_model", ("d_model", "d_model"), matrix="key"),
+    SpikeSite("tm_v", "att", "d_model", ("d_model", "d_model"), matrix="value"),
+    SpikeSite("tm_out", "att", "d_model", ("d_model", "d_model"), matrix="output"),
+    SpikeSite("cm_k", "ffn", "d_model", ("d_model", "d_ffn"), matrix="key"),
+    SpikeSite("cm_v", "ffn", "d_ffn", ("d_ffn", "d_model"), unsigned=True, matrix="value"),  # relu^2 >= 0
+    # the head's matrix is the output layer: `head`, or the embedding when they are tied
+    SpikeSite("head", "head", "d_model", ("d_model", "vocab_size"), default=False, matrix="head"),
 )
 SITES = {site.name: site for site in SPIKE_SITES}
 ALL_SITES = tuple(SITES)
@@ -527,13 +529,11 @@ class Student(nn.Module):
     def _steps_per_token(self, site: str) -> int:
         return self.cfg.site_steps.get(site, 1) * (self.cfg.spike.micro_steps if self.cfg.spike.lif else 1)
 
-    def _site_matrix(self, layer: int, site: str) -> nn.Module:
-        """The linear layer a spike site feeds (SPIKE_SITES.feeds); the head's is the (tied) output layer."""
-        if site == "head":
+    def _site_matrix(self, layer, site: SpikeSite) -> nn.Module:
+        """The linear layer a spike site feeds (its row's `matrix`); the head's is the (tied) output layer."""
+        if site.module == "head":
             return self.head if self.head is not None else self.emb
-        att, ffn = self.blocks[layer].att, self.blocks[layer].ffn
-        return {"tm_r": att.receptance, "tm_k": att.key, "tm_v": att.value, "tm_out": att.output,
-                "cm_k": ffn.key, "cm_v": ffn.value}[site]
+        return getattr(getattr(self.blocks[layer], site.module), site.matrix)
 
     def energy_report(self, stats: dict) -> dict:
         """Per-token op counts and energy (45 nm: MAC 4.6 pJ, AC 0.9 pJ) next to the dense equivalent.
@@ -571,7 +571,7 @@ class Student(nn.Module):
             ops = n_in * n_out
             totals["dense"] += ops
             key = f"{layer}.{site.name}"
-            matrix = self._site_matrix(layer, site.name)
+            matrix = self._site_matrix(layer, site)
             weights = matrix.nonzero_fraction() if isinstance(matrix, TernaryLinear) else None
             fired = rate[key] * self._steps_per_token(site.name) if key in rate else None
             if fired is None and weights is None:
