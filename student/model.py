@@ -99,6 +99,9 @@ class StudentConfig:
     site_steps: dict[str, int] = field(default_factory=dict)
     spike: SpikeConfig = field(default_factory=lambda: _student_spike({}))
     ternary_weights: bool = False  # BitNet b1.58 weights for the large matrices
+    ternary_scale: str = "tensor"  # their scale: one per matrix ("tensor", BitNet's) or per output row ("row")
+    # the ternary weights blend in from continuous ones with the spikes (spike annealing's mix), not from step 0
+    ternary_anneal: bool = False
     chunk_size: int = 16
     # time-mix kernels: "torch" (wkv_chunked / wkv_recurrent, any device), "fla" (flash-linear-attention's
     # Triton kernels, CUDA only), "auto" (fla on CUDA when installed, else torch). A runtime choice: a model
@@ -122,6 +125,8 @@ class StudentConfig:
         for name in ("vocab_size", "d_model", "n_layer", "head_size", "chunk_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.ternary_scale not in TernaryLinear.SCALES:
+            raise ValueError(f"ternary_scale must be one of {TernaryLinear.SCALES}, got {self.ternary_scale!r}")
         if self.wkv_backend not in ("auto", "torch", "fla"):
             raise ValueError(f"wkv_backend must be auto, torch or fla, got {self.wkv_backend!r}")
         if not self.ffn_mult > 0:
@@ -208,7 +213,9 @@ def _ortho(shape, scale: float) -> torch.Tensor:
 
 
 def _linear(cfg: StudentConfig, n_in: int, n_out: int) -> nn.Linear:
-    return (TernaryLinear if cfg.ternary_weights else nn.Linear)(n_in, n_out, bias=False)
+    if cfg.ternary_weights:
+        return TernaryLinear(n_in, n_out, bias=False, scale=cfg.ternary_scale)
+    return nn.Linear(n_in, n_out, bias=False)
 
 
 class SpikeSites(nn.Module):
@@ -454,9 +461,15 @@ class Student(nn.Module):
                 out[name] = module
         return out
 
+    def annealed_modules(self) -> list[nn.Module]:
+        """What spike annealing blends in (each has a `mix`): every spike site, and with `ternary_anneal` every
+        ternary matrix."""
+        return [m for m in self.modules() if isinstance(m, TernarySpike)
+                or (isinstance(m, TernaryLinear) and self.cfg.ternary_anneal)]
+
     def set_spike_mix(self, mix: float) -> None:
-        """Spike annealing: 0 = continuous activations, 1 = fully ternary."""
-        for module in self.spike_modules().values():
+        """Spike annealing: 0 = continuous activations (and weights, with `ternary_anneal`), 1 = fully ternary."""
+        for module in self.annealed_modules():
             module.mix = float(mix)
 
     # ---- around the model --------------------------------------------------------------------

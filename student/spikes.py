@@ -436,17 +436,51 @@ def firing_rate_loss(rates: list[torch.Tensor], target: float) -> torch.Tensor:
 
 
 class TernaryLinear(nn.Linear):
-    """BitNet b1.58 weights: W_q = gamma * round(clip(W / gamma, -1, 1)), gamma = mean|W|, straight-through."""
+    """BitNet b1.58 weights: W_q = gamma * round(clip(W / gamma, -1, 1)), straight-through.
+
+    gamma = mean|W| over the whole matrix (scale="tensor", BitNet's) or over each output row (scale="row": a
+    row of small weights no longer rounds to all zeros; either way one multiply per output after the
+    additions). `mix` < 1 (the student's `ternary_anneal`, set with the spikes' annealing) blends the
+    continuous weights in, W = mix * W_q + (1 - mix) * W, so training starts from fp weights as it starts
+    from continuous activations; the gradient reaches W unchanged at every mix."""
+
+    SCALES = ("tensor", "row")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, scale: str = "tensor"):
+        if scale not in self.SCALES:
+            raise ValueError(f"ternary_scale must be one of {self.SCALES}, got {scale!r}")
+        super().__init__(in_features, out_features, bias=bias)
+        self.scale_mode = scale
+        self.register_buffer("mix_weight", torch.ones(()), persistent=False)  # a tensor: no recompiles
+        self.mix = 1.0
+
+    @property
+    def mix(self) -> float:
+        return self._mix
+
+    @mix.setter
+    def mix(self, value: float) -> None:
+        self._mix = float(value)
+        self._annealing = self._mix < 1.0
+        with torch.no_grad():
+            self.mix_weight.fill_(self._mix)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         codes, gamma = self.ternary_codes()
-        return F.linear(x, w + (codes * gamma - w).detach(), self.bias)
+        quantised = w + (codes * gamma - w).detach()
+        if self._annealing:
+            quantised = self.mix_weight * quantised + (1 - self.mix_weight) * w
+        return F.linear(x, quantised, self.bias)
 
     def ternary_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes in {-1, 0, +1} in the weight's dtype, gamma): the weights the forward uses are codes * gamma."""
+        """(codes in {-1, 0, +1} in the weight's dtype, gamma: a scalar, or (out, 1) with row scales): the
+        weights the forward uses (at mix 1) are codes * gamma."""
         w = self.weight.detach()
-        gamma = w.abs().mean().clamp_min(1e-8)
+        if self.scale_mode == "row":
+            gamma = w.abs().mean(dim=1, keepdim=True).clamp_min(1e-8)
+        else:
+            gamma = w.abs().mean().clamp_min(1e-8)
         return (w / gamma).round().clamp(-1, 1), gamma
 
     def nonzero_fraction(self) -> float:

@@ -287,6 +287,43 @@ def test_ternary_weights_take_three_values():
     torch.testing.assert_close(w_eff, (layer.weight / gamma).round().clamp(-1, 1) * gamma)
 
 
+def test_ternary_row_scales_take_three_values_per_row():
+    """ternary_scale="row": each output row is its own mean|W_row| times {-1, 0, +1}, and a row of small
+    weights keeps its codes (one matrix-wide scale would round it to all zeros)."""
+    layer = TernaryLinear(8, 4, bias=False, scale="row")
+    with torch.no_grad():
+        layer.weight[0] *= 1e-3  # far below the matrix's mean |W|
+    w_eff = layer(torch.eye(8)).t()
+    gamma = layer.weight.abs().mean(dim=1, keepdim=True)
+    torch.testing.assert_close(w_eff, (layer.weight / gamma).round().clamp(-1, 1) * gamma)
+    assert (w_eff[0] != 0).any()
+    matrix_wide = TernaryLinear(8, 4, bias=False)
+    matrix_wide.load_state_dict(layer.state_dict())
+    assert (matrix_wide(torch.eye(8)).t()[0] == 0).all()
+    with pytest.raises(ValueError, match="ternary_scale"):
+        preset("tiny", ternary_weights=True, ternary_scale="channel")
+
+
+def test_ternary_anneal_blends_continuous_weights_with_the_spikes():
+    """ternary_anneal: set_spike_mix(m) makes every ternary matrix m * W_q + (1 - m) * W, and the gradient
+    reaches W as through a plain linear layer (straight-through at every mix); without it the weights are
+    ternary from the first step."""
+    model = Student(preset("tiny", n_layer=1, ternary_weights=True, ternary_anneal=True))
+    layer = model.blocks[0].att.key
+    assert layer in model.annealed_modules()
+    model.set_spike_mix(0.25)
+    x = torch.randn(3, 64, requires_grad=True)
+    codes, gamma = layer.ternary_codes()
+    torch.testing.assert_close(layer(x), x @ (0.25 * codes * gamma + 0.75 * layer.weight).t())
+    layer(x).square().sum().backward()
+    w_eff = (0.25 * codes * gamma + 0.75 * layer.weight).detach().requires_grad_()
+    (x.detach() @ w_eff.t()).square().sum().backward()
+    torch.testing.assert_close(layer.weight.grad, w_eff.grad)
+    fixed = Student(preset("tiny", n_layer=1, ternary_weights=True))
+    fixed.set_spike_mix(0.25)
+    assert fixed.blocks[0].att.key.mix == 1.0 and fixed.blocks[0].att.key not in fixed.annealed_modules()
+
+
 def test_save_and_load_round_trip(tmp_path):
     model = random_student(spike=SpikeConfig(lif=True))
     model.save_pretrained(tmp_path / "m")

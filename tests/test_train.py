@@ -278,20 +278,26 @@ def test_spike_anneal_fraction_blends_spikes_in_over_that_share_of_the_steps(tmp
     assert mixes == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]
 
 
-def test_validation_mid_anneal_scores_the_fully_ternary_model_that_best_holds(tmp_path, store):
-    """With spikes annealing in over every step, each validation scores the model as saved (fully ternary,
-    as best/ loads), not the partly continuous training blend; the training mix is restored afterwards."""
+@pytest.mark.parametrize("weights", ["fp32", "ternary_anneal"])
+def test_validation_mid_anneal_scores_the_fully_ternary_model_that_best_holds(tmp_path, store, weights):
+    """With spikes (and, with ternary_anneal, ternary weights) annealing in over every step, each validation
+    scores the model as saved (fully ternary, as best/ loads), not the partly continuous training blend; the
+    training mix is restored afterwards."""
     from goose.pipeline.stage_two.validation import validate_model
     from goose.student.model import Student
 
     out = tmp_path / "anneal"
-    trainer = Trainer(cfg_for(store, out, "steps=6", "val_every=3", "spike_anneal_fraction=1.0"), progress=False)
+    extra = ["model.overrides={ternary_weights: true, ternary_anneal: true}"] if weights != "fp32" else []
+    trainer = Trainer(cfg_for(store, out, "steps=6", "val_every=3", "spike_anneal_fraction=1.0", *extra),
+                      progress=False)
     trainer.fit()
-    assert {site.mix for site in trainer.model.spike_modules().values()} == {5 / 6}  # the last step's blend
+    annealed = trainer.model.annealed_modules()
+    assert len(annealed) == len(trainer.model.spike_modules()) + (2 * 6 if extra else 0)  # 6 matrices a layer
+    assert {m.mix for m in annealed} == {5 / 6}  # the last step's blend
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"kind": "val"' in x]
     best = min(rows, key=lambda r: r["val_loss"])
     model = Student.from_pretrained(str(out / "best"))
-    assert {site.mix for site in model.spike_modules().values()} == {1.0}
+    assert {m.mix for m in model.annealed_modules()} == {1.0}
     reloaded, _ = validate_model(model, trainer.val_url, trainer.val_spec, trainer.val_windows,
                                  trainer.cfg.batch_size, "cpu")
     assert reloaded["val_ppl"] == pytest.approx(best["val_ppl"], rel=1e-5)

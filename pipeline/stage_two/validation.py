@@ -35,7 +35,7 @@ def validate_model(model: Student, url: str, spec, windows: np.ndarray, batch_si
     `goose eval` and export hold (a saved model loads fully ternary), so a mid-anneal validation neither
     flatters the curve with continuous activations nor picks a best/ that scores worse once loaded. The
     training mix is restored afterwards, so training and resume are unchanged."""
-    sites = list(model.spike_modules().values())
+    sites = model.annealed_modules()  # spike sites and, with ternary_anneal, ternary matrices
     training_mix = [site.mix for site in sites]
     for site in sites:
         site.mix = 1.0
