@@ -474,9 +474,10 @@ def test_native_topk_is_memory_safe(tmp_path):
     groups takes the grouped path (the whole-row fallback would hide a grouped path that loses candidates)."""
     import subprocess
 
+    from goose import native
     from goose.pipeline.stage_one import native_topk
 
-    cc = native_topk._compiler()
+    cc = native.compiler()
     harness = Path(__file__).with_name("topk_asan.c")
     for flags in (["-march=native"], ["-march=native", "-mno-avx512f"]):
         exe = tmp_path / "topk_asan"

@@ -6,78 +6,35 @@ and candidates of `teacher.topk_rows`. `topk.c` finds the k-th largest strided g
 hundred above a cheap bound), ranks the ~k logits of the groups that reach it, and returns torch.topk's
 values, equal values in ascending id order.
 
-The kernel is compiled from the package's own source by the machine's C compiler on the first call in a
-process (well under a second), into a private temporary folder that is removed once the library is loaded:
-nothing built by an earlier process, or left on disk, is ever loaded. The compiler is the one torch.compile's
-inductor needs as well; without one the caller falls back to the eager reductions (`kernels_available`).
-ctypes releases the GIL for the call, so worker threads run it in parallel.
+The kernel is compiled from the package's own source on the first call in a process (well under a second;
+`native.build_library`: nothing built earlier or left on disk is ever loaded). Without a C compiler the
+caller falls back to the eager reductions (`kernels_available`). ctypes releases the GIL for the call, so
+worker threads run it in parallel.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
-import shlex
-import shutil
-import subprocess
-import tempfile
-import threading
 from pathlib import Path
 
 import torch
 
+from ...native import build_library
+
 SOURCE = Path(__file__).with_name("topk.c")
-_LIB: list[ctypes.CDLL] = []
-_LOCK = threading.Lock()
 
 
-def _compiler() -> list[str]:
-    """The C compiler's command: $CC (which may carry arguments, e.g. "ccache gcc"), else cc, gcc or clang."""
-    if os.environ.get("CC"):
-        cmd = shlex.split(os.environ["CC"])
-        if cmd and shutil.which(cmd[0]):
-            return cmd
-        raise RuntimeError(f"the C compiler CC={os.environ['CC']!r} is not found")
-    for name in ("cc", "gcc", "clang"):
-        if shutil.which(name):
-            return [name]
-    raise RuntimeError("no C compiler found (set CC, or install gcc)")
+def _declare(lib: ctypes.CDLL) -> None:
+    fn = lib.goose_topk_rows
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_void_p, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
 
 
 def library() -> ctypes.CDLL:
-    """The compiled kernel, built on first use; raises RuntimeError (naming the compiler's first error)
-    if it cannot be built."""
-    if _LIB:  # built: no lock (this is called once per slice of rows, from every worker thread)
-        return _LIB[0]
-    with _LOCK:
-        if _LIB:
-            return _LIB[0]
-        cc = _compiler()
-        with tempfile.TemporaryDirectory(prefix="goose-topk-") as folder:
-            out = Path(folder) / "libgoose_topk.so"
-            errors = ""
-            # -march=native: the kernel runs where it is built; a compiler that refuses it builds for the baseline
-            for flags in (["-march=native"], []):
-                try:
-                    run = subprocess.run([*cc, "-O3", *flags, "-shared", "-fPIC", "-o", str(out), str(SOURCE)],
-                                         capture_output=True, text=True, timeout=300)
-                except (OSError, subprocess.TimeoutExpired) as exc:
-                    raise RuntimeError(f"building {SOURCE.name} failed: {exc}") from None
-                if run.returncode == 0:
-                    break
-                errors = run.stderr.strip()
-            else:
-                lines = errors.splitlines()
-                first = next((line for line in lines if "error" in line), lines[0] if lines else
-                             f"{' '.join(cc)} exited {run.returncode}")
-                raise RuntimeError(f"building {SOURCE.name} failed: {first}")
-            lib = ctypes.CDLL(str(out))  # mapped: the file can go with the folder
-        fn = lib.goose_topk_rows
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                       ctypes.c_void_p, ctypes.c_void_p]
-        fn.restype = ctypes.c_int
-        _LIB.append(lib)
-        return lib
+    """The compiled kernel, built on first use (`native.build_library`); raises RuntimeError (naming the
+    compiler's first error) if it cannot be built."""
+    return build_library(SOURCE, _declare)
 
 
 def topk_rows_native(z: torch.Tensor, k: int, stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:

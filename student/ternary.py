@@ -1,0 +1,234 @@
+"""The ternary inference path: a trained student's spiked matmuls run as additions of packed weights (CPU).
+
+`ternary_student(model)` returns a copy of a fully ternary student (`ternary_weights`, spike annealing done)
+in which
+- every ternary matrix is a `PackedTernaryLinear`: its codes 2 bits each, stored input-major, so a spike
+  code of 0 skips the whole row of the matrix and a fired input adds +-its value into the outputs its
+  non-zero weights reach (`ternary.c`), then one multiply per output by the weight scale;
+- a spiked, tied head is a `SpikedHead`: the embedding stored transposed (d_model rows of vocabulary
+  floats), so again only the fired inputs' rows are read; the token lookup reads the same matrix.
+Everything else (norms, token shift, low-rank paths, the state update) is the training model's own code,
+so the path computes the same function as `Student.forward` in eval, up to float summation order: the
+spike sites emit s = g * a * code + mu, and W s = W (s - mu) + W mu, with W mu a bias computed once.
+
+Each packed layer counts what it executed (`ExecutedOps`): the rows read (fired inputs) against the rows
+a dense matmul reads, and the row additions done. `measured_ops(model)` sums them for `goose eval` and the
+benchmark, beside `Student.energy_report`'s estimate.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..errors import GooseError
+from ..native import build_library
+from .model import SPIKE_SITES, Student
+from .spikes import TernaryLinear
+
+SOURCE = Path(__file__).with_name("ternary.c")
+_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+         ctypes.c_void_p, ctypes.c_int64]
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    for name in ("goose_ternary_rows", "goose_int8_rows", "goose_fp32_rows"):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = _ARGS, ctypes.c_int64
+
+
+def library() -> ctypes.CDLL:
+    return build_library(SOURCE, _declare)
+
+
+# ---- the packed format ------------------------------------------------------------------------
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """(n_out, n_in) codes in {-1, 0, +1} -> (n_in, R) uint8, R = ceil(n_out / 4): row i holds input i's
+    codes for every output, 2 bits each (00 = 0, 01 = +1, 10 = -1); bits 2k, 2k+1 of byte q are output
+    k * R + q (the layout `ternary.c` unpacks in four contiguous passes)."""
+    n_out, n_in = codes.shape
+    R = -(-n_out // 4)
+    rows = torch.zeros(n_in, 4 * R, dtype=torch.uint8)
+    c = codes.t().to(torch.int8)
+    rows[:, :n_out] = torch.where(c == 1, 1, torch.where(c == -1, 2, 0)).to(torch.uint8)
+    rows = rows.view(n_in, 4, R)
+    return (rows[:, 0] | (rows[:, 1] << 2) | (rows[:, 2] << 4) | (rows[:, 3] << 6)).contiguous()
+
+
+def unpack_codes(packed: torch.Tensor, n_out: int) -> torch.Tensor:
+    """The inverse of pack_codes: (n_out, n_in) float codes (the slow, obviously correct reference)."""
+    n_in, R = packed.shape
+    planes = torch.stack([(packed >> (2 * k)) & 3 for k in range(4)], dim=1).reshape(n_in, 4 * R)[:, :n_out]
+    return ((planes == 1).float() - (planes == 2).float()).t().contiguous()
+
+
+def _rows(kernel: str, x: torch.Tensor, weights: torch.Tensor, width: int) -> tuple[torch.Tensor, int]:
+    """(M, width) = x (M, n_in) times the input-major weights by `kernel`, and the rows read."""
+    x = x.contiguous()
+    M, n_in = x.shape
+    out = torch.empty(M, width, dtype=torch.float32)
+    row = weights.shape[1]
+    fired = getattr(library(), kernel)(x.data_ptr(), M, n_in, n_in, weights.data_ptr(), row, out.data_ptr(), width)
+    if fired < 0:
+        raise RuntimeError(f"{kernel} rejected its arguments")
+    return out, fired
+
+
+@dataclass
+class ExecutedOps:
+    """What a packed layer did: tokens, rows of its weights read (fired inputs), rows a dense matmul reads,
+    and row element updates done (rows read x row length)."""
+
+    tokens: int = 0
+    rows_read: int = 0
+    rows_dense: int = 0
+    updates: int = 0
+
+    def add(self, tokens: int, rows_read: int, n_in: int, n_out: int) -> None:
+        self.tokens += tokens
+        self.rows_read += rows_read
+        self.rows_dense += tokens * n_in
+        self.updates += rows_read * n_out
+
+
+def _check_input(x: torch.Tensor) -> None:
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        raise RuntimeError(f"the ternary path runs in fp32 on the CPU, got {x.dtype} on {x.device}")
+
+
+class PackedTernaryLinear(nn.Module):
+    """A TernaryLinear (no bias) as 2-bit codes: y = gamma * (codes @ (x - mu)) + gamma * (codes @ mu), where
+    mu is the offset of the spike site feeding it (zero for an unspiked or uncentred input), so a spike code of
+    0 is an exact zero and its row is skipped."""
+
+    def __init__(self, linear: TernaryLinear, offset: torch.Tensor | None):
+        super().__init__()
+        codes, gamma = linear.ternary_codes()
+        codes, gamma = codes.float(), gamma.float()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("packed", pack_codes(codes))
+        self.register_buffer("gamma", gamma.reshape(-1))  # one, or one per output row
+        self.register_buffer("offset", None if offset is None else offset.detach().float().clone())
+        bias = (codes @ self.offset) * self.gamma if offset is not None else None
+        self.register_buffer("bias", bias)
+        self.ops = ExecutedOps()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x)
+        flat = x.reshape(-1, self.in_features)
+        if self.offset is not None:
+            flat = flat - self.offset
+        out, fired = _rows("goose_ternary_rows", flat, self.packed, 4 * self.packed.shape[1])
+        self.ops.add(flat.shape[0], fired, self.in_features, 4 * self.packed.shape[1])
+        y = out[:, :self.out_features] * self.gamma
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class SpikedHead(nn.Module):
+    """The tied output layer behind the spiked `head` site: logits = (h - mu) @ E^T + mu @ E^T with E^T
+    (d_model, V) stored row by row, so only fired inputs' rows are read."""
+
+    def __init__(self, embedding: torch.Tensor, offset: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight_t", embedding.detach().float().t().contiguous())  # (C, V)
+        self.register_buffer("offset", None if offset is None else offset.detach().float().clone())
+        self.register_buffer("bias", None if offset is None else self.offset @ self.weight_t)
+        self.ops = ExecutedOps()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        _check_input(h)
+        C, V = self.weight_t.shape
+        flat = h.reshape(-1, C)
+        if self.offset is not None:
+            flat = flat - self.offset
+        out, fired = _rows("goose_fp32_rows", flat, self.weight_t, V)
+        self.ops.add(flat.shape[0], fired, C, V)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*h.shape[:-1], V)
+
+
+class ColumnEmbedding(nn.Module):
+    """The token lookup from the transposed embedding the SpikedHead holds (one copy of the matrix)."""
+
+    def __init__(self, head: SpikedHead):
+        super().__init__()
+        self.head = [head]  # a list: not a second registration of the same buffers
+
+    @property
+    def weight(self) -> torch.Tensor:  # (V, C), a view: where the model reads the embedding's device or shape
+        return self.head[0].weight_t.t()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head[0].weight_t[:, ids.reshape(-1)].t().reshape(*ids.shape, -1)
+
+
+def _site_offset(model: Student, layer, site) -> torch.Tensor | None:
+    module = model.head_spike if site.module == "head" else getattr(model.blocks[layer], site.module).spikes
+    spike = module.spikes[site.name] if site.name in module.spikes else None
+    if spike is None or not spike.centered:
+        return None
+    return spike.offset
+
+
+def ternary_student(model: Student) -> Student:
+    """A copy of `model` on the ternary path (see the module's docstring), in eval mode, on the CPU."""
+    cfg = model.cfg
+    if not cfg.ternary_weights:
+        raise GooseError("the ternary path needs a student trained with ternary weights "
+                         "(model.overrides={ternary_weights: true})")
+    if any(m.mix != 1.0 for m in model.annealed_modules()):
+        raise GooseError("the ternary path needs the fully ternary model (spike annealing finished, mix 1)")
+    if model.emb.weight.device.type != "cpu":
+        raise GooseError("the ternary path runs on the CPU (--device cpu)")
+    packed = copy.deepcopy(model).float().eval()
+    for layer in range(cfg.n_layer):
+        for site in SPIKE_SITES:
+            if site.feeds is None or site.module == "head":
+                continue
+            owner = getattr(packed.blocks[layer], site.module)
+            linear = getattr(owner, site.matrix)
+            setattr(owner, site.matrix, PackedTernaryLinear(linear, _site_offset(packed, layer, site)))
+    if cfg.tie_embeddings and "head" in cfg.spike_sites:
+        packed.head = SpikedHead(packed.emb.weight, _site_offset(packed, "head", SPIKE_SITES[-1]))
+        packed.emb = ColumnEmbedding(packed.head)
+    return packed
+
+
+def measured_ops(model: Student) -> dict:
+    """The packed layers' executed work since they were built: per token, the weight rows read and skipped,
+    and the row element updates done, for the ternary matrices and the head."""
+    out = {}
+    for part, kinds in (("projections", (PackedTernaryLinear,)), ("head", (SpikedHead,))):
+        ops = [m.ops for m in model.modules() if isinstance(m, kinds)]
+        if not ops or not ops[0].tokens:
+            continue
+        tokens = ops[0].tokens
+        read, dense = sum(o.rows_read for o in ops), sum(o.rows_dense for o in ops)
+        out[part] = {"rows_read_per_token": read / tokens, "rows_dense_per_token": dense / tokens,
+                     "rows_skipped_fraction": 1 - read / dense if dense else 0.0,
+                     "updates_per_token": sum(o.updates for o in ops) / tokens}
+    return out
+
+
+def packed_bytes(model: Student) -> dict:
+    """Bytes of the packed model: the 2-bit ternary matrices (with their scales and biases), the head's
+    transposed embedding, and everything else (fp32 parameters and buffers), without double counting."""
+    seen, parts = set(), {"ternary_matrices": 0, "embedding": 0, "other": 0}
+    for module in model.modules():
+        part = ("ternary_matrices" if isinstance(module, PackedTernaryLinear)
+                else "embedding" if isinstance(module, (SpikedHead, nn.Embedding)) else "other")
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if id(t) in seen or t is None:
+                continue
+            seen.add(id(t))
+            parts[part] += t.numel() * t.element_size()
+    parts["total"] = sum(parts.values())
+    return parts

@@ -1,0 +1,138 @@
+"""The ternary inference path (student/ternary.py, ternary.c) against its references: the packed format against
+its unpacking, each C kernel against a dense matmul of the same weights, and the packed student against the
+training model's evaluation forward (chunked and recurrent, every spike variant), greedy tokens included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from goose.errors import GooseError
+from goose.pipeline.generate import generate
+from goose.student.model import Student, preset
+from goose.student.ternary import (PackedTernaryLinear, SpikedHead, _rows, measured_ops, pack_codes, packed_bytes,
+                                   ternary_student, unpack_codes)
+
+ALL = ["tm_r", "tm_k", "tm_v", "tm_out", "cm_k", "cm_v", "head"]
+
+
+def trained_like(seed=0, **overrides) -> Student:
+    """A tiny ternary student with every weight random (so every path is live) and its spike sites
+    initialised from data, as after training, in eval mode."""
+    torch.manual_seed(seed)
+    model = Student(preset("tiny", ternary_weights=True, **{"spike_sites": ALL, **overrides}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().max() == 0:
+                p.normal_(0, 0.1)
+    model.train()
+    model(torch.randint(0, model.cfg.vocab_size, (2, 16)))  # data-dependent spike init
+    return model.eval()
+
+
+@pytest.mark.parametrize("n_out", [1, 4, 7, 64, 513])
+def test_packed_codes_round_trip_and_each_kernel_equals_a_dense_matmul(n_out):
+    """pack_codes -> unpack_codes is the identity; goose_ternary_rows on the packed codes, goose_int8_rows on
+    int8 codes and goose_fp32_rows on fp rows equal x @ W^T (float64) for sparse and dense inputs, and each
+    reports as fired exactly the non-zero inputs."""
+    torch.manual_seed(n_out)
+    n_in = 37
+    codes = torch.randint(-1, 2, (n_out, n_in)).float()
+    packed = pack_codes(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (n_in, -(-n_out // 4))
+    assert torch.equal(unpack_codes(packed, n_out), codes)
+    x = torch.randn(5, n_in) * (torch.rand(5, n_in) < 0.4)
+    x[2] = 0  # a token where nothing fired
+    x[3] = torch.randn(n_in)  # and one that is dense
+    ref = x.double() @ codes.double().t()
+    out, fired = _rows("goose_ternary_rows", x, packed, 4 * packed.shape[1])
+    assert fired == int((x != 0).sum())
+    torch.testing.assert_close(out[:, :n_out].double(), ref, rtol=1e-5, atol=1e-5)
+    out, fired = _rows("goose_int8_rows", x, codes.t().contiguous().to(torch.int8), n_out)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    w = torch.randn(n_out, n_in)
+    out, fired = _rows("goose_fp32_rows", x, w.t().contiguous(), n_out)
+    assert fired == int((x != 0).sum())
+    torch.testing.assert_close(out.double(), x.double() @ w.double().t(), rtol=1e-5, atol=1e-5)
+
+
+VARIANTS = {
+    "default": {},  # four token-gain groups, centred signed sites, unsigned cm_v, spiked tied head
+    "row_scales": {"ternary_scale": "row"},
+    "no_gain": {"spike": {"token_gain": 0}},
+    "lif": {"spike": {"lif": True}},
+    "residual_steps": {"site_steps": {"cm_k": 2, "head": 2}},
+    "head_not_spiked": {"spike_sites": ALL[:-1]},
+    "untied_head": {"tie_embeddings": False},
+    "signed_cm_v": {"unsigned_sites": []},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_ternary_path_equals_the_evaluation_forward(variant):
+    """The packed student's logits equal Student.forward in eval to float tolerance, in the chunked form over
+    a batch and step by step in the recurrent form with its state, and greedy generation picks the same
+    tokens; the ternary matrices are packed and, with a spiked tied head, the head reads E^T rows."""
+    model = trained_like(**VARIANTS[variant])
+    packed = ternary_student(model)
+    n_packed = sum(isinstance(m, PackedTernaryLinear) for m in packed.modules())
+    assert n_packed == 6 * model.cfg.n_layer
+    spiked_tied_head = model.cfg.tie_embeddings and "head" in model.cfg.spike_sites
+    assert isinstance(packed.head, SpikedHead) == spiked_tied_head
+    ids = torch.randint(0, 512, (3, 40))
+    with torch.no_grad():
+        ref, out = model(ids), packed(ids)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+        s_ref, s_out = model.init_state(1), packed.init_state(1)
+        for t in range(12):
+            a = model(ids[:1, t:t + 1], s_ref, mode="recurrent")
+            b = packed(ids[:1, t:t + 1], s_out, mode="recurrent")
+            torch.testing.assert_close(b.logits, a.logits, rtol=1e-4, atol=1e-4)
+            s_ref, s_out = a.state, b.state
+    kw = dict(max_new_tokens=24, temperature=0.0)
+    assert generate(packed, [1, 2, 3], **kw)["new_tokens"] == generate(model, [1, 2, 3], **kw)["new_tokens"]
+
+
+def test_executed_rows_are_the_fired_spikes():
+    """measured_ops: the ternary matrices read one weight row per non-zero spike, the count the spike sites'
+    own statistics give (what energy_report's estimate uses), and skip the rest."""
+    model = trained_like(spike={"token_gain": 4})
+    packed = ternary_student(model)
+    ids = torch.randint(0, 512, (2, 50))
+    with torch.no_grad():
+        out = packed(ids, collect_stats=True)
+    fired = {k: float(st.pos.sum() + st.neg.sum()) for k, st in out.spike_stats.items()}
+    ops = measured_ops(packed)
+    tokens = ids.numel()
+    assert ops["projections"]["rows_read_per_token"] * tokens == pytest.approx(
+        sum(v for k, v in fired.items() if not k.startswith("head")))
+    assert ops["head"]["rows_read_per_token"] * tokens == pytest.approx(fired["head.head"])
+    C, F = model.cfg.d_model, model.cfg.d_ffn
+    assert ops["projections"]["rows_dense_per_token"] == model.cfg.n_layer * (5 * C + F)
+    assert 0.3 < ops["projections"]["rows_skipped_fraction"] < 0.9
+
+
+def test_packed_bytes_hold_two_bits_per_ternary_weight():
+    model = trained_like()
+    sizes = packed_bytes(ternary_student(model))
+    C, F, L, V = model.cfg.d_model, model.cfg.d_ffn, model.cfg.n_layer, model.cfg.vocab_size
+    weights = L * (4 * C * C + 2 * C * F)
+    # 2 bits per weight; in fp32 each matrix's scale and, behind a centred site, its input offset and output
+    # bias: r, k, v, out (C -> C) and cm_k (C -> F) are centred, cm_v (relu^2, unsigned) is not
+    assert sizes["ternary_matrices"] == weights // 4 + 4 * L * (6 + 4 * (C + C) + (C + F))
+    assert sizes["embedding"] == 4 * (V * C + V + C)  # E^T, the head site's offset mu and bias mu @ E^T
+
+
+def test_ternary_path_refuses_what_it_cannot_run():
+    """fp32 weights, a model mid-anneal and an accelerator are one-line errors, not a silently different model."""
+    torch.manual_seed(0)
+    with pytest.raises(GooseError, match="ternary weights"):
+        ternary_student(Student(preset("tiny")).eval())
+    model = trained_like()
+    model.set_spike_mix(0.5)
+    with pytest.raises(GooseError, match="mix 1"):
+        ternary_student(model)
+    model.set_spike_mix(1.0)
+    packed = ternary_student(model)
+    with pytest.raises(RuntimeError, match="fp32 on the CPU"):
+        packed.blocks[0].att.key(torch.zeros(1, 64, dtype=torch.float64))
