@@ -368,10 +368,13 @@ def train_from_cache(cache, out, config_file, overrides, val_cache, storage_opti
                    "--data-files].")
 @click.option("--harness-limit", type=int, default=None,
               help="Run at most N documents (questions) of each harness task [default: all].")
+@click.option("--ternary", is_flag=True,
+              help="Score the student on its ternary inference path (CPU; a ternary_weights student): packed "
+                   "2-bit weights, only fired spikes' weight rows read; prints the rows it read and its bytes.")
 @_json_option()
 def eval_cmd(student, teacher, tokenizer, dataset, dataset_config, split, data_files, text_column, protocols,
              seq_len, stride, max_tokens, cache, cache_windows, storage_options, device, dtype, harness_tasks,
-             harness_data_files, harness_limit, as_json):
+             harness_data_files, harness_limit, ternary, as_json):
     """Perplexity of STUDENT (run folder or saved model) or of --teacher, same protocol for both; with
     --harness, EleutherAI's lm-evaluation-harness on the same model, beside goose's figure."""
     from .pipeline.data import DataSpec
@@ -393,7 +396,7 @@ def eval_cmd(student, teacher, tokenizer, dataset, dataset_config, split, data_f
                                 protocols=tuple(protocols) or ("windows",), seq_len=seq_len, stride=stride,
                                 max_tokens=max_tokens, cache=cache, cache_windows=cache_windows,
                                 storage_options=_storage_options(storage_options), device=device, dtype=dtype,
-                                harness=harness))
+                                harness=harness, ternary=ternary))
     if as_json:
         _emit_json(r)
         return
@@ -427,6 +430,10 @@ def eval_cmd(student, teacher, tokenizer, dataset, dataset_config, split, data_f
         total = sum(parts.values()) or 1.0
         click.echo("  energy by part: " + ", ".join(f"{name.replace('_', ' ')} {value / total:.0%}"
                                                     for name, value in parts.items() if value))
+    if "ternary_path" in r:
+        from .pipeline.evaluate import describe_ternary_path
+
+        click.echo(describe_ternary_path(r["ternary_path"]))
 
 
 @main.command("generate", epilog=_examples(
@@ -445,20 +452,20 @@ def eval_cmd(student, teacher, tokenizer, dataset, dataset_config, split, data_f
 @click.option("--ignore-eos", is_flag=True, help="Keep going past the end-of-text token.")
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the per-token step: ~3-4x faster tokens after a 10-40 s compilation.")
+@click.option("--ternary", is_flag=True,
+              help="Generate on the ternary inference path (CPU; a ternary_weights student): packed 2-bit "
+                   "weights, only fired spikes' weight rows read; the same tokens as without it.")
 @_json_option()
 def generate_cmd(student, prompt, max_new_tokens, temperature, top_k, top_p, seed, tokenizer, device, ignore_eos,
-                 compile_, as_json):
+                 compile_, ternary, as_json):
     """Sample from STUDENT (run folder or saved model) in its recurrent form; text is printed as it comes
     (with --json: once, at the end)."""
     from .pipeline.evaluate import check_tokenizer, load_tokenizer, student_folder
-    from .pipeline.generate import TextStream, check_sampling, generate
-    from .pipeline.devices import resolve_device
-    from .student.model import Student
+    from .pipeline.generate import TextStream, check_sampling, generate, load_for_generation
 
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     folder, meta = student_folder(student)
-    dev = resolve_device(device)
-    model = Student.from_pretrained(folder, device=dev)
+    model, dev = load_for_generation(folder, device, ternary=ternary, compile=compile_)
     tok = load_tokenizer(tokenizer, meta, folder)
     check_tokenizer(tok, model.cfg.vocab_size)
     ids = tok(prompt)["input_ids"] if prompt else [tok.eos_token_id]

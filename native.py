@@ -4,7 +4,7 @@ The machine's C compiler ($CC, else cc, gcc or clang: the one torch.compile's in
 the source into a private temporary folder that is removed once the library is loaded, so nothing built by
 an earlier process, or left on disk, is ever loaded. `-march=native` first (the kernel runs where it is
 built), then the baseline for a compiler that refuses it. ctypes releases the GIL for each call.
-Used by stage one's top-k (`pipeline/stage_one/topk.c`) and the student's ternary path (`student/ternary.c`).
+Used by stage one's top-k (`pipeline/stage_one/topk.c`) and the student's ternary path (`student/ternary.py`).
 """
 
 from __future__ import annotations
@@ -35,10 +35,12 @@ def compiler() -> list[str]:
     raise RuntimeError("no C compiler found (set CC, or install gcc)")
 
 
-def build_library(source: Path, declare=None) -> ctypes.CDLL:
-    """The library compiled from `source`, built once per process; `declare(lib)` sets its functions'
-    argtypes once, before any caller sees it. Raises RuntimeError naming the compiler's first error."""
-    key = str(source)
+def build_library(name: str, source: str, declare=None) -> ctypes.CDLL:
+    """The library `name` compiled from the C `source` text, built once per process; `declare(lib)` sets its
+    functions' argtypes once, before any caller sees it. Raises RuntimeError naming the compiler's first
+    error. Source as text, not a path: a module that carries its kernel (ternary.py in an exported folder,
+    which transformers copies without its neighbours) builds it wherever it is imported from."""
+    key = name
     lib = _LIBRARIES.get(key)
     if lib is not None:  # built: no lock (called from every worker thread)
         return lib
@@ -47,14 +49,16 @@ def build_library(source: Path, declare=None) -> ctypes.CDLL:
             return _LIBRARIES[key]
         cc = compiler()
         with tempfile.TemporaryDirectory(prefix="goose-native-") as folder:
-            out = Path(folder) / f"lib{Path(source).stem}.so"
+            src = Path(folder) / f"{name}.c"
+            src.write_text(source)
+            out = Path(folder) / f"lib{name}.so"
             errors = ""
             for flags in (["-march=native"], []):
                 try:
-                    run = subprocess.run([*cc, "-O3", *flags, "-shared", "-fPIC", "-o", str(out), str(source)],
+                    run = subprocess.run([*cc, "-O3", *flags, "-shared", "-fPIC", "-o", str(out), str(src)],
                                          capture_output=True, text=True, timeout=300)
                 except (OSError, subprocess.TimeoutExpired) as exc:
-                    raise RuntimeError(f"building {Path(source).name} failed: {exc}") from None
+                    raise RuntimeError(f"building {name}.c failed: {exc}") from None
                 if run.returncode == 0:
                     break
                 errors = run.stderr.strip()
@@ -62,7 +66,7 @@ def build_library(source: Path, declare=None) -> ctypes.CDLL:
                 lines = errors.splitlines()
                 first = next((line for line in lines if "error" in line), lines[0] if lines else
                              f"{' '.join(cc)} exited {run.returncode}")
-                raise RuntimeError(f"building {Path(source).name} failed: {first}")
+                raise RuntimeError(f"building {name}.c failed: {first}")
             lib = ctypes.CDLL(str(out))  # mapped: the file can go with the folder
         if declare is not None:
             declare(lib)

@@ -94,6 +94,7 @@ class EvalConfig:
     device: str = "auto"
     dtype: str = "auto"
     harness: HarnessConfig | None = None  # lm-eval tasks on the same model (pipeline/harness.py)
+    ternary: bool = False  # score the student on its ternary inference path (student/ternary.py, CPU)
 
     def check(self) -> None:
         """Bad numbers fail here, before any model or text is loaded. The harness's text task reads the eval's
@@ -121,6 +122,10 @@ class EvalConfig:
             from .harness import require_lm_eval
 
             require_lm_eval()
+        if self.ternary and self.teacher:
+            raise GooseError("--ternary is the student's ternary inference path; a teacher has none")
+        if self.ternary and self.device not in ("auto", "cpu"):
+            raise GooseError(f"--ternary runs on the CPU (its kernels are C), not --device {self.device}")
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
@@ -191,7 +196,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if bool(cfg.student) == bool(cfg.teacher):
         raise GooseError("give exactly one of a student (run folder or saved model) or --teacher")
     cfg.check()
-    device = resolve_device(cfg.device)
+    device = torch.device("cpu") if cfg.ternary else resolve_device(cfg.device)
     result: dict = {}
     if cfg.student:
         folder, meta = student_folder(cfg.student)
@@ -199,8 +204,14 @@ def run_eval(cfg: EvalConfig) -> dict:
         tokenizer = load_tokenizer(cfg.tokenizer, meta, folder) if cfg.data or cfg.harness else None
         if tokenizer is not None:
             check_tokenizer(tokenizer, model.cfg.vocab_size)
-        scorer = StudentScorer(model, device)
         result["model"] = {"kind": "student", "path": str(folder), "parameters": model.parameter_report()}
+        # what is scored: the model itself or its ternary path (the same function; energy_report reads the model)
+        scored = model
+        if cfg.ternary:
+            from ..student.ternary import ternary_student
+
+            scored = ternary_student(model)
+        scorer = StudentScorer(scored, device)
     else:
         teacher = load_teacher(cfg.teacher, dtype=cfg.dtype, device=cfg.device)
         tokenizer, scorer, model = teacher.tokenizer, TeacherScorer(teacher.model, device), None
@@ -240,13 +251,15 @@ def run_eval(cfg: EvalConfig) -> dict:
 
             hf_model = GooseForCausalLM.from_student(model, eos_token_id=tokenizer.eos_token_id,
                                                      bos_token_id=tokenizer.bos_token_id)
+            if cfg.ternary:
+                hf_model.student = scored
         else:
             hf_model = teacher.model
         result["harness"] = run_harness(hf_model, tokenizer, cfg.harness, max_length=cfg.seq_len, scorer=scorer)
     if cfg.cache:
         if model is None:
             raise GooseError("--cache agreement is for students (the store already holds the teacher)")
-        result["teacher_agreement"] = cache_agreement(model, cfg.cache, cfg.cache_windows, device,
+        result["teacher_agreement"] = cache_agreement(scored, cfg.cache, cfg.cache_windows, device,
                                                       cfg.storage_options)
     if model is not None and isinstance(scorer, StudentScorer) and scorer.stats:
         summaries = {k: s.summary() for k, s in scorer.stats.items()}
@@ -258,6 +271,25 @@ def run_eval(cfg: EvalConfig) -> dict:
                                                           default=None),
                             "sites": summaries}
         result["energy"] = model.energy_report(scorer.stats)
+    if cfg.ternary:
+        from ..student.ternary import measured_ops, packed_bytes
+
+        result["ternary_path"] = {"measured_ops": measured_ops(scored), "bytes": packed_bytes(scored),
+                                  "fp32_bytes": sum(p.numel() * 4 for p in model.parameters())}
     if "perplexity" not in result and "teacher_agreement" not in result and result["harness"] is None:
         raise GooseError("nothing to evaluate: give --dataset/--data-files, --cache and/or --harness")
     return result
+
+
+def describe_ternary_path(t: dict) -> str:
+    """The lines `goose eval --ternary` prints: what the path executed and what it holds."""
+    lines = []
+    for part, ops in t["measured_ops"].items():
+        lines.append(f"  ternary path, {part}: read {ops['rows_read_per_token']:,.0f} of "
+                     f"{ops['rows_dense_per_token']:,.0f} weight rows per token (skipped "
+                     f"{ops['rows_skipped_fraction']:.1%}), {ops['updates_per_token']:,.0f} row updates per token")
+    b = t["bytes"]
+    lines.append(f"  ternary path, bytes: {b['total'] / 2**20:.2f} MiB vs fp32 {t['fp32_bytes'] / 2**20:.2f} MiB "
+                 f"({b['total'] / t['fp32_bytes']:.3f}x; ternary matrices {b['ternary_matrices'] / 2**20:.2f}, "
+                 f"embedding {b['embedding'] / 2**20:.2f}, other {b['other'] / 2**20:.2f} MiB)")
+    return "\n".join(lines)

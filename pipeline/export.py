@@ -2,7 +2,7 @@
 
 The folder holds config.json (model type, the student's config, `auto_map`), model.safetensors, the
 tokenizer, and the modelling code: student/hf.py (as modeling_goose.py), student/model.py, spikes.py,
-wkv.py and errors.py copied from this package with their relative imports rewritten for a flat folder.
+wkv.py, ternary.py (the ternary inference path, its C kernels inside), native.py and errors.py copied from this package with their relative imports rewritten for a flat folder.
 The copies are the real source files, so the export cannot drift from the model goose trains.
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` then works with only torch,
 transformers and safetensors installed. `--push-to-hub` uploads the folder with huggingface_hub.
@@ -24,6 +24,8 @@ CODE_FILES = {
     "student/model.py": "model.py",
     "student/spikes.py": "spikes.py",
     "student/wkv.py": "wkv.py",
+    "student/ternary.py": "ternary.py",  # the ternary inference path (GooseForCausalLM.use_ternary_path)
+    "native.py": "native.py",  # builds ternary.py's kernels with the machine's C compiler on first use
     "errors.py": "errors.py",
     "ranks.py": "ranks.py",  # the student's spike statistics are global-batch ones under torchrun
 }

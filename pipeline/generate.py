@@ -110,6 +110,24 @@ class TextStream:
             self._emit(self._decode(self.ids))
 
 
+def load_for_generation(folder, device: str, *, ternary: bool = False, compile: bool = False):
+    """(student, device) for `goose generate`: the saved student, or with `ternary` its ternary inference
+    path (CPU only; its C kernels run outside torch.compile)."""
+    from .devices import resolve_device
+
+    if ternary and compile:
+        raise GooseError("--ternary and --compile: the ternary path's C kernels run outside torch.compile; choose one")
+    if ternary and device not in ("auto", "cpu"):
+        raise GooseError(f"--ternary runs on the CPU (its kernels are C), not --device {device}")
+    dev = torch.device("cpu") if ternary else resolve_device(device)
+    model = Student.from_pretrained(folder, device=dev)
+    if ternary:
+        from ..student.ternary import ternary_student
+
+        model = ternary_student(model)
+    return model, dev
+
+
 @torch.no_grad()
 def generate(model: Student, prompt_ids: list[int], *, max_new_tokens: int = 100, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, device="cpu", eos_id: int | None = None,

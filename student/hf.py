@@ -9,7 +9,8 @@ there is nothing to crop or grow, and beam search reorders it with `_reorder_cac
 `goose export` (pipeline/export.py) copies this file, model.py, spikes.py, wkv.py and errors.py into the
 exported folder with their relative imports rewritten, so that folder loads with
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` where goose is not installed. Keep
-this file's imports to the standard library, torch, transformers and those sibling modules.
+this file's imports to the standard library, torch, transformers and those sibling modules (ternary.py
+and native.py travel too: `use_ternary_path()`).
 """
 
 from __future__ import annotations
@@ -95,6 +96,15 @@ class GooseForCausalLM(PreTrainedModel, GenerationMixin):
         model = cls(GooseConfig.from_student_config(student.cfg, **config_kwargs))
         model.student.load_state_dict(student.state_dict())
         return model.to(student.emb.weight.device).eval()
+
+    def use_ternary_path(self) -> "GooseForCausalLM":
+        """Run on the ternary inference path from here on (ternary.py: packed 2-bit weights, only fired spikes'
+        weight rows read; CPU, fp32, inference only; needs ternary_weights). The same logits up to float
+        summation order. Its C kernels are built by the machine's C compiler on first use."""
+        from .ternary import ternary_student
+
+        self.student = ternary_student(self.student)
+        return self
 
     def get_input_embeddings(self):
         return self.student.emb

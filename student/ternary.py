@@ -4,7 +4,7 @@
 in which
 - every ternary matrix is a `PackedTernaryLinear`: its codes 2 bits each, stored input-major, so a spike
   code of 0 skips the whole row of the matrix and a fired input adds +-its value into the outputs its
-  non-zero weights reach (`ternary.c`), then one multiply per output by the weight scale;
+  non-zero weights reach (`KERNELS`, C), then one multiply per output by the weight scale;
 - a spiked, tied head is a `SpikedHead`: the embedding stored transposed (d_model rows of vocabulary
   floats), so again only the fired inputs' rows are read; the token lookup reads the same matrix.
 Everything else (norms, token shift, low-rank paths, the state update) is the training model's own code,
@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import ctypes
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -31,7 +30,6 @@ from ..native import build_library
 from .model import SPIKE_SITES, Student
 from .spikes import TernaryLinear
 
-SOURCE = Path(__file__).with_name("ternary.c")
 _ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
          ctypes.c_void_p, ctypes.c_int64]
 
@@ -43,14 +41,14 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def library() -> ctypes.CDLL:
-    return build_library(SOURCE, _declare)
+    return build_library("goose_ternary", KERNELS, _declare)
 
 
 # ---- the packed format ------------------------------------------------------------------------
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
     """(n_out, n_in) codes in {-1, 0, +1} -> (n_in, R) uint8, R = ceil(n_out / 4): row i holds input i's
     codes for every output, 2 bits each (00 = 0, 01 = +1, 10 = -1); bits 2k, 2k+1 of byte q are output
-    k * R + q (the layout `ternary.c` unpacks in four contiguous passes)."""
+    k * R + q (the layout the kernels unpack in four contiguous passes)."""
     n_out, n_in = codes.shape
     R = -(-n_out // 4)
     rows = torch.zeros(n_in, 4 * R, dtype=torch.uint8)
@@ -232,3 +230,91 @@ def packed_bytes(model: Student) -> dict:
             parts[part] += t.numel() * t.element_size()
     parts["total"] = sum(parts.values())
     return parts
+
+
+# ---- the kernels -------------------------------------------------------------------------------
+# C source kept in this module (not a .c file beside it), so an exported folder's copy of this file, which
+# transformers' loader copies on its own, still builds them (`native.build_library`)
+KERNELS = r"""/* The ternary path's matmuls: out[m] = sum over the inputs i with x[m, i] != 0 of x[m, i] * W[i, :].
+ *
+ * W is stored input-major (row i holds input i's weight to every output), so an input that did not fire
+ * (a spike code of 0) costs nothing: its row is never read. The work per fired input is one row of
+ * additions of +-x (ternary weights) or of x * w (fp weights): the column additions the spikes exist for.
+ *
+ *   goose_ternary_rows: 2-bit codes, 4 to a byte: 00 = 0, 01 = +1, 10 = -1 (11 unused). A row of R = row_bytes
+ *                       bytes covers 4R outputs (zero-padded): bits 2k and 2k+1 of byte q hold output
+ *                       k * R + q, so unpacking is four contiguous passes of shifts and masks, vectorised.
+ *   goose_int8_rows:    int8 codes in {-1, 0, +1}, a row of n_out bytes.
+ *   goose_fp32_rows:    fp32 weights, a row of n_out floats (the fp head of a spiked, tied embedding).
+ *
+ * out has M rows of out_stride floats; the first n_out (4 * row_bytes for 2-bit codes) are written. Each
+ * returns the number of fired inputs over the M rows (the rows of W read), or -1 on bad arguments.
+ */
+#include <stdint.h>
+#include <string.h>
+
+int64_t goose_ternary_rows(const float *x, int64_t M, int64_t n_in, int64_t x_stride, const uint8_t *packed,
+                           int64_t row_bytes, float *out, int64_t out_stride) {
+    if (M < 0 || n_in < 0 || row_bytes < 0 || out_stride < 4 * row_bytes) return -1;
+    const int64_t R = row_bytes;
+    int64_t fired = 0;
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * x_stride;
+        float *restrict o = out + m * out_stride;
+        memset(o, 0, sizeof(float) * 4 * R);
+        for (int64_t i = 0; i < n_in; i++) {
+            const float v = xm[i];
+            if (v == 0.0f) continue;
+            fired++;
+            const uint8_t *restrict p = packed + i * R;
+            /* bits 2k, 2k+1 of byte q are output k * R + q: each pass is contiguous, so it vectorises */
+            for (int k = 0; k < 4; k++) {
+                float *restrict ok = o + k * R;
+                for (int64_t q = 0; q < R; q++) {
+                    const int b = p[q] >> (2 * k);
+                    ok[q] += v * (float)((b & 1) - ((b >> 1) & 1));
+                }
+            }
+        }
+    }
+    return fired;
+}
+
+int64_t goose_int8_rows(const float *x, int64_t M, int64_t n_in, int64_t x_stride, const int8_t *codes,
+                        int64_t n_out, float *out, int64_t out_stride) {
+    if (M < 0 || n_in < 0 || n_out < 0 || out_stride < n_out) return -1;
+    int64_t fired = 0;
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * x_stride;
+        float *restrict o = out + m * out_stride;
+        memset(o, 0, sizeof(float) * n_out);
+        for (int64_t i = 0; i < n_in; i++) {
+            const float v = xm[i];
+            if (v == 0.0f) continue;
+            fired++;
+            const int8_t *restrict c = codes + i * n_out;
+            for (int64_t j = 0; j < n_out; j++) o[j] += v * (float)c[j];
+        }
+    }
+    return fired;
+}
+
+int64_t goose_fp32_rows(const float *x, int64_t M, int64_t n_in, int64_t x_stride, const float *w,
+                        int64_t n_out, float *out, int64_t out_stride) {
+    if (M < 0 || n_in < 0 || n_out < 0 || out_stride < n_out) return -1;
+    int64_t fired = 0;
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * x_stride;
+        float *restrict o = out + m * out_stride;
+        memset(o, 0, sizeof(float) * n_out);
+        for (int64_t i = 0; i < n_in; i++) {
+            const float v = xm[i];
+            if (v == 0.0f) continue;
+            fired++;
+            const float *restrict r = w + i * n_out;
+            for (int64_t j = 0; j < n_out; j++) o[j] += v * r[j];
+        }
+    }
+    return fired;
+}
+"""

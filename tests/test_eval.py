@@ -183,6 +183,50 @@ def test_eval_and_generate_cli_on_a_trained_run(tmp_path, store):
     assert alone.exit_code == 0, alone.output
 
 
+def test_eval_and_generate_on_the_ternary_path_equal_the_model(tmp_path, store):
+    """`eval --ternary` scores the same perplexity as the model itself and reports what its kernels read and
+    its bytes; `generate --ternary --temperature 0` writes the same text; a run with fp32 weights, --compile
+    and an accelerator are refused with one line."""
+    sites = "[tm_r, tm_k, tm_v, tm_out, cm_k, cm_v, head]"
+    run = tmp_path / "tern"
+    run_train(cfg_for(store, run, "steps=4", "val_every=4",
+                      f"model.overrides={{ternary_weights: true, spike_sites: {sites}}}"), progress=False)
+    text = tmp_path / "t.txt"
+    text.write_text(need(WIKITEXT_VALID).read_text()[:3000])
+    results = {}
+    for flag in ([], ["--ternary"]):
+        r = CliRunner().invoke(main, ["eval", str(run), "--data-files", str(text), "--seq-len", "64", "--json", *flag])
+        assert r.exit_code == 0, r.output
+        results[bool(flag)] = json.loads(r.stdout[r.stdout.index("{"):])
+    assert results[True]["perplexity"][0]["ppl"] == pytest.approx(results[False]["perplexity"][0]["ppl"], rel=1e-5)
+    for key in ("energy_ratio_vs_dense", "acs_per_token", "macs_per_token"):  # estimated from the same model
+        assert results[True]["energy"][key] == pytest.approx(results[False]["energy"][key], rel=1e-5)
+    path = results[True]["ternary_path"]
+    assert set(path["measured_ops"]) == {"projections", "head"} and "ternary_path" not in results[False]
+    zeros = results[True]["spikes"]["zero_fraction"]
+    assert 0 < path["measured_ops"]["projections"]["rows_skipped_fraction"] < 1 and 0 < zeros < 1
+    assert path["bytes"]["total"] < path["fp32_bytes"]
+    printed = CliRunner().invoke(main, ["eval", str(run), "--data-files", str(text), "--seq-len", "64", "--ternary"])
+    assert "ternary path, projections: read" in printed.stdout and "ternary path, bytes" in printed.stdout
+    texts = {}
+    for flag in ([], ["--ternary"]):
+        g = CliRunner().invoke(main, ["generate", str(run), "--prompt", "The", "--max-new-tokens", "12",
+                                      "--temperature", "0", "--json", *flag])
+        assert g.exit_code == 0, g.output
+        texts[bool(flag)] = json.loads(g.stdout[g.stdout.index("{"):])["text"]
+    assert texts[True] == texts[False] and texts[True]
+    for args, message in ((["generate", str(run), "--ternary", "--compile"], "choose one"),
+                          (["generate", str(run), "--ternary", "--device", "cuda"], "runs on the CPU"),
+                          (["eval", str(run), "--data-files", str(text), "--ternary", "--device", "cuda"],
+                           "runs on the CPU")):
+        bad = CliRunner().invoke(main, args)
+        assert bad.exit_code != 0 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    fp32 = tmp_path / "fp32"
+    run_train(cfg_for(store, fp32, "steps=2", "val_every=2"), progress=False)
+    bad = CliRunner().invoke(main, ["eval", str(fp32), "--data-files", str(text), "--ternary"])
+    assert bad.exit_code != 0 and "ternary weights" in bad.stderr
+
+
 def test_validate_passes_a_trained_run_and_fails_a_tampered_one(tmp_path, store):
     run = tmp_path / "run"
     run_train(cfg_for(store, run, "steps=6", "val_every=6"), progress=False)

@@ -36,9 +36,10 @@ def _save_run(student, folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A tiny untied student (its greedy continuations vary) and its `goose export` folder, made by the CLI."""
+    """A tiny untied student (its greedy continuations vary) with ternary weights (so the folder's ternary path
+    is live) and its `goose export` folder, made by the CLI."""
     root = tmp_path_factory.mktemp("hf")
-    student = random_student(tie_embeddings=False)
+    student = random_student(tie_embeddings=False, ternary_weights=True)
     run = _save_run(student, root / "run")
     r = CliRunner().invoke(main, ["export", str(run), "--out", str(root / "export")])
     assert r.exit_code == 0, r.output
@@ -158,9 +159,15 @@ FRESH = textwrap.dedent("""
     with torch.no_grad():
         logits = model(ids).logits[0]
     new = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(prompt):]
+    model.use_ternary_path()  # the folder's own ternary.py and its C kernels
+    with torch.no_grad():
+        ternary_logits = model(ids).logits[0]
+    ternary_new = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(prompt):]
     print(json.dumps({"module": type(model).__module__, "goose_modules": [m for m in sys.modules if m.startswith("goose")],
                       "logits": logits.tolist(), "new": new.tolist(), "tokenizer_len": len(tok),
-                      "encoded": tok("the dog")["input_ids"]}))
+                      "encoded": tok("the dog")["input_ids"], "ternary_logits": ternary_logits.tolist(),
+                      "ternary_new": ternary_new.tolist(),
+                      "packed": type(model.student.blocks[0].att.key).__name__}))
 """)
 
 
@@ -179,6 +186,8 @@ def test_export_loads_in_a_fresh_process_without_goose(exported, tmp_path):
         want = student(torch.tensor([PROMPT])).logits[0]
     assert torch.allclose(torch.tensor(got["logits"]), want, atol=1e-6, rtol=0)
     assert got["new"] == generate(student, PROMPT, max_new_tokens=12, temperature=0)["new_tokens"]
+    assert got["packed"] == "PackedTernaryLinear" and got["ternary_new"] == got["new"]
+    torch.testing.assert_close(torch.tensor(got["ternary_logits"]), want, atol=1e-4, rtol=1e-4)
     tok = save_tokenizer(tmp_path / "tok")
     assert got["tokenizer_len"] == len(tok) and got["encoded"] == tok("the dog")["input_ids"]
 

@@ -1,4 +1,4 @@
-"""The ternary inference path (student/ternary.py, ternary.c) against its references: the packed format against
+"""The ternary inference path (student/ternary.py and its C kernels) against its references: the packed format against
 its unpacking, each C kernel against a dense matmul of the same weights, and the packed student against the
 training model's evaluation forward (chunked and recurrent, every spike variant), greedy tokens included."""
 

@@ -34,7 +34,7 @@ def _declare(lib: ctypes.CDLL) -> None:
 def library() -> ctypes.CDLL:
     """The compiled kernel, built on first use (`native.build_library`); raises RuntimeError (naming the
     compiler's first error) if it cannot be built."""
-    return build_library(SOURCE, _declare)
+    return build_library("goose_topk", SOURCE.read_text(), _declare)
 
 
 def topk_rows_native(z: torch.Tensor, k: int, stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
