@@ -454,7 +454,7 @@ def eval_cmd(student, teacher, tokenizer, dataset, dataset_config, split, data_f
               help="torch.compile the per-token step: ~3-4x faster tokens after a 10-40 s compilation.")
 @click.option("--ternary", is_flag=True,
               help="Generate on the ternary inference path (CPU; a ternary_weights student): packed 2-bit "
-                   "weights, only fired spikes' weight rows read; the same tokens as without it.")
+                   "weights, only fired spikes' weight rows read; the same tokens as without it (with --compile too).")
 @_json_option()
 def generate_cmd(student, prompt, max_new_tokens, temperature, top_k, top_p, seed, tokenizer, device, ignore_eos,
                  compile_, ternary, as_json):
@@ -465,7 +465,7 @@ def generate_cmd(student, prompt, max_new_tokens, temperature, top_k, top_p, see
 
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     folder, meta = student_folder(student)
-    model, dev = load_for_generation(folder, device, ternary=ternary, compile=compile_)
+    model, dev = load_for_generation(folder, device, ternary=ternary)
     tok = load_tokenizer(tokenizer, meta, folder)
     check_tokenizer(tok, model.cfg.vocab_size)
     ids = tok(prompt)["input_ids"] if prompt else [tok.eos_token_id]

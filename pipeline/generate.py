@@ -110,13 +110,11 @@ class TextStream:
             self._emit(self._decode(self.ids))
 
 
-def load_for_generation(folder, device: str, *, ternary: bool = False, compile: bool = False):
+def load_for_generation(folder, device: str, *, ternary: bool = False):
     """(student, device) for `goose generate`: the saved student, or with `ternary` its ternary inference
-    path (CPU only; its C kernels run outside torch.compile)."""
+    path (CPU only; it compiles too, its C kernels one opaque op of the graph)."""
     from .devices import resolve_device
 
-    if ternary and compile:
-        raise GooseError("--ternary and --compile: the ternary path's C kernels run outside torch.compile; choose one")
     if ternary and device not in ("auto", "cpu"):
         raise GooseError(f"--ternary runs on the CPU (its kernels are C), not --device {device}")
     dev = torch.device("cpu") if ternary else resolve_device(device)

@@ -11,16 +11,16 @@ Everything else (norms, token shift, low-rank paths, the state update) is the tr
 so the path computes the same function as `Student.forward` in eval, up to float summation order: the
 spike sites emit s = g * a * code + mu, and W s = W (s - mu) + W mu, with W mu a bias computed once.
 
-Each packed layer counts what it executed (`ExecutedOps`): the rows read (fired inputs) against the rows
-a dense matmul reads, and the row additions done. `measured_ops(model)` sums them for `goose eval` and the
-benchmark, beside `Student.energy_report`'s estimate.
+Each packed layer counts what it executed: the rows read (fired inputs) against the rows a dense matmul
+reads, and the row additions done. `measured_ops(model)` sums them for `goose eval` and the benchmark,
+beside `Student.energy_report`'s estimate. The kernels are a torch custom op (`rows_op`), so the packed
+student also runs under torch.compile (`goose generate --ternary --compile`).
 """
 
 from __future__ import annotations
 
 import copy
 import ctypes
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -77,21 +77,42 @@ def _rows(kernel: str, x: torch.Tensor, weights: torch.Tensor, width: int) -> tu
     return out, fired
 
 
-@dataclass
-class ExecutedOps:
-    """What a packed layer did: tokens, rows of its weights read (fired inputs), rows a dense matmul reads,
-    and row element updates done (rows read x row length)."""
+def _define_rows_op():
+    """_rows as a torch custom op, so torch.compile fuses the rest of a step around the C call (one opaque
+    node, no graph break); the rows read come back as a tensor the layer adds to its counter."""
+    try:
+        @torch.library.custom_op("goose::rows", mutates_args=())
+        def rows(x: torch.Tensor, weights: torch.Tensor, width: int, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+            out, fired = _rows(kernel, x, weights, width)
+            return out, torch.tensor(fired, dtype=torch.int64)
+    except RuntimeError:  # defined already: goose and an exported folder's copy in one process
+        return torch.ops.goose.rows
 
-    tokens: int = 0
-    rows_read: int = 0
-    rows_dense: int = 0
-    updates: int = 0
+    @rows.register_fake
+    def _(x, weights, width, kernel):
+        return x.new_empty(x.shape[0], width), torch.empty((), dtype=torch.int64)
 
-    def add(self, tokens: int, rows_read: int, n_in: int, n_out: int) -> None:
+    return rows
+
+
+rows_op = _define_rows_op()
+
+
+class _Counted(nn.Module):
+    """A packed layer's count of what it executed (buffers, so a compiled step updates them in place)."""
+
+    def _init_counts(self, n_in: int, width: int) -> None:
+        self.n_in, self.width = n_in, width
+        self.register_buffer("tokens", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("rows_read", torch.zeros((), dtype=torch.int64), persistent=False)
+
+    def _count(self, tokens: int, fired: torch.Tensor) -> None:
         self.tokens += tokens
-        self.rows_read += rows_read
-        self.rows_dense += tokens * n_in
-        self.updates += rows_read * n_out
+        self.rows_read += fired
+
+    def reset_counts(self) -> None:
+        self.tokens.zero_()
+        self.rows_read.zero_()
 
 
 def _check_input(x: torch.Tensor) -> None:
@@ -99,7 +120,7 @@ def _check_input(x: torch.Tensor) -> None:
         raise RuntimeError(f"the ternary path runs in fp32 on the CPU, got {x.dtype} on {x.device}")
 
 
-class PackedTernaryLinear(nn.Module):
+class PackedTernaryLinear(_Counted):
     """A TernaryLinear (no bias) as 2-bit codes: y = gamma * (codes @ (x - mu)) + gamma * (codes @ mu), where
     mu is the offset of the spike site feeding it (zero for an unspiked or uncentred input), so a spike code of
     0 is an exact zero and its row is skipped."""
@@ -114,22 +135,22 @@ class PackedTernaryLinear(nn.Module):
         self.register_buffer("offset", None if offset is None else offset.detach().float().clone())
         bias = (codes @ self.offset) * self.gamma if offset is not None else None
         self.register_buffer("bias", bias)
-        self.ops = ExecutedOps()
+        self._init_counts(self.in_features, 4 * self.packed.shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x)
         flat = x.reshape(-1, self.in_features)
         if self.offset is not None:
             flat = flat - self.offset
-        out, fired = _rows("goose_ternary_rows", flat, self.packed, 4 * self.packed.shape[1])
-        self.ops.add(flat.shape[0], fired, self.in_features, 4 * self.packed.shape[1])
+        out, fired = rows_op(flat, self.packed, self.width, "goose_ternary_rows")
+        self._count(flat.shape[0], fired)
         y = out[:, :self.out_features] * self.gamma
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-class SpikedHead(nn.Module):
+class SpikedHead(_Counted):
     """The tied output layer behind the spiked `head` site: logits = (h - mu) @ E^T + mu @ E^T with E^T
     (d_model, V) stored row by row, so only fired inputs' rows are read."""
 
@@ -138,7 +159,7 @@ class SpikedHead(nn.Module):
         self.register_buffer("weight_t", embedding.detach().float().t().contiguous())  # (C, V)
         self.register_buffer("offset", None if offset is None else offset.detach().float().clone())
         self.register_buffer("bias", None if offset is None else self.offset @ self.weight_t)
-        self.ops = ExecutedOps()
+        self._init_counts(*self.weight_t.shape)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         _check_input(h)
@@ -146,8 +167,8 @@ class SpikedHead(nn.Module):
         flat = h.reshape(-1, C)
         if self.offset is not None:
             flat = flat - self.offset
-        out, fired = _rows("goose_fp32_rows", flat, self.weight_t, V)
-        self.ops.add(flat.shape[0], fired, C, V)
+        out, fired = rows_op(flat, self.weight_t, V, "goose_fp32_rows")
+        self._count(flat.shape[0], fired)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*h.shape[:-1], V)
@@ -201,18 +222,20 @@ def ternary_student(model: Student) -> Student:
 
 
 def measured_ops(model: Student) -> dict:
-    """The packed layers' executed work since they were built: per token, the weight rows read and skipped,
-    and the row element updates done, for the ternary matrices and the head."""
+    """The packed layers' executed work since they were built (or `reset_counts`): per token, the weight rows
+    read and skipped, and the row element updates done (rows read x row length), for the ternary matrices
+    and the head."""
     out = {}
-    for part, kinds in (("projections", (PackedTernaryLinear,)), ("head", (SpikedHead,))):
-        ops = [m.ops for m in model.modules() if isinstance(m, kinds)]
-        if not ops or not ops[0].tokens:
+    for part, kind in (("projections", PackedTernaryLinear), ("head", SpikedHead)):
+        layers = [m for m in model.modules() if isinstance(m, kind)]
+        tokens = int(layers[0].tokens) if layers else 0
+        if not tokens:
             continue
-        tokens = ops[0].tokens
-        read, dense = sum(o.rows_read for o in ops), sum(o.rows_dense for o in ops)
+        read = sum(int(m.rows_read) for m in layers)
+        dense = sum(int(m.tokens) * m.n_in for m in layers)
         out[part] = {"rows_read_per_token": read / tokens, "rows_dense_per_token": dense / tokens,
                      "rows_skipped_fraction": 1 - read / dense if dense else 0.0,
-                     "updates_per_token": sum(o.updates for o in ops) / tokens}
+                     "updates_per_token": sum(int(m.rows_read) * m.width for m in layers) / tokens}
     return out
 
 
@@ -223,7 +246,9 @@ def packed_bytes(model: Student) -> dict:
     for module in model.modules():
         part = ("ternary_matrices" if isinstance(module, PackedTernaryLinear)
                 else "embedding" if isinstance(module, (SpikedHead, nn.Embedding)) else "other")
-        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+        held = [b for name, b in module.named_buffers(recurse=False)
+                if name not in module._non_persistent_buffers_set]  # not the counters and runtime flags
+        for t in [*module.parameters(recurse=False), *held]:
             if id(t) in seen or t is None:
                 continue
             seen.add(id(t))

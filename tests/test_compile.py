@@ -94,3 +94,32 @@ def test_spike_annealing_does_not_recompile_per_step():
     assert counter.frame_count == 1
     model.set_spike_mix(0.5)
     assert torch.allclose(model(ids).logits, outs[1], atol=1e-5)  # the compiled graph used each step's mix
+
+
+def _packed_student():
+    from goose.student.ternary import ternary_student
+    from test_ternary_path import trained_like
+
+    return trained_like(), ternary_student(trained_like())
+
+
+def test_ternary_path_step_is_one_graph():
+    """The ternary path's kernels are a torch custom op: dynamo traces the packed recurrent step with no
+    graph break (a ctypes call in the forward would break it at every matrix)."""
+    _, packed = _packed_student()
+    tok = torch.tensor([[3]])
+    explained = torch._dynamo.explain(packed)(tok, packed.init_state(1), mode="recurrent")
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+@pytest.mark.slow
+def test_compiled_ternary_path_generates_the_eager_tokens():
+    """`generate --ternary --compile`: the compiled packed step gives the model's greedy tokens, and its
+    executed-row counters still count (buffers updated inside the graph)."""
+    from goose.student.ternary import measured_ops
+
+    model, packed = _packed_student()
+    kw = dict(max_new_tokens=12, temperature=0.0)
+    want = generate(model, [1, 2, 3], **kw)["new_tokens"]
+    assert generate(packed, [1, 2, 3], compile=True, **kw)["new_tokens"] == want
+    assert measured_ops(packed)["projections"]["rows_read_per_token"] > 0

@@ -185,8 +185,8 @@ def test_eval_and_generate_cli_on_a_trained_run(tmp_path, store):
 
 def test_eval_and_generate_on_the_ternary_path_equal_the_model(tmp_path, store):
     """`eval --ternary` scores the same perplexity as the model itself and reports what its kernels read and
-    its bytes; `generate --ternary --temperature 0` writes the same text; a run with fp32 weights, --compile
-    and an accelerator are refused with one line."""
+    its bytes; `generate --ternary --temperature 0` writes the same text; a run with fp32 weights and an
+    accelerator are refused with one line."""
     sites = "[tm_r, tm_k, tm_v, tm_out, cm_k, cm_v, head]"
     run = tmp_path / "tern"
     run_train(cfg_for(store, run, "steps=4", "val_every=4",
@@ -215,8 +215,7 @@ def test_eval_and_generate_on_the_ternary_path_equal_the_model(tmp_path, store):
         assert g.exit_code == 0, g.output
         texts[bool(flag)] = json.loads(g.stdout[g.stdout.index("{"):])["text"]
     assert texts[True] == texts[False] and texts[True]
-    for args, message in ((["generate", str(run), "--ternary", "--compile"], "choose one"),
-                          (["generate", str(run), "--ternary", "--device", "cuda"], "runs on the CPU"),
+    for args, message in ((["generate", str(run), "--ternary", "--device", "cuda"], "runs on the CPU"),
                           (["eval", str(run), "--data-files", str(text), "--ternary", "--device", "cuda"],
                            "runs on the CPU")):
         bad = CliRunner().invoke(main, args)
