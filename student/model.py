@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .spikes import SpikeConfig, SpikeStats, TernaryLinear, TernarySpike
+from .spikes import RowQuantizedEmbedding, SpikeConfig, SpikeStats, TernaryLinear, TernarySpike
 from . import wkv as _wkv
 from .wkv import wkv_chunked, wkv_fla, wkv_recurrent
 
@@ -102,6 +102,9 @@ class StudentConfig:
     ternary_scale: str = "tensor"  # their scale: one per matrix ("tensor", BitNet's) or per output row ("row")
     # the ternary weights blend in from continuous ones with the spikes (spike annealing's mix), not from step 0
     ternary_anneal: bool = False
+    # 8 or 4: the embedding (and the head tied to it) as per-row integer codes times a row scale, trained
+    # straight-through, as the ternary path stores it (1/4 or 1/8 of its fp32 bytes); 0 = fp32
+    embedding_bits: int = 0
     chunk_size: int = 16
     # time-mix kernels: "torch" (wkv_chunked / wkv_recurrent, any device), "fla" (flash-linear-attention's
     # Triton kernels, CUDA only), "auto" (fla on CUDA when installed, else torch). A runtime choice: a model
@@ -125,6 +128,8 @@ class StudentConfig:
         for name in ("vocab_size", "d_model", "n_layer", "head_size", "chunk_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.embedding_bits not in (0, *RowQuantizedEmbedding.BITS):
+            raise ValueError(f"embedding_bits must be 0 (fp32), 4 or 8, got {self.embedding_bits!r}")
         if self.ternary_scale not in TernaryLinear.SCALES:
             raise ValueError(f"ternary_scale must be one of {TernaryLinear.SCALES}, got {self.ternary_scale!r}")
         if self.wkv_backend not in ("auto", "torch", "fla"):
@@ -382,7 +387,7 @@ class Student(nn.Module):
         super().__init__()
         self.cfg = cfg
         V, C = cfg.vocab_size, cfg.d_model
-        self.emb = nn.Embedding(V, C)
+        self.emb = RowQuantizedEmbedding(V, C, cfg.embedding_bits) if cfg.embedding_bits else nn.Embedding(V, C)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(C)
         self.head_spike = SpikeSites(cfg, "head")
@@ -430,7 +435,11 @@ class Student(nn.Module):
                 hidden.append(x)
         ctx = {"mode": mode, "rates": rates, "stats": _SiteStats(stats, "head")}
         h = self.head_spike("head", self.ln_out(x), state[-1]["spikes"], ctx)
-        logits = h @ self.emb.weight.t() if self.head is None else self.head(h)
+        if self.head is not None:
+            logits = self.head(h)
+        else:  # tied: the embedding matrix as the lookup uses it (quantised with embedding_bits)
+            tied = self.emb.quantised_weight() if isinstance(self.emb, RowQuantizedEmbedding) else self.emb.weight
+            logits = h @ tied.t()
         return StudentOutput(logits, state, hidden, rates, stats)
 
     def param_groups(self, weight_decay: float, *, spike_lr: float | None = None, exclude=()) -> list[dict]:

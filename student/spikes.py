@@ -486,3 +486,36 @@ class TernaryLinear(nn.Linear):
     def nonzero_fraction(self) -> float:
         """The fraction of weights whose code is not 0: the additions a spiked input costs per firing."""
         return float((self.ternary_codes()[0] != 0).float().mean())
+
+
+class RowQuantizedEmbedding(nn.Embedding):
+    """An embedding (and the head tied to it) held as `bits`-bit integer codes times one scale per row (per
+    token), symmetric absmax: E_q[v] = s_v * round(E[v] / s_v), s_v = max|E[v]| / (2^(bits-1) - 1), with
+    straight-through gradients. A row is a token: the lookup quantises only the rows it reads (the same
+    numbers as quantising the whole matrix), the tied head multiplies each output once by its s_v."""
+
+    BITS = (4, 8)
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int):
+        if bits not in self.BITS:
+            raise ValueError(f"embedding_bits must be one of {self.BITS} (or 0 for fp), got {bits!r}")
+        super().__init__(num_embeddings, embedding_dim)
+        self.bits = bits
+
+    def row_codes(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(integer codes in the weight's dtype, scales (rows, 1)) of `rows` (default: the whole matrix)."""
+        w = (self.weight if rows is None else rows).detach()
+        qmax = 2 ** (self.bits - 1) - 1
+        scale = w.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / qmax
+        return (w / scale).round().clamp(-qmax, qmax), scale
+
+    def _quantised(self, w: torch.Tensor) -> torch.Tensor:
+        codes, scale = self.row_codes(w)
+        return w + (codes * scale - w).detach()
+
+    def quantised_weight(self) -> torch.Tensor:
+        """The whole matrix as the tied head uses it."""
+        return self._quantised(self.weight)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._quantised(F.embedding(ids, self.weight))

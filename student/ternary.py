@@ -5,8 +5,9 @@ in which
 - every ternary matrix is a `PackedTernaryLinear`: its codes 2 bits each, stored input-major, so a spike
   code of 0 skips the whole row of the matrix and a fired input adds +-its value into the outputs its
   non-zero weights reach (`KERNELS`, C), then one multiply per output by the weight scale;
-- a spiked, tied head is a `SpikedHead`: the embedding stored transposed (d_model rows of vocabulary
-  floats), so again only the fired inputs' rows are read; the token lookup reads the same matrix.
+- a spiked (or `embedding_bits`-quantised) tied head is a `PackedHead`: the embedding stored transposed
+  (d_model rows of vocabulary entries: fp32, int8 or packed int4 codes with a scale per token), so again
+  only the fired inputs' rows are read; the token lookup reads the same storage.
 Everything else (norms, token shift, low-rank paths, the state update) is the training model's own code,
 so the path computes the same function as `Student.forward` in eval, up to float summation order: the
 spike sites emit s = g * a * code + mu, and W s = W (s - mu) + W mu, with W mu a bias computed once.
@@ -28,14 +29,14 @@ import torch.nn as nn
 from ..errors import GooseError
 from ..native import build_library
 from .model import SPIKE_SITES, Student
-from .spikes import TernaryLinear
+from .spikes import RowQuantizedEmbedding, TernaryLinear
 
 _ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
          ctypes.c_void_p, ctypes.c_int64]
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    for name in ("goose_ternary_rows", "goose_int8_rows", "goose_fp32_rows"):
+    for name in ("goose_ternary_rows", "goose_int8_rows", "goose_int4_rows", "goose_fp32_rows"):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = _ARGS, ctypes.c_int64
 
@@ -63,6 +64,22 @@ def unpack_codes(packed: torch.Tensor, n_out: int) -> torch.Tensor:
     n_in, R = packed.shape
     planes = torch.stack([(packed >> (2 * k)) & 3 for k in range(4)], dim=1).reshape(n_in, 4 * R)[:, :n_out]
     return ((planes == 1).float() - (planes == 2).float()).t().contiguous()
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """(n_out, n_in) integer codes in -7..7 -> (n_in, R) uint8, R = ceil(n_out / 2): row i holds input i's
+    codes, two's-complement nibbles, the low one of byte q output q, the high one output R + q."""
+    n_out, n_in = codes.shape
+    R = -(-n_out // 2)
+    rows = torch.zeros(n_in, 2 * R, dtype=torch.uint8)
+    rows[:, :n_out] = (codes.t().to(torch.int16) & 15).to(torch.uint8)
+    return (rows[:, :R] | (rows[:, R:] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, n_out: int) -> torch.Tensor:
+    """The inverse of pack_int4: (n_out, n_in) float codes."""
+    nibbles = torch.cat([packed & 15, packed >> 4], dim=1)[:, :n_out].to(torch.int16)
+    return ((nibbles ^ 8) - 8).float().t().contiguous()
 
 
 def _rows(kernel: str, x: torch.Tensor, weights: torch.Tensor, width: int) -> tuple[torch.Tensor, int]:
@@ -150,43 +167,74 @@ class PackedTernaryLinear(_Counted):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-class SpikedHead(_Counted):
-    """The tied output layer behind the spiked `head` site: logits = (h - mu) @ E^T + mu @ E^T with E^T
-    (d_model, V) stored row by row, so only fired inputs' rows are read."""
+class PackedHead(_Counted):
+    """The tied output layer on the ternary path: logits = (h - mu) @ E^T + mu @ E^T, with E^T stored input-major
+    (d_model rows of vocabulary entries) so only the fired inputs' rows are read; mu is the `head` site's
+    offset (none when the head's input is not spiked or not centred). E is fp32, or with `embedding_bits`
+    the int8 / packed int4 codes the training model rounds it to, times one scale per token (per output).
+    The token lookup reads the same storage (`ColumnEmbedding`): one copy of the matrix."""
 
-    def __init__(self, embedding: torch.Tensor, offset: torch.Tensor | None):
+    def __init__(self, emb: nn.Embedding, offset: torch.Tensor | None):
         super().__init__()
-        self.register_buffer("weight_t", embedding.detach().float().t().contiguous())  # (C, V)
+        V, C = emb.weight.shape
+        self.vocab_size = V
+        if isinstance(emb, RowQuantizedEmbedding):
+            codes, scale = emb.row_codes()
+            self.bits, self.kernel = emb.bits, ("goose_int8_rows" if emb.bits == 8 else "goose_int4_rows")
+            weights = codes.t().contiguous().to(torch.int8) if emb.bits == 8 else pack_int4(codes)
+            self.register_buffer("scale", scale.float().reshape(-1))
+            dense = codes.float() * scale.float()  # for the bias only
+        else:
+            self.bits, self.kernel = 32, "goose_fp32_rows"
+            weights = emb.weight.detach().float().t().contiguous()
+            self.register_buffer("scale", None)
+            dense = emb.weight.detach().float()
+        self.register_buffer("weights", weights)  # (C, V), or (C, ceil(V / 2)) for int4
         self.register_buffer("offset", None if offset is None else offset.detach().float().clone())
-        self.register_buffer("bias", None if offset is None else self.offset @ self.weight_t)
-        self._init_counts(*self.weight_t.shape)
+        self.register_buffer("bias", None if offset is None else self.offset @ dense.t())
+        self._init_counts(C, 2 * weights.shape[1] if self.bits == 4 else V)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         _check_input(h)
-        C, V = self.weight_t.shape
-        flat = h.reshape(-1, C)
+        flat = h.reshape(-1, self.n_in)
         if self.offset is not None:
             flat = flat - self.offset
-        out, fired = rows_op(flat, self.weight_t, V, "goose_fp32_rows")
+        out, fired = rows_op(flat, self.weights, self.width, self.kernel)
         self._count(flat.shape[0], fired)
+        out = out[:, :self.vocab_size]
+        if self.scale is not None:
+            out = out * self.scale
         if self.bias is not None:
             out = out + self.bias
-        return out.reshape(*h.shape[:-1], V)
+        return out.reshape(*h.shape[:-1], self.vocab_size)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """(n, C) embedding rows of the flat token ids, as the training model's lookup gives them."""
+        if self.bits == 32:
+            return self.weights[:, ids].t()
+        if self.bits == 8:
+            codes = self.weights[:, ids].float()
+        else:
+            R = self.weights.shape[1]
+            byte = self.weights[:, ids % R].to(torch.int16)
+            nibble = torch.where(ids >= R, byte >> 4, byte & 15)
+            codes = ((nibble ^ 8) - 8).float()
+        return codes.t() * self.scale[ids, None]
 
 
 class ColumnEmbedding(nn.Module):
-    """The token lookup from the transposed embedding the SpikedHead holds (one copy of the matrix)."""
+    """The token lookup from the storage the PackedHead holds (one copy of the matrix)."""
 
-    def __init__(self, head: SpikedHead):
+    def __init__(self, head: PackedHead):
         super().__init__()
         self.head = [head]  # a list: not a second registration of the same buffers
 
     @property
-    def weight(self) -> torch.Tensor:  # (V, C), a view: where the model reads the embedding's device or shape
-        return self.head[0].weight_t.t()
+    def weight(self) -> torch.Tensor:  # where the model reads the embedding's device
+        return self.head[0].weights
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head[0].weight_t[:, ids.reshape(-1)].t().reshape(*ids.shape, -1)
+        return self.head[0].lookup(ids.reshape(-1)).reshape(*ids.shape, -1)
 
 
 def _site_offset(model: Student, layer, site) -> torch.Tensor | None:
@@ -215,8 +263,8 @@ def ternary_student(model: Student) -> Student:
             owner = getattr(packed.blocks[layer], site.module)
             linear = getattr(owner, site.matrix)
             setattr(owner, site.matrix, PackedTernaryLinear(linear, _site_offset(packed, layer, site)))
-    if cfg.tie_embeddings and "head" in cfg.spike_sites:
-        packed.head = SpikedHead(packed.emb.weight, _site_offset(packed, "head", SPIKE_SITES[-1]))
+    if cfg.tie_embeddings and ("head" in cfg.spike_sites or cfg.embedding_bits):
+        packed.head = PackedHead(packed.emb, _site_offset(packed, "head", SPIKE_SITES[-1]))
         packed.emb = ColumnEmbedding(packed.head)
     return packed
 
@@ -226,7 +274,7 @@ def measured_ops(model: Student) -> dict:
     read and skipped, and the row element updates done (rows read x row length), for the ternary matrices
     and the head."""
     out = {}
-    for part, kind in (("projections", PackedTernaryLinear), ("head", SpikedHead)):
+    for part, kind in (("projections", PackedTernaryLinear), ("head", PackedHead)):
         layers = [m for m in model.modules() if isinstance(m, kind)]
         tokens = int(layers[0].tokens) if layers else 0
         if not tokens:
@@ -245,7 +293,7 @@ def packed_bytes(model: Student) -> dict:
     seen, parts = set(), {"ternary_matrices": 0, "embedding": 0, "other": 0}
     for module in model.modules():
         part = ("ternary_matrices" if isinstance(module, PackedTernaryLinear)
-                else "embedding" if isinstance(module, (SpikedHead, nn.Embedding)) else "other")
+                else "embedding" if isinstance(module, (PackedHead, nn.Embedding)) else "other")
         held = [b for name, b in module.named_buffers(recurse=False)
                 if name not in module._non_persistent_buffers_set]  # not the counters and runtime flags
         for t in [*module.parameters(recurse=False), *held]:
@@ -269,7 +317,10 @@ KERNELS = r"""/* The ternary path's matmuls: out[m] = sum over the inputs i with
  *   goose_ternary_rows: 2-bit codes, 4 to a byte: 00 = 0, 01 = +1, 10 = -1 (11 unused). A row of R = row_bytes
  *                       bytes covers 4R outputs (zero-padded): bits 2k and 2k+1 of byte q hold output
  *                       k * R + q, so unpacking is four contiguous passes of shifts and masks, vectorised.
- *   goose_int8_rows:    int8 codes in {-1, 0, +1}, a row of n_out bytes.
+ *   goose_int8_rows:    int8 codes, a row of n_out bytes (the head of an 8-bit embedding; any int8).
+ *   goose_int4_rows:    signed 4-bit codes (-7..7), 2 to a byte: a row of R = row_bytes bytes covers 2R
+ *                       outputs, the low nibble of byte q output q, the high nibble output R + q (the head
+ *                       of a 4-bit embedding).
  *   goose_fp32_rows:    fp32 weights, a row of n_out floats (the fp head of a spiked, tied embedding).
  *
  * out has M rows of out_stride floats; the first n_out (4 * row_bytes for 2-bit codes) are written. Each
@@ -319,6 +370,28 @@ int64_t goose_int8_rows(const float *x, int64_t M, int64_t n_in, int64_t x_strid
             fired++;
             const int8_t *restrict c = codes + i * n_out;
             for (int64_t j = 0; j < n_out; j++) o[j] += v * (float)c[j];
+        }
+    }
+    return fired;
+}
+
+int64_t goose_int4_rows(const float *x, int64_t M, int64_t n_in, int64_t x_stride, const uint8_t *packed,
+                        int64_t row_bytes, float *out, int64_t out_stride) {
+    if (M < 0 || n_in < 0 || row_bytes < 0 || out_stride < 2 * row_bytes) return -1;
+    const int64_t R = row_bytes;
+    int64_t fired = 0;
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * x_stride;
+        float *restrict lo = out + m * out_stride;
+        float *restrict hi = lo + R;
+        memset(lo, 0, sizeof(float) * 2 * R);
+        for (int64_t i = 0; i < n_in; i++) {
+            const float v = xm[i];
+            if (v == 0.0f) continue;
+            fired++;
+            const uint8_t *restrict p = packed + i * R;
+            for (int64_t q = 0; q < R; q++) lo[q] += v * (float)(((p[q] & 15) ^ 8) - 8);
+            for (int64_t q = 0; q < R; q++) hi[q] += v * (float)(((p[q] >> 4) ^ 8) - 8);
         }
     }
     return fired;

@@ -324,6 +324,30 @@ def test_ternary_anneal_blends_continuous_weights_with_the_spikes():
     assert fixed.blocks[0].att.key.mix == 1.0 and fixed.blocks[0].att.key not in fixed.annealed_modules()
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_row_quantised_embedding_is_codes_times_a_scale_per_token(bits):
+    """embedding_bits: each row of the tied matrix is s_v * round(E_v / s_v) with s_v = max|E_v| / (2^(b-1) - 1);
+    the lookup gives the same rows the tied head multiplies by, and the gradient is straight-through."""
+    model = Student(preset("tiny", embedding_bits=bits))
+    emb = model.emb
+    qmax = 2 ** (bits - 1) - 1
+    w = emb.weight.detach()
+    scale = w.abs().amax(1, keepdim=True) / qmax
+    want = (w / scale).round().clamp(-qmax, qmax) * scale
+    torch.testing.assert_close(emb.quantised_weight(), want)
+    assert len(torch.unique(emb.quantised_weight()[3])) <= 2 * qmax + 1
+    ids = torch.tensor([[3, 9, 3]])
+    torch.testing.assert_close(emb(ids)[0], want[[3, 9, 3]])
+    h = torch.randn(1, 3, 64)
+    with torch.no_grad():  # the tied head multiplies by the same quantised rows (the head site is off by default)
+        out = model.eval()(ids, output_hidden_states=True)
+        torch.testing.assert_close(out.logits, model.ln_out(out.hidden_states[-1]) @ want.t())
+    (h @ emb.quantised_weight().t()).sum().backward()
+    torch.testing.assert_close(emb.weight.grad, h.reshape(-1, 64).sum(0).expand(512, 64))
+    with pytest.raises(ValueError, match="embedding_bits"):
+        preset("tiny", embedding_bits=2)
+
+
 def test_save_and_load_round_trip(tmp_path):
     model = random_student(spike=SpikeConfig(lif=True))
     model.save_pretrained(tmp_path / "m")

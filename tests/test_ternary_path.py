@@ -10,8 +10,8 @@ import torch
 from goose.errors import GooseError
 from goose.pipeline.generate import generate
 from goose.student.model import Student, preset
-from goose.student.ternary import (PackedTernaryLinear, SpikedHead, _rows, measured_ops, pack_codes, packed_bytes,
-                                   ternary_student, unpack_codes)
+from goose.student.ternary import (PackedHead, PackedTernaryLinear, _rows, measured_ops, pack_codes, pack_int4,
+                                   packed_bytes, ternary_student, unpack_codes, unpack_int4)
 
 ALL = ["tm_r", "tm_k", "tm_v", "tm_out", "cm_k", "cm_v", "head"]
 
@@ -50,6 +50,12 @@ def test_packed_codes_round_trip_and_each_kernel_equals_a_dense_matmul(n_out):
     torch.testing.assert_close(out[:, :n_out].double(), ref, rtol=1e-5, atol=1e-5)
     out, fired = _rows("goose_int8_rows", x, codes.t().contiguous().to(torch.int8), n_out)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    int4 = torch.randint(-7, 8, (n_out, n_in)).float()
+    nibbles = pack_int4(int4)
+    assert nibbles.shape == (n_in, -(-n_out // 2)) and torch.equal(unpack_int4(nibbles, n_out), int4)
+    out, fired = _rows("goose_int4_rows", x, nibbles, 2 * nibbles.shape[1])
+    assert fired == int((x != 0).sum())
+    torch.testing.assert_close(out[:, :n_out].double(), x.double() @ int4.double().t(), rtol=1e-5, atol=1e-5)
     w = torch.randn(n_out, n_in)
     out, fired = _rows("goose_fp32_rows", x, w.t().contiguous(), n_out)
     assert fired == int((x != 0).sum())
@@ -65,6 +71,9 @@ VARIANTS = {
     "head_not_spiked": {"spike_sites": ALL[:-1]},
     "untied_head": {"tie_embeddings": False},
     "signed_cm_v": {"unsigned_sites": []},
+    "embedding_int8": {"embedding_bits": 8},
+    "embedding_int4": {"embedding_bits": 4},
+    "embedding_int4_head_not_spiked": {"embedding_bits": 4, "spike_sites": ALL[:-1]},
 }
 
 
@@ -77,8 +86,9 @@ def test_ternary_path_equals_the_evaluation_forward(variant):
     packed = ternary_student(model)
     n_packed = sum(isinstance(m, PackedTernaryLinear) for m in packed.modules())
     assert n_packed == 6 * model.cfg.n_layer
-    spiked_tied_head = model.cfg.tie_embeddings and "head" in model.cfg.spike_sites
-    assert isinstance(packed.head, SpikedHead) == spiked_tied_head
+    cfg = model.cfg
+    assert isinstance(packed.head, PackedHead) == (cfg.tie_embeddings and ("head" in cfg.spike_sites or
+                                                                           bool(cfg.embedding_bits)))
     ids = torch.randint(0, 512, (3, 40))
     with torch.no_grad():
         ref, out = model(ids), packed(ids)
@@ -121,6 +131,8 @@ def test_packed_bytes_hold_two_bits_per_ternary_weight():
     # bias: r, k, v, out (C -> C) and cm_k (C -> F) are centred, cm_v (relu^2, unsigned) is not
     assert sizes["ternary_matrices"] == weights // 4 + 4 * L * (6 + 4 * (C + C) + (C + F))
     assert sizes["embedding"] == 4 * (V * C + V + C)  # E^T, the head site's offset mu and bias mu @ E^T
+    int4 = packed_bytes(ternary_student(trained_like(embedding_bits=4)))
+    assert int4["embedding"] == C * V // 2 + 4 * (V + V + C)  # nibbles, and in fp32 the token scales, bias, mu
 
 
 def test_ternary_path_refuses_what_it_cannot_run():
