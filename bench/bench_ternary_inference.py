@@ -23,6 +23,7 @@ Prints one JSON line per figure and a table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -40,9 +41,9 @@ from goose.student.ternary import measured_ops, packed_bytes, ternary_student  #
 SITES = ["tm_r", "tm_k", "tm_v", "tm_out", "cm_k", "cm_v", "head"]
 
 
-def random_ternary_student(name: str, seed: int = 0) -> Student:
+def random_ternary_student(name: str, embedding_bits: int = 0, seed: int = 0) -> Student:
     torch.manual_seed(seed)
-    model = Student(preset(name, ternary_weights=True, spike_sites=SITES))
+    model = Student(preset(name, ternary_weights=True, spike_sites=SITES, embedding_bits=embedding_bits))
     with torch.no_grad():
         for p in model.parameters():
             if p.abs().max() == 0:  # RWKV's zero inits (output, channel-mix value, low-rank A's)
@@ -50,6 +51,18 @@ def random_ternary_student(name: str, seed: int = 0) -> Student:
         model.train()
         model(torch.randint(0, model.cfg.vocab_size, (2, 64)))  # the spikes' data-dependent init
     return model.eval()
+
+
+def fp32_twin(model: Student) -> Student:
+    """The same function held in fp32 as a user would deploy it: an integer embedding's rounded values stored
+    as a plain fp32 embedding (not re-rounded every step), ternary weights as TernaryLinear."""
+    if not model.cfg.embedding_bits:
+        return model
+    twin = Student(dataclasses.replace(model.cfg, embedding_bits=0))
+    state = model.state_dict()
+    state["emb.weight"] = model.emb.quantised_weight().detach()
+    twin.load_state_dict(state)
+    return twin.eval()
 
 
 @torch.no_grad()
@@ -94,76 +107,98 @@ def emit(rows: list, **row) -> None:
 
 
 def bench_preset(name: str, args, rows: list) -> None:
-    if name == "proxy" and args.proxy_run:
-        from goose.pipeline.evaluate import student_folder
-
-        folder, _ = student_folder(args.proxy_run)
-        model, source = Student.from_pretrained(folder).eval(), f"trained ({folder})"
-    else:
-        model, source = random_ternary_student(name), "random weights"
-    packed = ternary_student(model)
-    compiled = torch.compile(model) if args.compile else None
-    params = n_params(model)
     contexts = [int(c) for c in args.contexts.split(",")]
-    gpt2 = dense_peer(params, model.cfg.vocab_size, model.cfg.n_layer, max(contexts) + args.new_tokens + 1).eval()
-    fp32_bytes = params * 4
-    pb = packed_bytes(packed)
+    variants = []
+    for bits in (int(b) for b in args.embedding_bits.split(",")):
+        if name == "proxy" and args.proxy_run:
+            from goose.pipeline.evaluate import student_folder
+
+            folder, _ = student_folder(args.proxy_run)
+            model, source = Student.from_pretrained(folder).eval(), f"trained ({folder})"
+            if bits != model.cfg.embedding_bits:
+                continue
+        else:
+            model, source = random_ternary_student(name, bits), "random weights"
+        variants.append((model, source))
+    params = n_params(variants[0][0])
+    vocab, layers = variants[0][0].cfg.vocab_size, variants[0][0].cfg.n_layer
+    gpt2 = dense_peer(params, vocab, layers, max(contexts) + args.new_tokens + 1).eval()
     w = gpt2.config.n_embd
-    emit(rows, preset=name, source=source, figure="bytes", student_params=params, gpt2_params=n_params(gpt2),
-         gpt2_width=w, student_fp32_bytes=fp32_bytes, ternary_bytes=pb["total"],
-         ternary_bytes_by_part={k: v for k, v in pb.items() if k != "total"}, gpt2_bytes=n_params(gpt2) * 4,
-         ternary_vs_fp32=pb["total"] / fp32_bytes,
-         ternary_matrices_vs_their_fp32=pb["ternary_matrices"] / (4 * sum(
-             m.packed.shape[0] * m.out_features for m in packed.modules() if hasattr(m, "packed"))))
+    timed = []
+    for model, source in variants:
+        fp32, packed = fp32_twin(model), ternary_student(model)
+        pb = packed_bytes(packed)
+        bits = model.cfg.embedding_bits or 32
+        emit(rows, preset=name, source=source, embedding_bits=bits, figure="bytes", student_params=params,
+             gpt2_params=n_params(gpt2), gpt2_width=w, student_fp32_bytes=params * 4, ternary_bytes=pb["total"],
+             ternary_bytes_by_part={k: v for k, v in pb.items() if k != "total"}, gpt2_bytes=n_params(gpt2) * 4,
+             ternary_vs_fp32=pb["total"] / (params * 4),
+             ternary_matrices_vs_their_fp32=pb["ternary_matrices"] / (4 * sum(
+                 m.packed.shape[0] * m.out_features for m in packed.modules() if hasattr(m, "packed"))))
+        steps = {"student_fp32": (fp32, None), "student_ternary": (packed, None)}
+        if args.compile:
+            steps["student_fp32_compiled"] = (fp32, torch.compile(fp32))
+            steps["student_ternary_compiled"] = (packed, torch.compile(packed))
+        timed.append((bits, model, packed, steps))
     for context in contexts:
-        state, tok = prefill_state(model, context)
-        if compiled is not None:  # compilation is warm-up, not timed
-            student_ms(model, state, tok, 3, step=compiled)
-        runs = {"student_fp32": [], "student_ternary": [], "gpt2_kv_cache": []}
-        if compiled is not None:
-            runs["student_fp32_compiled"] = []
+        gpt2_runs = []
+        per_variant = []
+        for bits, model, packed, steps in timed:
+            state, tok = prefill_state(model, context)
+            for key, (m, step) in steps.items():
+                if step is not None:  # compilation is warm-up, not timed
+                    student_ms(m, state, tok, 3, step=step)
+            per_variant.append((state, tok, {k: [] for k in steps}))
         for _ in range(args.repeats):
-            runs["student_fp32"].append(student_ms(model, state, tok, args.new_tokens))
-            if compiled is not None:
-                runs["student_fp32_compiled"].append(student_ms(model, state, tok, args.new_tokens, step=compiled))
-            for m in packed.modules():  # count only this context's timed steps
-                if hasattr(m, "reset_counts"):
-                    m.reset_counts()
-            runs["student_ternary"].append(student_ms(packed, state, tok, args.new_tokens))
-            runs["gpt2_kv_cache"].append(gpt2_ms(gpt2, context, args.new_tokens))
-        ms = {k: statistics.median(v) for k, v in runs.items()}
-        ops = measured_ops(packed)
+            for (bits, model, packed, steps), (state, tok, runs) in zip(timed, per_variant):
+                packed_count_reset(packed)
+                for key, (m, step) in steps.items():
+                    runs[key].append(student_ms(m, state, tok, args.new_tokens, step=step))
+            gpt2_runs.append(gpt2_ms(gpt2, context, args.new_tokens))
+        g = statistics.median(gpt2_runs)
         kv = 2 * gpt2.config.n_layer * context * w * 4
-        emit(rows, preset=name, figure="generation", context=context, ms_per_token=ms,
-             ternary_speedup_vs_fp32=ms["student_fp32"] / ms["student_ternary"],
-             ternary_speedup_vs_fp32_compiled=(ms["student_fp32_compiled"] / ms["student_ternary"]
-                                               if compiled is not None else None),
-             ternary_speedup_vs_gpt2=ms["gpt2_kv_cache"] / ms["student_ternary"], gpt2_kv_cache_bytes=kv,
-             rows_skipped={part: o["rows_skipped_fraction"] for part, o in ops.items()},
-             rows_read_per_token={part: o["rows_read_per_token"] for part, o in ops.items()},
-             rows_dense_per_token={part: o["rows_dense_per_token"] for part, o in ops.items()},
-             row_updates_per_token={part: o["updates_per_token"] for part, o in ops.items()})
+        for (bits, model, packed, steps), (_, _, runs) in zip(timed, per_variant):
+            ms = {k: statistics.median(v) for k, v in runs.items()}
+            ms["gpt2_kv_cache"] = g
+            best_fp32 = min(v for k, v in ms.items() if k.startswith("student_fp32"))
+            best_ternary = min(v for k, v in ms.items() if k.startswith("student_ternary"))
+            ops = measured_ops(packed)
+            emit(rows, preset=name, figure="generation", embedding_bits=bits, context=context, ms_per_token=ms,
+                 ternary_speedup_vs_best_fp32=best_fp32 / best_ternary,
+                 ternary_speedup_vs_gpt2=g / best_ternary, gpt2_kv_cache_bytes=kv,
+                 rows_skipped={part: o["rows_skipped_fraction"] for part, o in ops.items()},
+                 rows_read_per_token={part: o["rows_read_per_token"] for part, o in ops.items()},
+                 rows_dense_per_token={part: o["rows_dense_per_token"] for part, o in ops.items()},
+                 row_updates_per_token={part: o["updates_per_token"] for part, o in ops.items()})
+
+
+def packed_count_reset(packed: Student) -> None:
+    for m in packed.modules():  # count only the timed steps
+        if hasattr(m, "reset_counts"):
+            m.reset_counts()
 
 
 def table(rows: list) -> str:
-    lines = ["| preset | context | student fp32 ms/token | fp32 compiled | ternary path | GPT-2 + KV cache | "
-             "ternary vs fp32 | vs GPT-2 | rows skipped (proj / head) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| preset | embedding | context | fp32 eager | fp32 compiled | ternary eager | ternary compiled | "
+             "GPT-2 + KV cache | ternary vs best fp32 | vs GPT-2 | rows skipped (proj / head) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda ms, k: f"{ms[k]:.2f}" if k in ms else "-"  # noqa: E731
     for r in rows:
         if r["figure"] != "generation":
             continue
-        ms = r["ms_per_token"]
-        comp = f"{ms['student_fp32_compiled']:.2f}" if "student_fp32_compiled" in ms else "-"
-        sk = r["rows_skipped"]
-        lines.append(f"| {r['preset']} | {r['context']:,} | {ms['student_fp32']:.2f} | {comp} | "
-                     f"{ms['student_ternary']:.2f} | {ms['gpt2_kv_cache']:.2f} | {r['ternary_speedup_vs_fp32']:.2f}x | "
+        ms, sk = r["ms_per_token"], r["rows_skipped"]
+        lines.append(f"| {r['preset']} | {r['embedding_bits']}-bit | {r['context']:,} | {f(ms, 'student_fp32')} | "
+                     f"{f(ms, 'student_fp32_compiled')} | {f(ms, 'student_ternary')} | {f(ms, 'student_ternary_compiled')} | "
+                     f"{ms['gpt2_kv_cache']:.2f} | {r['ternary_speedup_vs_best_fp32']:.2f}x | "
                      f"{r['ternary_speedup_vs_gpt2']:.2f}x | {sk.get('projections', 0):.3f} / {sk.get('head', 0):.3f} |")
-    lines += ["", "| preset | weights | student params | fp32 bytes | ternary path bytes | ratio | ternary matrices "
-              "vs their fp32 | GPT-2 bytes |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| preset | embedding | weights | student params | fp32 bytes | ternary path bytes | ratio | ternary "
+              "matrices vs their fp32 | GPT-2 bytes |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["figure"] == "bytes":
-            lines.append(f"| {r['preset']} | {r['source']} | {r['student_params']:,} | {r['student_fp32_bytes'] / 2**20:.1f} MiB | "
-                         f"{r['ternary_bytes'] / 2**20:.1f} MiB | {r['ternary_vs_fp32']:.3f} | "
-                         f"{r['ternary_matrices_vs_their_fp32']:.4f} | {r['gpt2_bytes'] / 2**20:.1f} MiB |")
+            lines.append(f"| {r['preset']} | {r['embedding_bits']}-bit | {r['source']} | {r['student_params']:,} | "
+                         f"{r['student_fp32_bytes'] / 2**20:.1f} MiB | {r['ternary_bytes'] / 2**20:.1f} MiB | "
+                         f"{r['ternary_vs_fp32']:.3f} | {r['ternary_matrices_vs_their_fp32']:.4f} | "
+                         f"{r['gpt2_bytes'] / 2**20:.1f} MiB |")
     return "\n".join(lines)
 
 
@@ -174,7 +209,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--proxy-run", default=None, help="a trained ternary proxy student (run folder) instead of random weights")
-    ap.add_argument("--compile", action="store_true", help="also time the fp32 student under torch.compile")
+    ap.add_argument("--compile", action="store_true", help="also time both students under torch.compile")
+    ap.add_argument("--embedding-bits", default="0,4",
+                    help="students to time: fp32 (0) and/or integer (8, 4) embeddings (a --proxy-run: its own)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows: list = []
