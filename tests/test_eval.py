@@ -220,6 +220,19 @@ def test_eval_and_generate_on_the_ternary_path_equal_the_model(tmp_path, store):
                            "runs on the CPU")):
         bad = CliRunner().invoke(main, args)
         assert bad.exit_code != 0 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    # goose report puts the estimate beside what the path measured, from the real eval --json results
+    (run / "eval.json").write_text(json.dumps([results[True], results[False]]))
+    rep = CliRunner().invoke(main, ["report", str(run), "--out", str(tmp_path / "report")])
+    assert rep.exit_code == 0, rep.output
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Efficiency: estimated and measured" in md
+    section = md.split("## Efficiency: estimated and measured")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| tern | t.txt |")]
+    skipped = path["measured_ops"]["projections"]["rows_skipped_fraction"]
+    ratio = results[True]["energy"]["energy_ratio_vs_dense"]
+    assert len(rows) == 2
+    assert f"| {ratio:.3f} |" in rows[0] and f"| {skipped:.3f} |" in rows[0]
+    assert rows[1].endswith("| - | - | - | - |")  # the eval without --ternary measured nothing
     fp32 = tmp_path / "fp32"
     run_train(cfg_for(store, fp32, "steps=2", "val_every=2"), progress=False)
     bad = CliRunner().invoke(main, ["eval", str(fp32), "--data-files", str(text), "--ternary"])
