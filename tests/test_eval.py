@@ -187,10 +187,13 @@ def test_eval_and_generate_on_the_ternary_path_equal_the_model(tmp_path, store):
     """`eval --ternary` scores the same perplexity as the model itself and reports what its kernels read and
     its bytes; `generate --ternary --temperature 0` writes the same text; a run with fp32 weights and an
     accelerator are refused with one line."""
-    sites = "[tm_r, tm_k, tm_v, tm_out, cm_k, cm_v, head]"
-    run = tmp_path / "tern"
-    run_train(cfg_for(store, run, "steps=4", "val_every=4",
-                      f"model.overrides={{ternary_weights: true, spike_sites: {sites}}}"), progress=False)
+    from goose.pipeline.stage_two.config import load_config
+
+    run = tmp_path / "tern"  # the shipped fully ternary config: spiked head, 8-bit embedding, annealed weights
+    base = ["model.preset=tiny", "batch_size=4", "steps=4", "val_every=4", "val_windows=8", "tensorboard=false"]
+    run_train(load_config("kd_rs_ternary", base, cache=store, out=str(run)), progress=False)
+    saved = json.loads((run / "best" / "config.json").read_text())
+    assert saved["embedding_bits"] == 8 and saved["ternary_anneal"] and "head" in saved["spike_sites"]
     text = tmp_path / "t.txt"
     text.write_text(need(WIKITEXT_VALID).read_text()[:3000])
     results = {}
