@@ -454,7 +454,7 @@ def eval_cmd(student, teacher, tokenizer, dataset, dataset_config, split, data_f
               help="torch.compile the per-token step: ~3-4x faster tokens after a 10-40 s compilation.")
 @click.option("--ternary", is_flag=True,
               help="Generate on the ternary inference path (CPU; a ternary_weights student): packed 2-bit "
-                   "weights, only fired spikes' weight rows read; the same tokens as without it (with --compile too).")
+                   "weights, only fired spikes' weight rows read; the same greedy tokens as without it (--compile works too).")
 @_json_option()
 def generate_cmd(student, prompt, max_new_tokens, temperature, top_k, top_p, seed, tokenizer, device, ignore_eos,
                  compile_, ternary, as_json):

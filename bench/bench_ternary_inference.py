@@ -12,7 +12,8 @@ as training's first step does, so they fire at a trained-like rate (the rows ski
 Per context (128 and 4,096 tokens) the student's state after the context comes from one chunked prefill
 (its per-token cost does not depend on the context: O(1) state); GPT-2 prefills its KV cache each repeat.
 Then --new-tokens greedy steps are timed one by one:
-- `student fp32`: Student in its recurrent form, eager (and compiled with --compile: `goose generate --compile`);
+- `student fp32`: the same function held in fp32 for speed (`fp32_twin`: ternary matrices as plain nn.Linear
+  holding codes x scale, not re-derived per step), recurrent form, eager and compiled (--compile);
 - `student ternary`: `ternary_student` (2-bit packed matrices, fired rows only; `goose generate --ternary`);
 - `gpt2 kv-cache`: transformers' GPT2LMHeadModel, width matched to the student's parameters (bench_student_vs_dense).
 Model bytes: parameters (and the packed buffers) as held in memory; GPT-2's KV cache at the context is
@@ -36,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_student_vs_dense import dense_peer, n_params  # noqa: E402
 
 from goose.student.model import Student, copy_state, preset  # noqa: E402
-from goose.student.ternary import measured_ops, packed_bytes, ternary_student  # noqa: E402
+from goose.student.spikes import TernaryLinear  # noqa: E402
+from goose.student.ternary import fp32_bytes, measured_ops, packed_bytes, ternary_student  # noqa: E402
 
 SITES = ["tm_r", "tm_k", "tm_v", "tm_out", "cm_k", "cm_v", "head"]
 
@@ -54,13 +56,17 @@ def random_ternary_student(name: str, embedding_bits: int = 0, seed: int = 0) ->
 
 
 def fp32_twin(model: Student) -> Student:
-    """The same function held in fp32 as a user would deploy it: an integer embedding's rounded values stored
-    as a plain fp32 embedding (not re-rounded every step), ternary weights as TernaryLinear."""
-    if not model.cfg.embedding_bits:
-        return model
-    twin = Student(dataclasses.replace(model.cfg, embedding_bits=0))
+    """The same function held in fp32 as a user would deploy it for speed: every ternary matrix as a plain
+    nn.Linear holding codes * gamma, an integer embedding's rounded values as a plain embedding (neither
+    re-derived every step, as the training model's TernaryLinear and RowQuantizedEmbedding do)."""
+    twin = Student(dataclasses.replace(model.cfg, ternary_weights=False, embedding_bits=0))
     state = model.state_dict()
-    state["emb.weight"] = model.emb.quantised_weight().detach()
+    for name, module in model.named_modules():
+        if isinstance(module, TernaryLinear):
+            codes, gamma = module.ternary_codes()
+            state[f"{name}.weight"] = codes * gamma
+    if model.cfg.embedding_bits:
+        state["emb.weight"] = model.emb.quantised_weight().detach()
     twin.load_state_dict(state)
     return twin.eval()
 
@@ -130,9 +136,9 @@ def bench_preset(name: str, args, rows: list) -> None:
         pb = packed_bytes(packed)
         bits = model.cfg.embedding_bits or 32
         emit(rows, preset=name, source=source, embedding_bits=bits, figure="bytes", student_params=params,
-             gpt2_params=n_params(gpt2), gpt2_width=w, student_fp32_bytes=params * 4, ternary_bytes=pb["total"],
+             gpt2_params=n_params(gpt2), gpt2_width=w, student_fp32_bytes=fp32_bytes(model), ternary_bytes=pb["total"],
              ternary_bytes_by_part={k: v for k, v in pb.items() if k != "total"}, gpt2_bytes=n_params(gpt2) * 4,
-             ternary_vs_fp32=pb["total"] / (params * 4),
+             ternary_vs_fp32=pb["total"] / fp32_bytes(model),
              ternary_matrices_vs_their_fp32=pb["ternary_matrices"] / (4 * sum(
                  m.packed.shape[0] * m.out_features for m in packed.modules() if hasattr(m, "packed"))))
         steps = {"student_fp32": (fp32, None), "student_ternary": (packed, None)}

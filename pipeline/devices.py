@@ -34,3 +34,11 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return device.type
+
+
+def ternary_device(device: str) -> torch.device:
+    """The device of the ternary inference path (`--ternary`): the CPU, whatever `auto` would pick; any
+    other choice is refused (its kernels are C)."""
+    if device not in ("auto", "cpu"):
+        raise GooseError(f"--ternary runs on the CPU (its kernels are C), not --device {device}")
+    return torch.device("cpu")

@@ -124,8 +124,10 @@ class EvalConfig:
             require_lm_eval()
         if self.ternary and self.teacher:
             raise GooseError("--ternary is the student's ternary inference path; a teacher has none")
-        if self.ternary and self.device not in ("auto", "cpu"):
-            raise GooseError(f"--ternary runs on the CPU (its kernels are C), not --device {self.device}")
+        if self.ternary:
+            from .devices import ternary_device
+
+            ternary_device(self.device)
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
@@ -190,14 +192,15 @@ def store_overlap(tokens: np.ndarray, url: str, n: int = 32, storage_options: di
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    from .devices import resolve_device
+    from .devices import resolve_device, ternary_device
     from .teacher import load_teacher
 
     if bool(cfg.student) == bool(cfg.teacher):
         raise GooseError("give exactly one of a student (run folder or saved model) or --teacher")
     cfg.check()
-    device = torch.device("cpu") if cfg.ternary else resolve_device(cfg.device)
+    device = ternary_device(cfg.device) if cfg.ternary else resolve_device(cfg.device)
     result: dict = {}
+    executed: dict = {}  # with --ternary and text: what the path executed while scoring it
     if cfg.student:
         folder, meta = student_folder(cfg.student)
         model = Student.from_pretrained(folder, device=device).eval()
@@ -242,6 +245,10 @@ def run_eval(cfg: EvalConfig) -> dict:
                     f"{frac:.0%} of the evaluation text's tokens sit in 32-token spans that store {url} also "
                     f"holds: this text is not held out, its perplexity is not a test result")
         result["perplexity"] = [evaluate_stream(scorer, tokens, p, cfg.seq_len, cfg.stride) for p in cfg.protocols]
+        if cfg.ternary:  # what the path executed on the text the estimate is from (not the harness or --cache)
+            from ..student.ternary import measured_ops
+
+            executed = measured_ops(scored)
     result["harness"] = None  # a stable key: null without --harness
     if cfg.harness is not None:
         from .harness import run_harness
@@ -272,10 +279,10 @@ def run_eval(cfg: EvalConfig) -> dict:
                             "sites": summaries}
         result["energy"] = model.energy_report(scorer.stats)
     if cfg.ternary:
-        from ..student.ternary import measured_ops, packed_bytes
+        from ..student.ternary import fp32_bytes, packed_bytes
 
-        result["ternary_path"] = {"measured_ops": measured_ops(scored), "bytes": packed_bytes(scored),
-                                  "fp32_bytes": sum(p.numel() * 4 for p in model.parameters())}
+        result["ternary_path"] = {"measured_ops": executed,
+                                  "bytes": packed_bytes(scored), "fp32_bytes": fp32_bytes(model)}
     if "perplexity" not in result and "teacher_agreement" not in result and result["harness"] is None:
         raise GooseError("nothing to evaluate: give --dataset/--data-files, --cache and/or --harness")
     return result

@@ -113,11 +113,9 @@ class TextStream:
 def load_for_generation(folder, device: str, *, ternary: bool = False):
     """(student, device) for `goose generate`: the saved student, or with `ternary` its ternary inference
     path (CPU only; it compiles too, its C kernels one opaque op of the graph)."""
-    from .devices import resolve_device
+    from .devices import resolve_device, ternary_device
 
-    if ternary and device not in ("auto", "cpu"):
-        raise GooseError(f"--ternary runs on the CPU (its kernels are C), not --device {device}")
-    dev = torch.device("cpu") if ternary else resolve_device(device)
+    dev = ternary_device(device) if ternary else resolve_device(device)
     model = Student.from_pretrained(folder, device=dev)
     if ternary:
         from ..student.ternary import ternary_student

@@ -36,10 +36,12 @@ def _save_run(student, folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A tiny untied student (its greedy continuations vary) with ternary weights (so the folder's ternary path
-    is live) and its `goose export` folder, made by the CLI."""
+    """A tiny untied student (its greedy continuations vary) with ternary weights and a spiked head (so the
+    folder's ternary path, packed matrices and packed head, is live) and its `goose export` folder, made by
+    the CLI."""
     root = tmp_path_factory.mktemp("hf")
-    student = random_student(tie_embeddings=False, ternary_weights=True)
+    student = random_student(tie_embeddings=False, ternary_weights=True,
+                             spike_sites=["tm_r", "tm_k", "tm_v", "tm_out", "cm_k", "cm_v", "head"])
     run = _save_run(student, root / "run")
     r = CliRunner().invoke(main, ["export", str(run), "--out", str(root / "export")])
     assert r.exit_code == 0, r.output
@@ -167,7 +169,7 @@ FRESH = textwrap.dedent("""
                       "logits": logits.tolist(), "new": new.tolist(), "tokenizer_len": len(tok),
                       "encoded": tok("the dog")["input_ids"], "ternary_logits": ternary_logits.tolist(),
                       "ternary_new": ternary_new.tolist(),
-                      "packed": type(model.student.blocks[0].att.key).__name__}))
+                      "packed": [type(model.student.blocks[0].att.key).__name__, type(model.student.head).__name__]}))
 """)
 
 
@@ -186,7 +188,7 @@ def test_export_loads_in_a_fresh_process_without_goose(exported, tmp_path):
         want = student(torch.tensor([PROMPT])).logits[0]
     assert torch.allclose(torch.tensor(got["logits"]), want, atol=1e-6, rtol=0)
     assert got["new"] == generate(student, PROMPT, max_new_tokens=12, temperature=0)["new_tokens"]
-    assert got["packed"] == "PackedTernaryLinear" and got["ternary_new"] == got["new"]
+    assert got["packed"] == ["PackedTernaryLinear", "PackedHead"] and got["ternary_new"] == got["new"]
     torch.testing.assert_close(torch.tensor(got["ternary_logits"]), want, atol=1e-4, rtol=1e-4)
     tok = save_tokenizer(tmp_path / "tok")
     assert got["tokenizer_len"] == len(tok) and got["encoded"] == tok("the dog")["input_ids"]

@@ -10,8 +10,8 @@ import torch
 from goose.errors import GooseError
 from goose.pipeline.generate import generate
 from goose.student.model import Student, preset
-from goose.student.ternary import (PackedHead, PackedTernaryLinear, _rows, measured_ops, pack_codes, pack_int4,
-                                   packed_bytes, ternary_student, unpack_codes, unpack_int4)
+from goose.student.ternary import (PackedHead, PackedTernaryLinear, fired_rows_matmul, measured_ops, pack_codes,
+                                   pack_int4, packed_bytes, ternary_student, unpack_codes, unpack_int4)
 
 ALL = ["tm_r", "tm_k", "tm_v", "tm_out", "cm_k", "cm_v", "head"]
 
@@ -32,34 +32,48 @@ def trained_like(seed=0, **overrides) -> Student:
 
 @pytest.mark.parametrize("n_out", [1, 4, 7, 64, 513])
 def test_packed_codes_round_trip_and_each_kernel_equals_a_dense_matmul(n_out):
-    """pack_codes -> unpack_codes is the identity; goose_ternary_rows on the packed codes, goose_int8_rows on
-    int8 codes and goose_fp32_rows on fp rows equal x @ W^T (float64) for sparse and dense inputs, and each
-    reports as fired exactly the non-zero inputs."""
+    """pack_codes / pack_int4 -> unpack is the identity; each format's kernel equals x @ W^T (float64) for
+    sparse, empty and dense inputs, reports as fired exactly the non-zero inputs and as additions the
+    non-zero weights of their rows."""
     torch.manual_seed(n_out)
     n_in = 37
-    codes = torch.randint(-1, 2, (n_out, n_in)).float()
-    packed = pack_codes(codes)
-    assert packed.dtype == torch.uint8 and packed.shape == (n_in, -(-n_out // 4))
-    assert torch.equal(unpack_codes(packed, n_out), codes)
     x = torch.randn(5, n_in) * (torch.rand(5, n_in) < 0.4)
     x[2] = 0  # a token where nothing fired
     x[3] = torch.randn(n_in)  # and one that is dense
-    ref = x.double() @ codes.double().t()
-    out, fired = _rows("goose_ternary_rows", x, packed, 4 * packed.shape[1])
-    assert fired == int((x != 0).sum())
-    torch.testing.assert_close(out[:, :n_out].double(), ref, rtol=1e-5, atol=1e-5)
-    out, fired = _rows("goose_int8_rows", x, codes.t().contiguous().to(torch.int8), n_out)
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    fired_mask = (x != 0).double()
+    ternary = torch.randint(-1, 2, (n_out, n_in)).float()
     int4 = torch.randint(-7, 8, (n_out, n_in)).float()
+    fp = torch.randn(n_out, n_in)
+    packed = pack_codes(ternary)
+    assert packed.dtype == torch.uint8 and packed.shape == (n_in, -(-n_out // 4))
+    assert torch.equal(unpack_codes(packed, n_out), ternary)
     nibbles = pack_int4(int4)
     assert nibbles.shape == (n_in, -(-n_out // 2)) and torch.equal(unpack_int4(nibbles, n_out), int4)
-    out, fired = _rows("goose_int4_rows", x, nibbles, 2 * nibbles.shape[1])
-    assert fired == int((x != 0).sum())
-    torch.testing.assert_close(out[:, :n_out].double(), x.double() @ int4.double().t(), rtol=1e-5, atol=1e-5)
-    w = torch.randn(n_out, n_in)
-    out, fired = _rows("goose_fp32_rows", x, w.t().contiguous(), n_out)
-    assert fired == int((x != 0).sum())
-    torch.testing.assert_close(out.double(), x.double() @ w.double().t(), rtol=1e-5, atol=1e-5)
+    cases = {"ternary2": (ternary, packed), "int8": (ternary, ternary.t().contiguous().to(torch.int8)),
+             "int4": (int4, nibbles), "fp32": (fp, fp.t().contiguous())}
+    for fmt, (dense, weights) in cases.items():
+        nnz = (dense != 0).sum(0)
+        out, fired, adds = fired_rows_matmul(x, weights, nnz, fmt)
+        torch.testing.assert_close(out[:, :n_out].double(), x.double() @ dense.double().t(), rtol=1e-5, atol=1e-5)
+        assert (out[:, n_out:] == 0).all()  # padding
+        assert fired == int(fired_mask.sum()), fmt
+        assert adds == int((fired_mask @ nnz.double()).sum()), fmt
+
+
+def test_the_kernels_refuse_what_would_read_out_of_bounds():
+    """The C kernels trust their pointers: a wrong dtype, a row count that is not the input's width, or a
+    short row-count vector is refused before the call."""
+    x = torch.randn(2, 8)
+    codes = pack_codes(torch.ones(5, 8))
+    nnz = torch.full((8,), 5)
+    with pytest.raises(ValueError, match="weights must be"):
+        fired_rows_matmul(x, codes.to(torch.int8), nnz, "ternary2")
+    with pytest.raises(ValueError, match="weights must be"):
+        fired_rows_matmul(x, codes[:7], nnz, "ternary2")
+    with pytest.raises(ValueError, match="row_nnz"):
+        fired_rows_matmul(x, codes, nnz[:7], "ternary2")
+    with pytest.raises(ValueError, match="unknown packed format"):
+        fired_rows_matmul(x, codes, nnz, "strlen")
 
 
 VARIANTS = {
@@ -74,6 +88,9 @@ VARIANTS = {
     "embedding_int8": {"embedding_bits": 8},
     "embedding_int4": {"embedding_bits": 4},
     "embedding_int4_head_not_spiked": {"embedding_bits": 4, "spike_sites": ALL[:-1]},
+    "untied_int8_row_scales": {"tie_embeddings": False, "embedding_bits": 8, "ternary_scale": "row"},
+    "lif_micro_steps": {"spike": {"lif": True, "micro_steps": 2}},
+    "binary_stats_thresholds": {"spike": {"binary": True, "threshold": "stats"}},
 }
 
 
@@ -87,8 +104,8 @@ def test_ternary_path_equals_the_evaluation_forward(variant):
     n_packed = sum(isinstance(m, PackedTernaryLinear) for m in packed.modules())
     assert n_packed == 6 * model.cfg.n_layer
     cfg = model.cfg
-    assert isinstance(packed.head, PackedHead) == (cfg.tie_embeddings and ("head" in cfg.spike_sites or
-                                                                           bool(cfg.embedding_bits)))
+    spiked_head = "head" in cfg.spike_sites
+    assert isinstance(packed.head, PackedHead) == (spiked_head or (cfg.tie_embeddings and bool(cfg.embedding_bits)))
     ids = torch.randint(0, 512, (3, 40))
     with torch.no_grad():
         ref, out = model(ids), packed(ids)
@@ -104,8 +121,9 @@ def test_ternary_path_equals_the_evaluation_forward(variant):
 
 
 def test_executed_rows_are_the_fired_spikes():
-    """measured_ops: the ternary matrices read one weight row per non-zero spike, the count the spike sites'
-    own statistics give (what energy_report's estimate uses), and skip the rest."""
+    """measured_ops: with one spike step per token, the ternary matrices read one weight row per non-zero
+    spike, the count the spike sites' own statistics give (what energy_report's estimate uses), and skip the
+    rest; the additions are the non-zero weights of those rows (residual steps read the union of their rows)."""
     model = trained_like(spike={"token_gain": 4})
     packed = ternary_student(model)
     ids = torch.randint(0, 512, (2, 50))
@@ -120,6 +138,10 @@ def test_executed_rows_are_the_fired_spikes():
     C, F = model.cfg.d_model, model.cfg.d_ffn
     assert ops["projections"]["rows_dense_per_token"] == model.cfg.n_layer * (5 * C + F)
     assert 0.3 < ops["projections"]["rows_skipped_fraction"] < 0.9
+    layers = [m for m in packed.modules() if isinstance(m, PackedTernaryLinear)]
+    nonzero = sum(int(m.row_nnz.sum()) for m in layers) / sum(m.n_in * m.out_features for m in layers)
+    ratio = ops["projections"]["additions_per_token"] / ops["projections"]["updates_per_token"]
+    assert ratio == pytest.approx(nonzero, abs=0.05) and ratio < 1
 
 
 def test_packed_bytes_hold_two_bits_per_ternary_weight():
@@ -146,5 +168,17 @@ def test_ternary_path_refuses_what_it_cannot_run():
         ternary_student(model)
     model.set_spike_mix(1.0)
     packed = ternary_student(model)
+    with pytest.raises(GooseError, match="already"):
+        ternary_student(packed)
     with pytest.raises(RuntimeError, match="fp32 on the CPU"):
         packed.blocks[0].att.key(torch.zeros(1, 64, dtype=torch.float64))
+
+
+def test_no_c_compiler_is_a_one_line_error(monkeypatch):
+    """The kernels are built when the path is made, so a machine without a compiler hears it then, in one line."""
+    from goose import native
+
+    monkeypatch.setattr(native, "_LIBRARIES", {})
+    monkeypatch.setenv("CC", "/no/such/cc")
+    with pytest.raises(GooseError, match="cannot be built here: the C compiler CC='/no/such/cc' is not found"):
+        ternary_student(trained_like())

@@ -15,6 +15,7 @@ worker threads run it in parallel.
 from __future__ import annotations
 
 import ctypes
+import functools
 from pathlib import Path
 
 import torch
@@ -31,10 +32,15 @@ def _declare(lib: ctypes.CDLL) -> None:
     fn.restype = ctypes.c_int
 
 
+@functools.cache
+def _source() -> str:
+    return SOURCE.read_text()  # read once: library() is called for every slice of rows
+
+
 def library() -> ctypes.CDLL:
     """The compiled kernel, built on first use (`native.build_library`); raises RuntimeError (naming the
     compiler's first error) if it cannot be built."""
-    return build_library("goose_topk", SOURCE.read_text(), _declare)
+    return build_library("goose_topk", _source(), _declare)
 
 
 def topk_rows_native(z: torch.Tensor, k: int, stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
