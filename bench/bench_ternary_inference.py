@@ -38,7 +38,8 @@ from bench_student_vs_dense import dense_peer, n_params  # noqa: E402
 
 from goose.student.model import Student, copy_state, preset  # noqa: E402
 from goose.student.spikes import TernaryLinear  # noqa: E402
-from goose.student.ternary import fp32_bytes, measured_ops, packed_bytes, ternary_student  # noqa: E402
+from goose.student.ternary import (PackedTernaryLinear, fp32_bytes, measured_ops, packed_bytes,  # noqa: E402
+                                   ternary_student)
 
 SITES = ["tm_r", "tm_k", "tm_v", "tm_out", "cm_k", "cm_v", "head"]
 
@@ -140,7 +141,7 @@ def bench_preset(name: str, args, rows: list) -> None:
              ternary_bytes_by_part={k: v for k, v in pb.items() if k != "total"}, gpt2_bytes=n_params(gpt2) * 4,
              ternary_vs_fp32=pb["total"] / fp32_bytes(model),
              ternary_matrices_vs_their_fp32=pb["ternary_matrices"] / (4 * sum(
-                 m.packed.shape[0] * m.out_features for m in packed.modules() if hasattr(m, "packed"))))
+                 m.in_features * m.out_features for m in packed.modules() if isinstance(m, PackedTernaryLinear))))
         steps = {"student_fp32": (fp32, None), "student_ternary": (packed, None)}
         if args.compile:
             steps["student_fp32_compiled"] = (fp32, torch.compile(fp32))
