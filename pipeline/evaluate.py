@@ -294,7 +294,8 @@ def describe_ternary_path(t: dict) -> str:
     for part, ops in t["measured_ops"].items():
         lines.append(f"  ternary path, {part}: read {ops['rows_read_per_token']:,.0f} of "
                      f"{ops['rows_dense_per_token']:,.0f} weight rows per token (skipped "
-                     f"{ops['rows_skipped_fraction']:.1%}), {ops['updates_per_token']:,.0f} row updates per token")
+                     f"{ops['rows_skipped_fraction']:.1%}), {ops['additions_per_token']:,.0f} additions of non-zero "
+                     f"weights and {ops['updates_per_token']:,.0f} row updates per token")
     b = t["bytes"]
     lines.append(f"  ternary path, bytes: {b['total'] / 2**20:.2f} MiB vs fp32 {t['fp32_bytes'] / 2**20:.2f} MiB "
                  f"({b['total'] / t['fp32_bytes']:.3f}x; ternary matrices {b['ternary_matrices'] / 2**20:.2f}, "
