@@ -141,7 +141,29 @@ def _inv_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
-class TernarySpike(nn.Module):
+class _Annealed:
+    """The annealing mix of a module that blends in from continuous values (a spike site, an annealed ternary
+    matrix): 0 = continuous, 1 = fully ternary, set by the trainer. `mix_weight` is a tensor so a compiled
+    model takes each step's value as an input instead of recompiling for it; `_annealing` is the Python
+    flag the forward branches on."""
+
+    def _init_mix(self) -> None:
+        self.register_buffer("mix_weight", torch.ones(()), persistent=False)
+        self.mix = 1.0
+
+    @property
+    def mix(self) -> float:
+        return self._mix
+
+    @mix.setter
+    def mix(self, value: float) -> None:
+        self._mix = float(value)
+        self._annealing = self._mix < 1.0
+        with torch.no_grad():
+            self.mix_weight.fill_(self._mix)
+
+
+class TernarySpike(_Annealed, nn.Module):
     """Channel-wise ternary spiking on the last dimension.
 
     signed=False drops the negative branch (for non-negative inputs such as relu^2, where it could never
@@ -196,21 +218,7 @@ class TernarySpike(nn.Module):
                 self.leak_raw = nn.Parameter(leak)
             else:
                 self.register_buffer("leak_raw", leak)
-        # spike annealing, set by the trainer (1.0 = fully ternary). The weight is a tensor so a compiled
-        # model takes each step's value as an input instead of recompiling for it
-        self.register_buffer("mix_weight", torch.ones(()), persistent=False)
-        self.mix = 1.0
-
-    @property
-    def mix(self) -> float:
-        return self._mix
-
-    @mix.setter
-    def mix(self, value: float) -> None:
-        self._mix = float(value)
-        self._annealing = self._mix < 1.0
-        with torch.no_grad():
-            self.mix_weight.fill_(self._mix)
+        self._init_mix()
 
     # ---- pieces ------------------------------------------------------------------------------
     def threshold(self, x: torch.Tensor) -> torch.Tensor:
@@ -435,7 +443,7 @@ def firing_rate_loss(rates: list[torch.Tensor], target: float) -> torch.Tensor:
     return torch.stack([(rate - target) ** 2 for rate in rates]).mean()
 
 
-class TernaryLinear(nn.Linear):
+class TernaryLinear(_Annealed, nn.Linear):
     """BitNet b1.58 weights: W_q = gamma * round(clip(W / gamma, -1, 1)), straight-through.
 
     gamma = mean|W| over the whole matrix (scale="tensor", BitNet's) or over each output row (scale="row": a
@@ -451,19 +459,7 @@ class TernaryLinear(nn.Linear):
             raise ValueError(f"ternary_scale must be one of {self.SCALES}, got {scale!r}")
         super().__init__(in_features, out_features, bias=bias)
         self.scale_mode = scale
-        self.register_buffer("mix_weight", torch.ones(()), persistent=False)  # a tensor: no recompiles
-        self.mix = 1.0
-
-    @property
-    def mix(self) -> float:
-        return self._mix
-
-    @mix.setter
-    def mix(self, value: float) -> None:
-        self._mix = float(value)
-        self._annealing = self._mix < 1.0
-        with torch.no_grad():
-            self.mix_weight.fill_(self._mix)
+        self._init_mix()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
