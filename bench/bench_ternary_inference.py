@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_student_vs_dense import dense_peer, n_params  # noqa: E402
+from bench_student_vs_dense import dense_ms_per_token, dense_peer, n_params  # noqa: E402
 
 from goose.student.model import Student, copy_state, preset  # noqa: E402
 from goose.student.spikes import TernaryLinear  # noqa: E402
@@ -94,20 +94,6 @@ def student_ms(model: Student, state: list, tok: torch.Tensor, new: int, step=No
     return 1000 * statistics.median(times)
 
 
-@torch.no_grad()
-def gpt2_ms(model, context: int, new: int) -> float:
-    ids = torch.randint(0, model.config.vocab_size, (1, context))
-    out = model(ids, use_cache=True)
-    past, tok = out.past_key_values, ids[:, -1:]
-    times = []
-    for _ in range(new):
-        t = time.perf_counter()
-        out = model(tok, past_key_values=past, use_cache=True)
-        past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
-
-
 def emit(rows: list, **row) -> None:
     rows.append(row)
     print(json.dumps(row), flush=True)
@@ -161,7 +147,7 @@ def bench_preset(name: str, args, rows: list) -> None:
                 packed_count_reset(packed)
                 for key, (m, step) in steps.items():
                     runs[key].append(student_ms(m, state, tok, args.new_tokens, step=step))
-            gpt2_runs.append(gpt2_ms(gpt2, context, args.new_tokens))
+            gpt2_runs.append(dense_ms_per_token(gpt2, context, args.new_tokens, torch.device("cpu")))
         g = statistics.median(gpt2_runs)
         kv = 2 * gpt2.config.n_layer * context * w * 4
         for (bits, model, packed, steps), (_, _, runs) in zip(timed, per_variant):

@@ -13,21 +13,15 @@ from goose.student.model import Student, preset
 from goose.student.ternary import (PackedHead, PackedTernaryLinear, fired_rows_matmul, measured_ops, pack_codes,
                                    pack_int4, packed_bytes, ternary_student, unpack_codes, unpack_int4)
 
+from test_student import random_student
+
 ALL = ["tm_r", "tm_k", "tm_v", "tm_out", "cm_k", "cm_v", "head"]
 
 
 def trained_like(seed=0, **overrides) -> Student:
-    """A tiny ternary student with every weight random (so every path is live) and its spike sites
-    initialised from data, as after training, in eval mode."""
-    torch.manual_seed(seed)
-    model = Student(preset("tiny", ternary_weights=True, **{"spike_sites": ALL, **overrides}))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().max() == 0:
-                p.normal_(0, 0.1)
-    model.train()
-    model(torch.randint(0, model.cfg.vocab_size, (2, 16)))  # data-dependent spike init
-    return model.eval()
+    """A tiny ternary student with every spike site on (the head's too), random weights and data-initialised
+    spikes, in eval mode (test_student.random_student)."""
+    return random_student(seed, **{"ternary_weights": True, "spike_sites": ALL, **overrides})
 
 
 @pytest.mark.parametrize("n_out", [1, 4, 7, 64, 513])
